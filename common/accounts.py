@@ -1,0 +1,52 @@
+"""Accounts and their statements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from common.currencies import get_currency
+from common.errors import Conflict, NotFound
+from common.models import SUPERUSER_ID, Account, AccountKind, Posting, User
+
+MAX_ACCOUNTS_PER_USER = 50
+
+
+def list_accounts(session: Session, user_id: int) -> Sequence[Account]:
+    return session.scalars(
+        select(Account).where(Account.user_id == user_id).order_by(Account.id)
+    ).all()
+
+
+def get_visible_account(session: Session, account_id: int, viewer_id: int) -> Account:
+    """The account if the viewer owns it or is the superuser; otherwise not found."""
+    account = session.get(Account, account_id)
+    if account is None or viewer_id not in (account.user_id, SUPERUSER_ID):
+        raise NotFound("account_not_found", f"no account {account_id} visible to this user")
+    return account
+
+
+def open_account(session: Session, user_id: int, currency_code: str) -> Account:
+    get_currency(session, currency_code)
+    # Lock the owner so two concurrent opens cannot both pass the limit check.
+    session.execute(select(User.id).where(User.id == user_id).with_for_update())
+    held = session.scalar(select(func.count()).where(Account.user_id == user_id))
+    if held is not None and held >= MAX_ACCOUNTS_PER_USER:
+        raise Conflict("account_limit", f"a user holds at most {MAX_ACCOUNTS_PER_USER} accounts")
+    account = Account(user_id=user_id, currency=currency_code, kind=AccountKind.USER)
+    session.add(account)
+    session.flush()
+    session.refresh(account)
+    return account
+
+
+def list_postings(
+    session: Session, account_id: int, *, descending: bool, after_id: int | None, limit: int
+) -> Sequence[Posting]:
+    query = select(Posting).where(Posting.account_id == account_id)
+    if after_id is not None:
+        query = query.where(Posting.id < after_id if descending else Posting.id > after_id)
+    order = Posting.id.desc() if descending else Posting.id.asc()
+    return session.scalars(query.order_by(order).limit(limit)).all()

@@ -1,0 +1,66 @@
+"""Currencies are seed data that never change while the processes run: read once, keep."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.errors import NotFound
+from common.models import Currency
+
+
+@dataclass(frozen=True)
+class CurrencyInfo:
+    code: str
+    name: str
+    decimals: int
+    commission_rate: Decimal
+    commission_account_id: int
+    external_account_id: int
+
+
+_lock = threading.Lock()
+_known: dict[str, CurrencyInfo] = {}
+
+
+def _load(session: Session) -> dict[str, CurrencyInfo]:
+    rows = session.scalars(select(Currency).order_by(Currency.code))
+    return {
+        row.code: CurrencyInfo(
+            code=row.code,
+            name=row.name,
+            decimals=row.decimals,
+            commission_rate=row.commission_rate,
+            commission_account_id=row.commission_account_id or 0,
+            external_account_id=row.external_account_id or 0,
+        )
+        for row in rows
+    }
+
+
+def all_currencies(session: Session) -> list[CurrencyInfo]:
+    with _lock:
+        if not _known:
+            _known.update(_load(session))
+        return list(_known.values())
+
+
+def get_currency(session: Session, code: str) -> CurrencyInfo:
+    with _lock:
+        if code not in _known:
+            # A currency added by a later migration is picked up without a restart.
+            _known.update(_load(session))
+        info = _known.get(code)
+    if info is None:
+        raise NotFound("currency_not_found", f"no currency {code!r}")
+    return info
+
+
+def forget_currencies() -> None:
+    """Tests with a fresh database call this so no process keeps another's ids."""
+    with _lock:
+        _known.clear()

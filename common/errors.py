@@ -1,0 +1,30 @@
+"""Domain errors: a stable machine-readable code (API.md) and a sentence for humans.
+
+The web layer maps each code to its HTTP status; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class RemitError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class NotFound(RemitError):
+    pass
+
+
+class Conflict(RemitError):
+    pass
+
+
+class Invalid(RemitError):
+    pass
+
+
+class Forbidden(RemitError):
+    def __init__(self, detail: str = "this user may not do that") -> None:
+        super().__init__("forbidden", detail)

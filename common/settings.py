@@ -1,0 +1,123 @@
+"""Typed settings from the environment, read once, in one place.
+
+Every entry point (web, worker, beat, migrate, tests) reads the same knobs;
+a required value that is missing stops the process at start with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/remit"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Only ever used when REMIT_ENV=development; production refuses to start without a real one.
+DEVELOPMENT_SUPERUSER_PASSWORD = "remit-development-only"  # noqa: S105
+
+
+class ConfigurationError(RuntimeError):
+    """A setting is missing or malformed; the message is meant for the operator."""
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigurationError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the plain libpq scheme too, and always drive it with psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: str
+    database_url: str
+    redis_url: str
+    superuser_password: str | None
+    secret_key: bytes
+    port: int
+    flower_port: int
+    web_concurrency: int
+    worker_concurrency: int
+    # Settlement tuning.
+    settle_batch_size: int
+    settle_max_retries: int
+    # A pending transfer older than this is presumed to have lost its doorbell.
+    sweep_pending_after_s: float
+    sweep_interval_s: float
+    # Celery: redelivery of unacknowledged messages after a crashed worker.
+    visibility_timeout_s: int
+    auth_cache_ttl_s: float
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    def require_superuser_password(self) -> str:
+        if self.superuser_password:
+            return self.superuser_password
+        if self.is_production:
+            raise ConfigurationError("SUPERUSER_PASSWORD is required when REMIT_ENV=production")
+        return DEVELOPMENT_SUPERUSER_PASSWORD
+
+
+def load_settings() -> Settings:
+    environment = os.environ.get("REMIT_ENV", "development").strip() or "development"
+    if environment not in {"development", "production", "test"}:
+        raise ConfigurationError(
+            f"REMIT_ENV must be development, production or test, got {environment!r}"
+        )
+    secret = os.environ.get("SECRET_KEY", "")
+    if not secret:
+        if environment == "production":
+            raise ConfigurationError("SECRET_KEY is required when REMIT_ENV=production")
+        # Per-process random key: only the in-memory auth cache and cursors depend on it.
+        secret = os.urandom(32).hex()
+    cores = os.cpu_count() or 1
+    return Settings(
+        environment=environment,
+        database_url=normalize_database_url(
+            os.environ.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL
+        ),
+        redis_url=os.environ.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL,
+        superuser_password=os.environ.get("SUPERUSER_PASSWORD") or None,
+        secret_key=secret.encode(),
+        port=_int("PORT", 8000),
+        flower_port=_int("FLOWER_PORT", 5555),
+        web_concurrency=_int("WEB_CONCURRENCY", cores),
+        worker_concurrency=_int("WORKER_CONCURRENCY", cores),
+        settle_batch_size=_int("SETTLE_BATCH_SIZE", 500),
+        settle_max_retries=_int("SETTLE_MAX_RETRIES", 8),
+        sweep_pending_after_s=_float("SWEEP_PENDING_AFTER", 5.0),
+        sweep_interval_s=_float("SWEEP_INTERVAL", 5.0),
+        visibility_timeout_s=_int("VISIBILITY_TIMEOUT", 300),
+        auth_cache_ttl_s=_float("AUTH_CACHE_TTL", 60.0),
+    )
+
+
+@cache
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,223 @@
+"""Accepting transfers (validation, commission, idempotency) and reading them back.
+
+Accepting only records a `pending` row; the worker settles it (common.ledger).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import and_, select, union
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from common.currencies import CurrencyInfo, get_currency
+from common.errors import Invalid, NotFound
+from common.models import SUPERUSER_ID, Account, Transfer, TransferStatus
+from common.money import InvalidAmount, commission_for, parse_amount
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    from_account_id: int
+    to_account_id: int
+    amount: str
+    comment: str = ""
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    transfer: Transfer
+    # False when an idempotent replay returned an earlier transfer.
+    created: bool
+
+
+def _fingerprint(kind: str, request: TransferRequest) -> str:
+    # "10.5" and "10.50" are the same request; Decimal compares the exact value.
+    amount = format(Decimal(request.amount).normalize(), "f")
+    text = "\x1f".join(
+        (kind, str(request.from_account_id), str(request.to_account_id), amount, request.comment)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _replay(session: Session, requested_by: int, key: str, fingerprint: str) -> Transfer | None:
+    existing = session.scalar(
+        select(Transfer).where(
+            Transfer.requested_by == requested_by, Transfer.idempotency_key == key
+        )
+    )
+    if existing is not None and existing.request_fingerprint != fingerprint:
+        raise Invalid(
+            "idempotency_key_mismatch",
+            "this Idempotency-Key was used with different fields",
+        )
+    return existing
+
+
+def _amount_in(currency: CurrencyInfo, amount: str) -> int:
+    try:
+        return parse_amount(amount, currency.decimals)
+    except InvalidAmount as error:
+        raise Invalid("invalid_amount", f"{error} for {currency.code}") from None
+
+
+def _record(
+    session: Session,
+    *,
+    kind: str,
+    requested_by: int,
+    source: Account,
+    target: Account,
+    request: TransferRequest,
+) -> Accepted:
+    fingerprint = _fingerprint(kind, request)
+    if source.id == target.id:
+        raise Invalid("same_account", "from and to are the same account")
+    if source.currency != target.currency:
+        raise Invalid(
+            "currency_mismatch",
+            f"cannot move {source.currency} into a {target.currency} account",
+        )
+    currency = get_currency(session, source.currency)
+    amount = _amount_in(currency, request.amount)
+    free = kind == "deposit" or source.user_id == target.user_id
+    commission = 0 if free else commission_for(amount, currency.commission_rate)
+    row = {
+        "from_account_id": source.id,
+        "to_account_id": target.id,
+        "from_user_id": source.user_id,
+        "to_user_id": target.user_id,
+        "currency": currency.code,
+        "amount": amount,
+        "commission": commission,
+        "comment": request.comment,
+        "requested_by": requested_by,
+        "idempotency_key": request.idempotency_key,
+        "request_fingerprint": fingerprint if request.idempotency_key else None,
+    }
+    # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
+    # nothing: of twenty simultaneous requests with one key, one row wins and the
+    # others read it back below.
+    statement = (
+        insert(Transfer)
+        .values(row)
+        .on_conflict_do_nothing(index_elements=["requested_by", "idempotency_key"])
+        .returning(Transfer)
+    )
+    transfer = session.scalars(statement).one_or_none()
+    if transfer is not None:
+        return Accepted(transfer, created=True)
+    assert request.idempotency_key is not None
+    existing = _replay(session, requested_by, request.idempotency_key, fingerprint)
+    assert existing is not None
+    return Accepted(existing, created=False)
+
+
+def submit_transfer(session: Session, user_id: int, request: TransferRequest) -> Accepted:
+    """Accept a payment from one of `user_id`'s accounts, or replay an idempotent one."""
+    if request.idempotency_key is not None:
+        existing = _replay(
+            session, user_id, request.idempotency_key, _fingerprint("transfer", request)
+        )
+        if existing is not None:
+            return Accepted(existing, created=False)
+    source = session.get(Account, request.from_account_id)
+    if source is None or source.user_id != user_id:
+        raise NotFound("account_not_found", f"you have no account {request.from_account_id}")
+    target = session.get(Account, request.to_account_id)
+    if target is None:
+        raise NotFound("account_not_found", f"no account {request.to_account_id}")
+    return _record(
+        session,
+        kind="transfer",
+        requested_by=user_id,
+        source=source,
+        target=target,
+        request=request,
+    )
+
+
+def submit_deposit(
+    session: Session, account_id: int, amount: str, idempotency_key: str | None
+) -> Accepted:
+    """Money from the outside world (the currency's external account) into an account."""
+    target = session.get(Account, account_id)
+    if target is None:
+        raise NotFound("account_not_found", f"no account {account_id}")
+    currency = get_currency(session, target.currency)
+    source = session.get(Account, currency.external_account_id)
+    assert source is not None, "seed data is missing the external account"
+    request = TransferRequest(
+        from_account_id=source.id,
+        to_account_id=target.id,
+        amount=amount,
+        idempotency_key=idempotency_key,
+    )
+    if idempotency_key is not None:
+        existing = _replay(session, SUPERUSER_ID, idempotency_key, _fingerprint("deposit", request))
+        if existing is not None:
+            return Accepted(existing, created=False)
+    return _record(
+        session,
+        kind="deposit",
+        requested_by=SUPERUSER_ID,
+        source=source,
+        target=target,
+        request=request,
+    )
+
+
+def get_visible_transfer(session: Session, transfer_id: int, user_id: int) -> Transfer:
+    """A transfer from or to `user_id`'s accounts (the superuser sees every transfer)."""
+    transfer = session.get(Transfer, transfer_id)
+    if transfer is None or (
+        user_id not in (transfer.from_user_id, transfer.to_user_id) and user_id != SUPERUSER_ID
+    ):
+        raise NotFound("transfer_not_found", f"no transfer {transfer_id} for this user")
+    return transfer
+
+
+@dataclass(frozen=True)
+class TransferFilter:
+    payer_id: int | None = None
+    payee_id: int | None = None
+    status: TransferStatus | None = None
+
+
+def list_transfers(
+    session: Session,
+    user_id: int,
+    filters: TransferFilter,
+    *,
+    descending: bool,
+    after_id: int | None,
+    limit: int,
+) -> Sequence[Transfer]:
+    """Transfers from or to the user's accounts, one page in id order.
+
+    One index range scan per side (payer, payee) merged by UNION, so a page costs
+    O(page) however many transfers the user has.
+    """
+    conditions = []
+    if filters.payer_id is not None:
+        conditions.append(Transfer.from_user_id == filters.payer_id)
+    if filters.payee_id is not None:
+        conditions.append(Transfer.to_user_id == filters.payee_id)
+    if filters.status is not None:
+        conditions.append(Transfer.status == filters.status.value)
+    if after_id is not None:
+        conditions.append(Transfer.id < after_id if descending else Transfer.id > after_id)
+    order = Transfer.id.desc() if descending else Transfer.id.asc()
+    sides = [
+        select(Transfer.id).where(and_(side == user_id, *conditions)).order_by(order).limit(limit)
+        for side in (Transfer.from_user_id, Transfer.to_user_id)
+    ]
+    page = union(*sides).subquery()
+    ids = select(page.c.id)
+    query = select(Transfer).where(Transfer.id.in_(ids)).order_by(order).limit(limit)
+    return session.scalars(query).all()

@@ -1,0 +1,57 @@
+"""Users: registration (with one account per currency) and credential checks."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.orm import Session
+
+from common.currencies import all_currencies
+from common.errors import Conflict
+from common.models import Account, AccountKind, User
+from common.passwords import burn_verification, hash_password, verify_password
+
+
+def register(session: Session, username: str, password: str, full_name: str) -> User:
+    """Create a user and its zero-balance accounts. Fields are validated by the caller."""
+    password_hash = hash_password(password)
+    # ON CONFLICT on the lower(username) index: two concurrent registrations of
+    # "Alice" and "alice" cannot both succeed, and neither surfaces an IntegrityError.
+    user_id = session.scalar(
+        text(
+            "INSERT INTO users (username, password_hash, full_name) "
+            "VALUES (:username, :hash, :full_name) "
+            "ON CONFLICT ((lower(username))) DO NOTHING RETURNING id"
+        ),
+        {"username": username, "hash": password_hash, "full_name": full_name},
+    )
+    if user_id is None:
+        raise Conflict("username_taken", f"the username {username!r} is taken")
+    session.execute(
+        insert(Account),
+        [
+            {"user_id": user_id, "currency": currency.code, "kind": AccountKind.USER}
+            for currency in all_currencies(session)
+        ],
+    )
+    user = session.get(User, user_id)
+    assert user is not None
+    return user
+
+
+def find_by_username(session: Session, username: str) -> User | None:
+    return session.scalar(select(User).where(func.lower(User.username) == username.lower()))
+
+
+def authenticate(session: Session, username: str, password: str) -> User | None:
+    """The user these credentials name, or None; costs the same whether or not it exists."""
+    user = find_by_username(session, username) if 0 < len(username) <= 64 else None
+    if user is None:
+        burn_verification(password)
+        return None
+    if not verify_password(user.id, password, user.password_hash):
+        return None
+    return user
+
+
+def user_exists(session: Session, user_id: int) -> bool:
+    return session.scalar(select(func.count()).where(User.id == user_id)) == 1

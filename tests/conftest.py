@@ -1,0 +1,232 @@
+"""Test fixtures on the real thing: a fresh PostgreSQL database per run (schema from
+the Alembic migrations), a Redis DB number of its own, and a real Celery worker
+(threads, in-process) consuming from that Redis.
+
+The environment is set here, before any project module reads its settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+_BASE_DATABASE_URL = os.environ.get(
+    "DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+_BASE_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN_ID = f"{time.strftime('%Y%m%d%H%M%S')}_{os.getpid()}_{secrets.token_hex(2)}"
+TEST_DATABASE = f"remit_test_{RUN_ID}"
+# DB 0 is left to the developer's own stack; a run picks one of 1-15.
+TEST_REDIS_DB = 1 + secrets.randbelow(15)
+SUPERUSER_PASSWORD = "superuser-test-password"
+
+os.environ.update(
+    {
+        "REMIT_ENV": "test",
+        "DATABASE_URL": make_url(_BASE_DATABASE_URL)
+        .set(drivername="postgresql+psycopg", database=TEST_DATABASE)
+        .render_as_string(hide_password=False),
+        "REDIS_URL": _BASE_REDIS_URL.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
+        "SUPERUSER_PASSWORD": SUPERUSER_PASSWORD,
+        "SECRET_KEY": secrets.token_hex(32),
+        # Cheap hashes keep hundreds of registrations fast; the algorithm is the same.
+        "ARGON2_TIME_COST": "1",
+        "ARGON2_MEMORY_KIB": "1024",
+        # Sweeps in tests are triggered by hand; a short age makes stuck rows eligible.
+        "SWEEP_PENDING_AFTER": "1",
+        "WORKER_CONCURRENCY": "4",
+    }
+)
+
+from common.db import dispose_engine  # noqa: E402 - settings must see the env above
+from common.migrate import migrate  # noqa: E402
+from common.settings import get_settings  # noqa: E402
+
+
+def _admin_engine():  # noqa: ANN202
+    from sqlalchemy import create_engine
+
+    url = make_url(os.environ["DATABASE_URL"]).set(database="postgres")
+    return create_engine(url, isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database() -> Iterator[str]:
+    """The run's own database, built by the migrations, dropped at the end."""
+    url = get_settings().database_url
+    migrate(url)
+    yield url
+    dispose_engine()
+    from sqlalchemy import text
+
+    admin = _admin_engine()
+    with admin.connect() as connection:
+        connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": TEST_DATABASE},
+        )
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}"'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_client():  # noqa: ANN201
+    import redis
+
+    client = redis.Redis.from_url(get_settings().redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def celery_app_for_tests(redis_client):  # noqa: ANN001, ANN201
+    from worker.app import app
+
+    return app
+
+
+@pytest.fixture(scope="session")
+def settlement_worker(celery_app_for_tests):  # noqa: ANN001, ANN201
+    """A real Celery worker (thread pool) consuming the run's Redis queue.
+
+    pytest-celery's own worker fixtures drive Docker containers; none runs here,
+    so the worker is celery.contrib.testing's in-process one, against real Redis.
+    """
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        celery_app_for_tests,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        loglevel="WARNING",
+    ) as worker:
+        yield worker
+
+
+@pytest.fixture(autouse=True)
+def _no_login_throttle_carry_over(redis_client) -> None:  # noqa: ANN001
+    # One test's failed logins must not throttle the next test (all come from 127.0.0.1).
+    for key in redis_client.scan_iter("remit:login-failures:*"):
+        redis_client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def app(database):  # noqa: ANN001, ANN201
+    from web.app import create_app
+
+    flask_app = create_app()
+    flask_app.testing = True
+    return flask_app
+
+
+@pytest.fixture
+def client(app):  # noqa: ANN001, ANN201
+    return app.test_client()
+
+
+def basic_auth(username: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+_usernames = itertools.count(1)
+
+
+@dataclass
+class Member:
+    id: int
+    username: str
+    password: str
+    accounts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return basic_auth(self.username, self.password)
+
+
+SUPERUSER = Member(1, "superuser", SUPERUSER_PASSWORD)
+
+
+class Api:
+    """Shortcuts for the common setups; every call goes through the real HTTP routes."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def register(self, prefix: str = "user") -> Member:
+        username = f"{prefix}{next(_usernames)}_{secrets.token_hex(3)}"
+        password = "correct horse " + secrets.token_hex(4)
+        response = self.client.post("/users", data={"username": username, "password": password})
+        assert response.status_code == 201, response.get_json()
+        member = Member(response.get_json()["id"], username, password)
+        accounts = self.client.get(f"/users/{member.id}/accounts", headers=member.auth)
+        assert accounts.status_code == 200, accounts.get_json()
+        member.accounts = {a["currency"]: a["id"] for a in accounts.get_json()}
+        return member
+
+    def deposit(self, account_id: int, amount: str, **headers: str) -> dict[str, Any]:
+        response = self.client.post(
+            f"/accounts/{account_id}/deposits",
+            data={"amount": amount},
+            headers={**SUPERUSER.auth, **headers},
+        )
+        assert response.status_code == 202, response.get_json()
+        return response.get_json()
+
+    def transfer(
+        self, payer: Member, source: int, target: int, amount: str, **extra: str
+    ) -> Any:
+        return self.client.post(
+            f"/users/{payer.id}/transfers",
+            data={"from": source, "to": target, "amount": amount, **extra},
+            headers=payer.auth,
+        )
+
+    def get_transfer(self, member: Member, transfer_id: int) -> dict[str, Any]:
+        response = self.client.get(
+            f"/users/{member.id}/transfers/{transfer_id}", headers=member.auth
+        )
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    def wait_final(self, member: Member, transfer_id: int, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            transfer = self.get_transfer(member, transfer_id)
+            if transfer["status"] != "pending" or time.monotonic() > deadline:
+                return transfer
+            time.sleep(0.05)
+
+    def balance(self, member: Member, account_id: int) -> str:
+        response = self.client.get(f"/accounts/{account_id}", headers=member.auth)
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["balance"]
+
+    def funded(self, amount: str = "1000.00", currency: str = "USD") -> Member:
+        """A new user whose `currency` account holds `amount` (deposit settled)."""
+        member = self.register()
+        deposit = self.deposit(member.accounts[currency], amount)
+        settled = self.wait_final(SUPERUSER, deposit["id"])
+        assert settled["status"] == "settled", settled
+        return member
+
+
+@pytest.fixture
+def api(client, settlement_worker) -> Api:  # noqa: ANN001
+    return Api(client)

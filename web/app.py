@@ -1,0 +1,31 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+from flask import Flask
+from werkzeug.routing import IntegerConverter, Map
+
+from web import accounts, currencies, health, transfers, users
+from web.problems import install_error_handlers
+
+# Request bodies larger than this are refused with 413 before they are read.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class IdConverter(IntegerConverter):
+    """A path id that fits PostgreSQL's BIGINT; anything larger is simply no route (404)."""
+
+    def __init__(self, url_map: Map, *args: object, **kwargs: object) -> None:
+        super().__init__(url_map, min=0, max=2**63 - 1)
+
+
+def create_app() -> Flask:
+    app = Flask("remit")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.url_map.converters["id"] = IdConverter
+    app.url_map.strict_slashes = False
+    for blueprint in (currencies.bp, users.bp, accounts.bp, transfers.bp, health.bp):
+        app.register_blueprint(blueprint)
+    install_error_handlers(app)
+    return app

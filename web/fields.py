@@ -1,0 +1,159 @@
+"""Request parsing: bodies in form, multipart or JSON, validated by pydantic schemas.
+
+The schemas here are the one description of what each route accepts; the error
+code of a rejected field follows API.md (invalid_amount for amounts, and so on).
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Annotated, Literal, TypeVar
+
+from flask import request
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+from common.money import InvalidAmount, canonical_amount
+from web.problems import ApiError
+
+MAX_ID = 2**63 - 1
+
+
+def _id(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer id")
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+        raise ValueError("must be an integer id")
+    return value
+
+
+def _text(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, and lone surrogates cannot be encoded at all.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return value
+
+
+def _amount(value: object) -> str:
+    try:
+        return canonical_amount(value)
+    except InvalidAmount as error:
+        raise ValueError(str(error)) from None
+
+
+Id = Annotated[int, BeforeValidator(_id)]
+Text = Annotated[str, AfterValidator(_text)]
+Amount = Annotated[str, BeforeValidator(_amount)]
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+
+class UserCreate(Schema):
+    username: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_@.+\-]+$")
+    password: Text = Field(min_length=8, max_length=1024)
+    full_name: Text = Field("", max_length=200)
+
+
+class TransferCreate(Schema):
+    from_account: Id = Field(alias="from")
+    to_account: Id = Field(alias="to")
+    amount: Amount
+    comment: Text = Field("", max_length=255)
+
+
+class DepositCreate(Schema):
+    amount: Amount
+
+
+class PageQuery(Schema):
+    sort: Literal["asc", "dsc"] = "asc"
+    limit: int = Field(100, ge=1, le=500)
+    cursor: str | None = Field(None, max_length=200)
+
+
+class TransferListQuery(PageQuery):
+    payer: Id | None = Field(None, alias="from")
+    payee: Id | None = Field(None, alias="to")
+    status: Literal["pending", "settled", "rejected", "failed"] | None = None
+
+
+# A rejected field's code, where API.md gives the field one of its own.
+_FIELD_CODES = {
+    "amount": "invalid_amount",
+    "username": "invalid_username",
+    "password": "invalid_password",
+}
+
+S = TypeVar("S", bound=Schema)
+
+
+def _reject_constant(name: str) -> object:
+    # NaN and Infinity are not JSON; as an amount they are an invalid amount.
+    return name
+
+
+def read_body() -> dict[str, object]:
+    """The request's fields, whichever of the three accepted encodings carried them."""
+    mimetype = request.mimetype
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        raw = request.get_data(cache=True)
+        try:
+            body = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise ApiError("invalid_request", "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError("invalid_request", "the JSON body must be an object")
+        return body
+    if mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        return dict(request.form.items())
+    if not request.get_data(cache=True):
+        return {}
+    raise ApiError(
+        "unsupported_media_type",
+        "send application/json, application/x-www-form-urlencoded or multipart/form-data",
+    )
+
+
+def validate(schema: type[S], data: dict[str, object], *, query: bool = False) -> S:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        code = "invalid_query" if query else _FIELD_CODES.get(field, "invalid_request")
+        where = f"{field}: " if field else ""
+        raise ApiError(code, where + first["msg"]) from None
+
+
+def parse_body(schema: type[S]) -> S:
+    return validate(schema, read_body())
+
+
+def parse_query(schema: type[S]) -> S:
+    return validate(schema, dict(request.args.items()), query=True)
+
+
+def idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not all(" " <= char <= "~" for char in key):
+        raise ApiError(
+            "invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters"
+        )
+    return key

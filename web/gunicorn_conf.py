@@ -1,0 +1,29 @@
+"""gunicorn settings, read from the same environment knobs as everything else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.db import dispose_engine
+from common.settings import get_settings
+
+_settings = get_settings()
+
+bind = f"0.0.0.0:{_settings.port}"
+workers = _settings.web_concurrency
+# Threads let one process overlap requests that wait on PostgreSQL or Redis.
+worker_class = "gthread"
+threads = 8
+# Load the app once in the master: workers fork with it ready (and with no
+# database connections, see post_fork).
+preload_app = True
+keepalive = 5
+graceful_timeout = 30
+timeout = 60
+accesslog = "-"
+errorlog = "-"
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    # Connections opened in the master before fork must not be shared by workers.
+    dispose_engine()

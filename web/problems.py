@@ -1,0 +1,137 @@
+"""RFC 9457 problem responses for every error, and the handlers that produce them.
+
+Nothing leaves the API as an HTML page or a stack trace: unknown routes, wrong
+methods, oversized bodies, domain errors, database outages and bugs all become
+application/problem+json with a stable `code`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, json
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException
+
+from common.errors import RemitError
+
+log = logging.getLogger(__name__)
+
+# code -> (HTTP status, title). API.md's list of error codes, and nothing else.
+PROBLEMS: dict[str, tuple[int, str]] = {
+    "invalid_request": (400, "Invalid request"),
+    "invalid_amount": (400, "Invalid amount"),
+    "invalid_query": (400, "Invalid query"),
+    "invalid_username": (400, "Invalid username"),
+    "invalid_password": (400, "Invalid password"),
+    "same_account": (400, "Same account"),
+    "currency_mismatch": (400, "Currency mismatch"),
+    "unauthorized": (401, "Unauthorized"),
+    "forbidden": (403, "Forbidden"),
+    "not_found": (404, "Not found"),
+    "user_not_found": (404, "User not found"),
+    "account_not_found": (404, "Account not found"),
+    "transfer_not_found": (404, "Transfer not found"),
+    "currency_not_found": (404, "Currency not found"),
+    "method_not_allowed": (405, "Method not allowed"),
+    "username_taken": (409, "Username taken"),
+    "account_limit": (409, "Account limit reached"),
+    "idempotency_key_in_use": (409, "Idempotency key in use"),
+    "payload_too_large": (413, "Payload too large"),
+    "unsupported_media_type": (415, "Unsupported media type"),
+    "idempotency_key_mismatch": (422, "Idempotency key mismatch"),
+    "too_many_requests": (429, "Too many requests"),
+    "internal_error": (500, "Internal error"),
+    "service_unavailable": (503, "Service unavailable"),
+}
+
+_BY_STATUS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "service_unavailable",
+}
+
+PROBLEM_TYPE_BASE = "https://remit.dev/problems/"
+
+
+class ApiError(Exception):
+    """An error raised by the web layer itself (auth, parsing)."""
+
+    def __init__(self, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def problem_body(code: str, detail: str) -> dict[str, object]:
+    status, title = PROBLEMS[code]
+    return {
+        "type": PROBLEM_TYPE_BASE + code.replace("_", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+
+
+def problem(code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    body = problem_body(code, detail)
+    response = Response(
+        json.dumps(body),
+        status=int(body["status"]),
+        mimetype="application/problem+json",  # type: ignore[call-overload]
+    )
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> Response:
+        return problem(error.code, error.detail, error.headers)
+
+    @app.errorhandler(RemitError)
+    def _domain_error(error: RemitError) -> Response:
+        return problem(error.code, error.detail)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = _BY_STATUS.get(status, "invalid_request" if status < 500 else "internal_error")
+        headers = {}
+        if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
+            headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+        detail = error.description or PROBLEMS[code][1]
+        return problem(code, detail, headers)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def _database_down(error: Exception) -> Response:
+        log.warning("database unavailable: %s", error)
+        return problem(
+            "service_unavailable", "the database is unavailable; try again", {"Retry-After": "1"}
+        )
+
+    @app.errorhandler(DBAPIError)
+    def _database_error(error: DBAPIError) -> Response:
+        sqlstate = getattr(error.orig, "sqlstate", None) or ""
+        # Class 08 (connection) and 57 (operator intervention: shutdown, terminated
+        # backend) are outages, not bugs.
+        if sqlstate.startswith(("08", "57")) or error.connection_invalidated:
+            return _database_down(error)
+        log.exception("database error")
+        return problem("internal_error", "an unexpected error occurred")
+
+    @app.errorhandler(Exception)
+    def _bug(error: Exception) -> Response:
+        log.exception("unhandled error", exc_info=error)
+        return problem("internal_error", "an unexpected error occurred")

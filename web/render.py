@@ -1,0 +1,109 @@
+"""Shaping responses: timestamps, money, resources and pages."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Response, json, request
+from sqlalchemy.orm import Session
+
+from common.currencies import get_currency
+from common.models import Account, Posting, Transfer
+from common.money import format_amount
+from web.problems import ApiError
+
+
+def timestamp(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _decimals(session: Session, currency: str) -> int:
+    return get_currency(session, currency).decimals
+
+
+def account_json(session: Session, account: Account) -> dict[str, Any]:
+    return {
+        "id": account.id,
+        "user_id": account.user_id,
+        "currency": account.currency,
+        "kind": account.kind,
+        "balance": format_amount(account.balance, _decimals(session, account.currency)),
+        "created_at": timestamp(account.created_at),
+    }
+
+
+def transfer_json(session: Session, transfer: Transfer) -> dict[str, Any]:
+    decimals = _decimals(session, transfer.currency)
+    return {
+        "id": transfer.id,
+        "status": transfer.status,
+        "from": transfer.from_account_id,
+        "to": transfer.to_account_id,
+        "from_user_id": transfer.from_user_id,
+        "to_user_id": transfer.to_user_id,
+        "currency": transfer.currency,
+        "amount": format_amount(transfer.amount, decimals),
+        "commission": format_amount(transfer.commission, decimals),
+        "comment": transfer.comment,
+        "reason": transfer.reason,
+        "created_at": timestamp(transfer.created_at),
+        "settled_at": timestamp(transfer.settled_at),
+    }
+
+
+def posting_json(posting: Posting, decimals: int) -> dict[str, Any]:
+    return {
+        "id": posting.id,
+        "transfer_id": posting.transfer_id,
+        "amount": format_amount(posting.amount, decimals),
+        "balance_after": format_amount(posting.balance_after, decimals),
+        "created_at": timestamp(posting.created_at),
+    }
+
+
+# Cursors are opaque to clients: "<sort>:<last id>" in base64url, so a page can be
+# continued only in the order it was started.
+def encode_cursor(sort: str, last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{sort}:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, sort: str) -> int | None:
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        cursor_sort, last_id = raw.split(":", 1)
+        if cursor_sort != sort or not last_id.isdigit():
+            raise ValueError(raw)
+        return int(last_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError("invalid_query", "cursor: not a cursor of this listing") from None
+
+
+def page_response(items: Sequence[Any], rows: Sequence[Any], limit: int, sort: str) -> Response:
+    """A JSON list of one page; a Link header to the next page when there is one.
+
+    `rows` were fetched with limit + 1: the extra row only says that more exist.
+    """
+    headers = {}
+    if len(rows) > limit:
+        args = request.args.to_dict()
+        args["cursor"] = encode_cursor(sort, rows[limit - 1].id)
+        headers["Link"] = f'<{request.base_url}?{urlencode(args)}>; rel="next"'
+    return json_response(list(items[:limit]), headers=headers)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from common import transfers
+from common.db import new_session, transaction
+from common.models import TransferStatus
+from web.auth import authenticated, authorize_path_user
+from web.fields import TransferCreate, TransferListQuery, idempotency_key, parse_body, parse_query
+from web.render import decode_cursor, json_response, page_response, transfer_json
+from worker.tasks import ring
+
+bp = Blueprint("transfers", __name__)
+
+
+def accepted_response(accepted: transfers.Accepted) -> Response:
+    """202 with the transfer; ring the settlement doorbell for a new one (after commit)."""
+    transfer = accepted.transfer
+    if accepted.created or transfer.status == TransferStatus.PENDING:
+        # A replay of a still-pending transfer rings again: if the first doorbell was
+        # lost, the client's retry is the fastest way to get it settled.
+        ring(transfer.currency, [transfer.id])
+    with new_session() as session:
+        body = transfer_json(session, transfer)
+    location = f"/users/{transfer.from_user_id}/transfers/{transfer.id}"
+    return json_response(body, 202, {"Location": location})
+
+
+@bp.post("/users/<id:user_id>/transfers")
+@authenticated
+def submit(user_id: int) -> Response:
+    authorize_path_user(user_id, write=True)
+    fields = parse_body(TransferCreate)
+    request = transfers.TransferRequest(
+        from_account_id=fields.from_account,
+        to_account_id=fields.to_account,
+        amount=fields.amount,
+        comment=fields.comment,
+        idempotency_key=idempotency_key(),
+    )
+    with transaction() as session:
+        accepted = transfers.submit_transfer(session, user_id, request)
+    return accepted_response(accepted)
+
+
+@bp.get("/users/<id:user_id>/transfers/<id:transfer_id>")
+@authenticated
+def get(user_id: int, transfer_id: int) -> Response:
+    authorize_path_user(user_id, write=False)
+    with new_session() as session:
+        transfer = transfers.get_visible_transfer(session, transfer_id, user_id)
+        return json_response(transfer_json(session, transfer))
+
+
+@bp.get("/users/<id:user_id>/transfers")
+@authenticated
+def list_(user_id: int) -> Response:
+    authorize_path_user(user_id, write=False)
+    query = parse_query(TransferListQuery)
+    after_id = decode_cursor(query.cursor, query.sort)
+    filters = transfers.TransferFilter(
+        payer_id=query.payer,
+        payee_id=query.payee,
+        status=TransferStatus(query.status) if query.status else None,
+    )
+    with new_session() as session:
+        rows = transfers.list_transfers(
+            session,
+            user_id,
+            filters,
+            descending=query.sort == "dsc",
+            after_id=after_id,
+            limit=query.limit + 1,
+        )
+        items = [transfer_json(session, transfer) for transfer in rows]
+    return page_response(items, rows, query.limit, query.sort)

@@ -1,0 +1,68 @@
+"""The Celery application: settings that make delivery reliable, and the beat schedule.
+
+`celery --app worker.app worker|beat|flower` all load this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from common.db import dispose_engine
+from common.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("remit", broker=settings.redis_url, include=["worker.tasks"])
+
+_transport = {
+    # An unacknowledged message (its worker died) is redelivered after this long.
+    # No task countdown may exceed it, or Redis would deliver the message early twice.
+    "visibility_timeout": settings.visibility_timeout_s,
+}
+
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    timezone="UTC",
+    enable_utc=True,
+    # Acknowledge after the task ran: a worker killed mid-settlement leaves its
+    # message in Redis, which delivers it again; settlement is idempotent.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    broker_transport_options=_transport,
+    result_backend_transport_options=_transport,
+    broker_connection_retry_on_startup=True,
+    broker_connection_timeout=3,
+    # The web process publishes after commit; with Redis down it must give up fast
+    # (the transfer row is the outbox and the sweeper publishes it later).
+    task_publish_retry_policy={
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.5,
+    },
+    # Task events for Flower.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    worker_concurrency=settings.worker_concurrency,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "sweep": {
+            "task": "remit.sweep",
+            "schedule": settings.sweep_interval_s,
+            # A sweep that could not run in time is pointless by the next one.
+            "options": {"expires": settings.sweep_interval_s},
+        },
+    },
+)
+
+
+@worker_process_init.connect
+def _fresh_pool_after_fork(**_: Any) -> None:
+    # A prefork child must not share the parent's database sockets.
+    dispose_engine()
