@@ -44,6 +44,8 @@ os.environ.update(
         # Sweeps in tests are triggered by hand; a short age makes stuck rows eligible.
         "SWEEP_PENDING_AFTER": "1",
         "WORKER_CONCURRENCY": "4",
+        # Small batches so concurrency tests see many batches, not one.
+        "SETTLE_BATCH_SIZE": "50",
     }
 )
 
