@@ -14,3 +14,4 @@ def test_transfer_settles_end_to_end(api) -> None:
     assert api.balance(alice, alice.accounts["USD"]) == "89.90"
     assert api.balance(bob, bob.accounts["USD"]) == "10.00"
     assert api.balance(SUPERUSER, 5) == "0.10"
+

@@ -7,6 +7,7 @@ code of a rejected field follows API.md (invalid_amount for amounts, and so on).
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from typing import Annotated, Literal, TypeVar
 
@@ -54,6 +55,12 @@ def _amount(value: object) -> str:
         raise ValueError(str(error)) from None
 
 
+def _seconds(value: object) -> Decimal:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,6})?", value):
+        raise ValueError("must be a number of seconds like 5 or 0.5")
+    return Decimal(value)
+
+
 Id = Annotated[int, BeforeValidator(_id)]
 Text = Annotated[str, AfterValidator(_text)]
 Amount = Annotated[str, BeforeValidator(_amount)]
@@ -84,6 +91,11 @@ class PageQuery(Schema):
     sort: Literal["asc", "dsc"] = "asc"
     limit: int = Field(100, ge=1, le=500)
     cursor: str | None = Field(None, max_length=200)
+
+
+class TransferWaitQuery(Schema):
+    # Seconds to hold a pending transfer's answer (long poll): "5", "0.5"; at most 30.
+    wait: Annotated[Decimal, BeforeValidator(_seconds)] = Field(Decimal(0), ge=0, le=30)
 
 
 class TransferListQuery(PageQuery):

@@ -1,12 +1,22 @@
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response
 
 from common import transfers
 from common.db import new_session, transaction
 from common.models import TransferStatus
+from common.notify import listener
 from web.auth import authenticated, authorize_path_user
-from web.fields import TransferCreate, TransferListQuery, idempotency_key, parse_body, parse_query
+from web.fields import (
+    TransferCreate,
+    TransferListQuery,
+    TransferWaitQuery,
+    idempotency_key,
+    parse_body,
+    parse_query,
+)
 from web.render import decode_cursor, json_response, page_response, transfer_json
 from worker.tasks import ring
 
@@ -47,9 +57,27 @@ def submit(user_id: int) -> Response:
 @authenticated
 def get(user_id: int, transfer_id: int) -> Response:
     authorize_path_user(user_id, write=False)
+    wait = parse_query(TransferWaitQuery).wait
+    body = _read_visible(transfer_id, user_id)
+    if wait and body["status"] == TransferStatus.PENDING:
+        # Long poll: register first, then read again, so a settlement announced
+        # between the two reads is not missed. No database connection is held
+        # while waiting.
+        waiter = listener()
+        event = waiter.register(transfer_id)
+        try:
+            body = _read_visible(transfer_id, user_id)
+            if body["status"] == TransferStatus.PENDING and event.wait(float(wait)):
+                body = _read_visible(transfer_id, user_id)
+        finally:
+            waiter.unregister(transfer_id, event)
+    return json_response(body)
+
+
+def _read_visible(transfer_id: int, user_id: int) -> dict[str, Any]:
     with new_session() as session:
         transfer = transfers.get_visible_transfer(session, transfer_id, user_id)
-        return json_response(transfer_json(session, transfer))
+        return transfer_json(session, transfer)
 
 
 @bp.get("/users/<id:user_id>/transfers")

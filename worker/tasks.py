@@ -15,6 +15,7 @@ from common.currencies import CurrencyInfo, get_currency
 from common.db import transaction
 from common.errors import NotFound
 from common.ledger import BatchResult, pending_exists, retrying, settle_batch
+from common.notify import announce_final
 from common.settings import get_settings
 from worker.app import app
 
@@ -65,6 +66,8 @@ def settle(self: Task, currency: str, transfer_ids: list[int] | None = None) -> 
         result = retrying(lambda: _settle_one_batch(currency, info.commission_account_id))
         if result.claimed is None:
             break
+        # After commit: long-polling clients re-read the transfer from the database.
+        announce_final(result.final_ids)
         settled += result.settled
         rejected += result.rejected
         if result.claimed == 0 and not _pending_exists(currency):

@@ -1,0 +1,101 @@
+"""Long polling: `?wait=` holds a pending transfer's answer until it is final."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from common.db import new_session
+from common.ledger import SETTLEMENT_LOCK_CLASS
+from tests.conftest import Api
+from worker.tasks import ring
+
+
+def _hold_settlement_lock(currency: str):
+    session = new_session()
+    session.execute(
+        text("SELECT pg_advisory_lock(:c, hashtext(:cur))"),
+        {"c": SETTLEMENT_LOCK_CLASS, "cur": currency},
+    )
+
+    def release() -> None:
+        session.execute(
+            text("SELECT pg_advisory_unlock(:c, hashtext(:cur))"),
+            {"c": SETTLEMENT_LOCK_CLASS, "cur": currency},
+        )
+        session.commit()
+        session.close()
+
+    return release
+
+
+def test_wait_is_woken_by_the_settlement_not_by_its_timeout(api: Api, app: Any) -> None:
+    alice, bob = api.funded("10.00", "EUR"), api.register()
+    release = _hold_settlement_lock("EUR")
+    try:
+        body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()
+        result: dict[str, Any] = {}
+
+        def poll() -> None:
+            started = time.monotonic()
+            response = app.test_client().get(
+                f"/users/{alice.id}/transfers/{body['id']}?wait=20", headers=alice.auth
+            )
+            result["elapsed"] = time.monotonic() - started
+            result["body"] = response.get_json()
+
+        waiter = threading.Thread(target=poll)
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive(), "the request should be held while the transfer is pending"
+    finally:
+        release()
+    released_at = time.monotonic()
+    ring("EUR")
+    waiter.join(timeout=15)
+    assert not waiter.is_alive()
+    assert result["body"]["status"] == "settled"
+    assert 1.0 <= result["elapsed"] < 10
+    assert time.monotonic() - released_at < 5
+
+
+def test_wait_times_out_with_the_pending_transfer(api: Api) -> None:
+    alice, bob = api.funded("10.00", "CNY"), api.register()
+    release = _hold_settlement_lock("CNY")
+    try:
+        body = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00").get_json()
+        started = time.monotonic()
+        response = api.client.get(
+            f"/users/{alice.id}/transfers/{body['id']}?wait=1.5", headers=alice.auth
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        release()
+    ring("CNY")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "pending"
+    assert 1.4 <= elapsed < 5
+
+
+def test_wait_on_a_final_transfer_answers_at_once(api: Api) -> None:
+    alice, bob = api.funded("10.00"), api.register()
+    body = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "1.00").get_json()
+    api.wait_final(alice, body["id"])
+    started = time.monotonic()
+    response = api.client.get(
+        f"/users/{alice.id}/transfers/{body['id']}?wait=30", headers=alice.auth
+    )
+    assert response.get_json()["status"] == "settled"
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "abc", "NaN", "inf", "1e1", ""])
+def test_bad_wait_is_invalid_query(api: Api, wait: str) -> None:
+    alice = api.register()
+    response = api.client.get(f"/users/{alice.id}/transfers/1?wait={wait}", headers=alice.auth)
+    assert response.status_code == 400
+    assert response.get_json()["code"] == "invalid_query"
