@@ -83,6 +83,21 @@ class TransferCreate(Schema):
     comment: Text = Field("", max_length=255)
 
 
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[ -~]+$")]
+
+
+class BatchItem(TransferCreate):
+    idempotency_key: IdempotencyKey | None = None
+
+
+MAX_BATCH_ITEMS = 1000
+
+
+class BatchCreate(Schema):
+    # Items stay raw here: each is validated on its own so one bad item fails alone.
+    transfers: list[object] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+
 class DepositCreate(Schema):
     amount: Amount
 

@@ -6,17 +6,22 @@ from flask import Blueprint, Response
 
 from common import transfers
 from common.db import new_session, transaction
+from common.errors import RemitError
 from common.models import TransferStatus
 from common.notify import listener
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
+    BatchCreate,
+    BatchItem,
     TransferCreate,
     TransferListQuery,
     TransferWaitQuery,
     idempotency_key,
     parse_body,
     parse_query,
+    validate,
 )
+from web.problems import ApiError, problem_body
 from web.render import decode_cursor, json_response, page_response, transfer_json
 from worker.tasks import ring
 
@@ -51,6 +56,41 @@ def submit(user_id: int) -> Response:
     with transaction() as session:
         accepted = transfers.submit_transfer(session, user_id, request)
     return accepted_response(accepted)
+
+
+@bp.post("/users/<id:user_id>/transfers/batch")
+@authenticated
+def submit_batch(user_id: int) -> Response:
+    """Up to 1000 transfers in one request, each accepted or refused on its own."""
+    authorize_path_user(user_id, write=True)
+    items = parse_body(BatchCreate).transfers
+    results: list[dict[str, Any]] = []
+    doorbells: dict[str, list[int]] = {}
+    with transaction() as session:
+        for item in items:
+            try:
+                fields = validate(BatchItem, item)  # type: ignore[arg-type]
+                request = transfers.TransferRequest(
+                    from_account_id=fields.from_account,
+                    to_account_id=fields.to_account,
+                    amount=fields.amount,
+                    comment=fields.comment,
+                    idempotency_key=fields.idempotency_key,
+                )
+                # A savepoint per item: one item's database error cannot undo the others.
+                with session.begin_nested():
+                    accepted = transfers.submit_transfer(session, user_id, request)
+            except (ApiError, RemitError) as error:
+                body = problem_body(error.code, error.detail)
+                results.append({"status": body["status"], "error": body})
+                continue
+            transfer = accepted.transfer
+            if transfer.status == TransferStatus.PENDING:
+                doorbells.setdefault(transfer.currency, []).append(transfer.id)
+            results.append({"status": 202, "transfer": transfer_json(session, transfer)})
+    for currency, ids in doorbells.items():
+        ring(currency, ids)
+    return json_response({"results": results}, 202)
 
 
 @bp.get("/users/<id:user_id>/transfers/<id:transfer_id>")
