@@ -6,6 +6,7 @@ from flask import Flask
 from werkzeug.routing import IntegerConverter, Map
 
 from web import accounts, currencies, health, transfers, users
+from web.openapi import install_docs
 from web.problems import install_error_handlers
 
 # Request bodies larger than this are refused with 413 before they are read.
@@ -27,5 +28,6 @@ def create_app() -> Flask:
     app.url_map.strict_slashes = False
     for blueprint in (currencies.bp, users.bp, accounts.bp, transfers.bp, health.bp):
         app.register_blueprint(blueprint)
+    install_docs(app)
     install_error_handlers(app)
     return app

@@ -1,0 +1,387 @@
+"""The OpenAPI 3.1 document, built from the pydantic schemas that validate requests.
+
+Request bodies and queries come straight from web.fields (one source of truth);
+responses are described by the models below. apispec assembles the document;
+/docs serves Swagger UI from files shipped in the flask-swagger-ui package, so
+the page fetches nothing from the internet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+from apispec import APISpec
+from flask import Blueprint, Flask, Response
+from flask_swagger_ui import get_swaggerui_blueprint
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+
+from web import fields
+from web.problems import PROBLEMS
+from web.render import json_response
+
+Money = Field(description='Decimal string in major units, e.g. "10.50"', examples=["10.50"])
+Timestamp = Field(description="RFC 3339, UTC", examples=["2026-11-27T10:15:30.123456Z"])
+
+
+class Currency(BaseModel):
+    code: str = Field(examples=["USD"])
+    name: str
+    decimals: int
+    commission_rate: str = Field(examples=["0.01"])
+
+
+class User(BaseModel):
+    id: int
+    username: str
+    full_name: str
+    created_at: str = Timestamp
+
+
+class Account(BaseModel):
+    id: int
+    user_id: int
+    currency: str
+    kind: Literal["user", "commission", "external"]
+    balance: str = Money
+    created_at: str = Timestamp
+
+
+class Transfer(BaseModel):
+    id: int
+    status: Literal["pending", "settled", "rejected", "failed"]
+    from_: int = Field(alias="from")
+    to: int
+    from_user_id: int
+    to_user_id: int
+    currency: str
+    amount: str = Money
+    commission: str = Money
+    comment: str
+    reason: str | None = Field(examples=[None, "insufficient_funds"])
+    created_at: str = Timestamp
+    settled_at: str | None = Timestamp
+
+
+class Posting(BaseModel):
+    id: int
+    transfer_id: int
+    amount: str = Field(examples=["-10.10"])
+    balance_after: str = Money
+    created_at: str = Timestamp
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str = Field(examples=sorted(PROBLEMS))
+
+
+class BatchResult(BaseModel):
+    status: int
+    transfer: Transfer | None = None
+    error: Problem | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchResult]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: Literal["ok", "unavailable"]
+    broker: Literal["ok", "unavailable"]
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    status: int
+    response: type[BaseModel] | None
+    many: bool = False
+    auth: bool = True
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    errors: tuple[str, ...] = ()
+    json_only: bool = False
+    idempotent: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+_AUTH = ("unauthorized", "too_many_requests")
+_BODY = ("invalid_request", "unsupported_media_type", "payload_too_large")
+
+OPERATIONS = (
+    Operation("get", "/currencies", "List currencies", 200, Currency, many=True, auth=False),
+    Operation(
+        "post",
+        "/users",
+        "Register a user (opens one account per currency)",
+        201,
+        User,
+        auth=False,
+        body=fields.UserCreate,
+        errors=(*_BODY, "invalid_username", "invalid_password", "username_taken"),
+        headers={"Location": "/users/{id}"},
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/accounts",
+        "List a user's accounts",
+        200,
+        Account,
+        many=True,
+        errors=(*_AUTH, "forbidden", "user_not_found"),
+    ),
+    Operation(
+        "post",
+        "/users/{user_id}/accounts/{currency}",
+        "Open another account",
+        201,
+        Account,
+        errors=(*_AUTH, "forbidden", "currency_not_found", "account_limit"),
+        headers={"Location": "/accounts/{id}"},
+    ),
+    Operation(
+        "get",
+        "/accounts/{account_id}",
+        "Read an account",
+        200,
+        Account,
+        errors=(*_AUTH, "account_not_found"),
+    ),
+    Operation(
+        "get",
+        "/accounts/{account_id}/postings",
+        "Account statement",
+        200,
+        Posting,
+        many=True,
+        query=fields.PageQuery,
+        errors=(*_AUTH, "account_not_found", "invalid_query"),
+        headers={"Link": "next page"},
+    ),
+    Operation(
+        "post",
+        "/accounts/{account_id}/deposits",
+        "Deposit (superuser only)",
+        202,
+        Transfer,
+        body=fields.DepositCreate,
+        errors=(
+            *_AUTH,
+            *_BODY,
+            "forbidden",
+            "account_not_found",
+            "invalid_amount",
+            "same_account",
+            "idempotency_key_mismatch",
+            "idempotency_key_in_use",
+        ),
+        headers={"Location": "/users/{user_id}/transfers/{id}"},
+        idempotent=True,
+    ),
+    Operation(
+        "post",
+        "/users/{user_id}/transfers",
+        "Submit a transfer (settled asynchronously)",
+        202,
+        Transfer,
+        body=fields.TransferCreate,
+        errors=(
+            *_AUTH,
+            *_BODY,
+            "forbidden",
+            "invalid_amount",
+            "account_not_found",
+            "same_account",
+            "currency_mismatch",
+            "idempotency_key_mismatch",
+            "idempotency_key_in_use",
+        ),
+        headers={"Location": "/users/{user_id}/transfers/{id}"},
+        idempotent=True,
+    ),
+    Operation(
+        "post",
+        "/users/{user_id}/transfers/batch",
+        "Submit up to 1000 transfers",
+        202,
+        BatchResponse,
+        body=fields.BatchCreate,
+        json_only=True,
+        errors=(*_AUTH, *_BODY, "forbidden"),
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/transfers",
+        "List transfers",
+        200,
+        Transfer,
+        many=True,
+        query=fields.TransferListQuery,
+        errors=(*_AUTH, "forbidden", "user_not_found", "invalid_query"),
+        headers={"Link": "next page"},
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/transfers/{transfer_id}",
+        "Read (or long-poll) a transfer",
+        200,
+        Transfer,
+        query=fields.TransferWaitQuery,
+        errors=(*_AUTH, "forbidden", "user_not_found", "transfer_not_found", "invalid_query"),
+    ),
+    Operation(
+        "get",
+        "/health",
+        "Health of the API and its dependencies",
+        200,
+        Health,
+        auth=False,
+        errors=("service_unavailable",),
+    ),
+)
+
+# Every response may also be one of these.
+_ALWAYS = ("not_found", "method_not_allowed", "service_unavailable")
+
+_PATH_PARAMETERS = {
+    "user_id": {"type": "integer", "minimum": 0},
+    "account_id": {"type": "integer", "minimum": 0},
+    "transfer_id": {"type": "integer", "minimum": 0},
+    "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+}
+
+
+def _schemas() -> dict[str, Any]:
+    models = [
+        Currency,
+        User,
+        Account,
+        Transfer,
+        Posting,
+        Problem,
+        BatchResponse,
+        Health,
+        fields.UserCreate,
+        fields.TransferCreate,
+        fields.DepositCreate,
+        fields.BatchItem,
+        fields.BatchCreate,
+    ]
+    _, top = models_json_schema(
+        [(model, "validation") for model in models],
+        ref_template="#/components/schemas/{model}",
+    )
+    return top["$defs"]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(by_alias=True)
+    return [
+        {"name": name, "in": "query", "required": False, "schema": prop}
+        for name, prop in schema["properties"].items()
+    ]
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    params = [
+        {"name": name, "in": "path", "required": True, "schema": _PATH_PARAMETERS[name]}
+        for name in _PATH_PARAMETERS
+        if "{" + name + "}" in op.path
+    ]
+    if op.query:
+        params += _query_parameters(op.query)
+    if op.idempotent:
+        params.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            }
+        )
+    body_schema = (
+        ({"type": "array", "items": _ref(op.response)} if op.many else _ref(op.response))
+        if op.response
+        else None
+    )
+    success: dict[str, Any] = {"description": op.summary}
+    if body_schema:
+        success["content"] = {"application/json": {"schema": body_schema}}
+    if op.headers:
+        success["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in op.headers.items()
+        }
+    responses: dict[str, Any] = {str(op.status): success}
+    by_status: dict[int, list[str]] = {}
+    for code in (*op.errors, *_ALWAYS):
+        by_status.setdefault(PROBLEMS[code][0], []).append(code)
+    for status, codes in sorted(by_status.items()):
+        responses[str(status)] = {
+            "description": "Problem: " + ", ".join(sorted(set(codes))),
+            "content": {"application/problem+json": {"schema": _ref(Problem)}},
+        }
+    operation: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": f"{op.method}_{op.path}".replace("/", "_").replace("{", "").replace("}", ""),
+        "parameters": params,
+        "responses": responses,
+        "security": [{"basic": []}] if op.auth else [],
+    }
+    if op.body:
+        media = ["application/json"]
+        if not op.json_only:
+            media += ["application/x-www-form-urlencoded", "multipart/form-data"]
+        operation["requestBody"] = {
+            "required": True,
+            "content": {m: {"schema": _ref(op.body)} for m in media},
+        }
+    return operation
+
+
+@cache
+def document() -> dict[str, Any]:
+    spec = APISpec(
+        title="Remit",
+        version="1.0.0",
+        openapi_version="3.1.0",
+        info={"description": "Asynchronous money transfers. See API.md for the contract."},
+    )
+    spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
+    for name, schema in _schemas().items():
+        spec.components.schema(name, schema)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    for path, operations in paths.items():
+        spec.path(path=path, operations=operations)
+    return spec.to_dict()
+
+
+bp = Blueprint("openapi", __name__)
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return json_response(document())
+
+
+def install_docs(app: Flask) -> None:
+    app.register_blueprint(bp)
+    app.register_blueprint(
+        get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "Remit API"}),
+        url_prefix="/docs",
+    )
