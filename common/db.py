@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 @cache
@@ -51,3 +58,39 @@ def dispose_engine() -> None:
     """Drop pooled connections inherited across fork (gunicorn --preload, Celery prefork)."""
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
+
+
+# SQLSTATEs that mean "run the same transaction again": nothing of it was applied.
+# 40001 serialization failure, 40P01 deadlock, 55P03 lock not available.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+
+T = TypeVar("T")
+
+
+def is_retryable(error: BaseException) -> bool:
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return isinstance(error, DBAPIError) and sqlstate in RETRYABLE_SQLSTATES
+
+
+def retrying(work: Callable[[], T], attempts: int = 5) -> T:
+    """Run a whole transaction again on deadlock/serialization failure, never surfacing them."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return work()
+        except DBAPIError as error:
+            if not is_retryable(error) or attempt == attempts:
+                raise
+            log.warning("retrying transaction after %s (attempt %d)", error.orig, attempt)
+            # Jittered backoff so two retrying transactions do not collide again in step.
+            time.sleep(random.uniform(0, 0.01 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def in_transaction(work: Callable[[Session], T]) -> T:
+    """`work(session)` in one transaction, retried as a whole on deadlock or serialization."""
+
+    def attempt() -> T:
+        with transaction() as session:
+            return work(session)
+
+    return retrying(attempt)

@@ -19,15 +19,13 @@ database's own guard against applying a transfer twice.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from common.db import is_retryable, retrying  # noqa: F401 - re-exported for callers
 from common.models import AccountKind, PostingLeg, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -140,7 +138,7 @@ def _claim(session: Session, currency: str, limit: int) -> list[PendingTransfer]
         text(
             "SELECT id, from_account_id, to_account_id, amount, commission FROM transfers "
             "WHERE currency = :currency AND status = 'pending' "
-            "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+            "ORDER BY id LIMIT :limit FOR NO KEY UPDATE SKIP LOCKED"
         ),
         {"currency": currency, "limit": limit},
     )
@@ -149,10 +147,13 @@ def _claim(session: Session, currency: str, limit: int) -> list[PendingTransfer]
 
 def _lock_accounts(session: Session, account_ids: Iterable[int]) -> dict[int, AccountState]:
     # One statement, ordered by id: every settler locks accounts in the same order.
+    # NO KEY UPDATE, not UPDATE: a new transfer's foreign-key check takes KEY SHARE
+    # on its accounts, which FOR UPDATE would block (and deadlock with, since the
+    # web locks from/to in request order while settlement locks in id order).
     rows = session.execute(
         text(
             "SELECT id, kind, balance FROM accounts WHERE id = ANY(CAST(:ids AS bigint[])) "
-            "ORDER BY id FOR UPDATE"
+            "ORDER BY id FOR NO KEY UPDATE"
         ),
         {"ids": sorted(set(account_ids))},
     )
@@ -246,27 +247,3 @@ def pending_exists(session: Session, currency: str) -> bool:
             {"currency": currency},
         )
     )
-
-
-# SQLSTATEs that mean "try the same transaction again": nothing was applied.
-RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
-
-T = TypeVar("T")
-
-
-def is_retryable(error: BaseException) -> bool:
-    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
-    return isinstance(error, DBAPIError) and sqlstate in RETRYABLE_SQLSTATES
-
-
-def retrying(work: Callable[[], T], attempts: int = 5) -> T:
-    """Run a transaction again on deadlock/serialization failure, never surfacing them."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return work()
-        except DBAPIError as error:
-            if not is_retryable(error) or attempt == attempts:
-                raise
-            log.warning("retrying after %s (attempt %d)", error.orig, attempt)
-            time.sleep(0.01 * 2**attempt)
-    raise AssertionError("unreachable")

@@ -25,8 +25,26 @@ _BASE_DATABASE_URL = os.environ.get(
 _BASE_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = f"{time.strftime('%Y%m%d%H%M%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 TEST_DATABASE = f"remit_test_{RUN_ID}"
-# DB 0 is left to the developer's own stack; a run picks one of 1-15.
-TEST_REDIS_DB = 1 + secrets.randbelow(15)
+
+
+def _claim_redis_db(base_url: str) -> int:
+    """A Redis DB number no other test run is using: DB 0 is left to the developer's own
+    stack; a run claims one of 1-15 with an atomic SET NX, so two runs at once (a
+    developer and CI, say) never consume each other's doorbells."""
+    import redis
+
+    root = base_url.rsplit("/", 1)[0]
+    for number in range(1, 16):
+        client = redis.Redis.from_url(f"{root}/{number}")
+        try:
+            if client.set("remit:test-run", RUN_ID, nx=True, ex=2 * 3600):
+                return number
+        finally:
+            client.close()
+    raise RuntimeError("every Redis DB 1-15 is claimed by another test run")
+
+
+TEST_REDIS_DB = _claim_redis_db(_BASE_REDIS_URL)
 SUPERUSER_PASSWORD = "superuser-test-password"
 
 os.environ.update(
@@ -44,6 +62,7 @@ os.environ.update(
         # Sweeps in tests are triggered by hand; a short age makes stuck rows eligible.
         "SWEEP_PENDING_AFTER": "1",
         "WORKER_CONCURRENCY": "4",
+        "REMIT_LOG_SETUP": "0",
         # Small batches so concurrency tests see many batches, not one.
         "SETTLE_BATCH_SIZE": "50",
     }
@@ -88,8 +107,11 @@ def redis_client():  # noqa: ANN201
     import redis
 
     client = redis.Redis.from_url(get_settings().redis_url)
+    # Leftovers of a crashed earlier run in this DB; then claim it again.
     client.flushdb()
+    client.set("remit:test-run", RUN_ID, ex=2 * 3600)
     yield client
+    # Flushing also releases the claim for the next run.
     client.flushdb()
     client.close()
 

@@ -162,7 +162,7 @@ def test_transfers_racing_the_worker_never_overdraw(api: Api, app: Any) -> None:
         )
     total_before = sum(_usd_balances(api, members).values()) + _commission_balance()
     results = _in_parallel(app, jobs, _post_transfer)
-    assert all(status == 202 for status, _ in results)
+    assert [s for s, _ in results if s != 202] == [], [b for s, b in results if s != 202][:3]
     final = [api.wait_final(SUPERUSER, body["id"]) for _, body in results]
     assert all(t["status"] in ("settled", "rejected") for t in final)
     assert any(t["status"] == "rejected" for t in final), "the test should exhaust some funds"

@@ -4,7 +4,7 @@ from flask import Blueprint, Response
 
 from common import accounts
 from common.currencies import get_currency
-from common.db import new_session, transaction
+from common.db import in_transaction, new_session
 from common.transfers import submit_deposit
 from web.auth import authenticated, authorize_path_user, current_user, require_superuser
 from web.fields import DepositCreate, PageQuery, idempotency_key, parse_body, parse_query
@@ -27,10 +27,10 @@ def list_accounts(user_id: int) -> Response:
 @authenticated
 def open_account(user_id: int, currency: str) -> Response:
     authorize_path_user(user_id, write=True)
-    with transaction() as session:
-        account = accounts.open_account(session, user_id, currency)
-        body = account_json(session, account)
-    return json_response(body, 201, {"Location": f"/accounts/{account.id}"})
+    body = in_transaction(
+        lambda session: account_json(session, accounts.open_account(session, user_id, currency))
+    )
+    return json_response(body, 201, {"Location": f"/accounts/{body['id']}"})
 
 
 @bp.get("/accounts/<id:account_id>")
@@ -66,6 +66,7 @@ def deposit(account_id: int) -> Response:
     require_superuser()
     fields = parse_body(DepositCreate)
     key = idempotency_key()
-    with transaction() as session:
-        accepted = submit_deposit(session, account_id, fields.amount, key)
+    accepted = in_transaction(
+        lambda session: submit_deposit(session, account_id, fields.amount, key)
+    )
     return accepted_response(accepted)

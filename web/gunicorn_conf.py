@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.db import dispose_engine
+from common.logs import configure_logging
 from common.settings import get_settings
 
 _settings = get_settings()
@@ -20,10 +21,16 @@ preload_app = True
 keepalive = 5
 graceful_timeout = 30
 timeout = 60
-accesslog = "-"
+# The app logs one JSON line per request itself (web.app), with its request id.
+accesslog = None
 errorlog = "-"
+
+
+def when_ready(server: Any) -> None:
+    configure_logging("web")
 
 
 def post_fork(server: Any, worker: Any) -> None:
     # Connections opened in the master before fork must not be shared by workers.
     dispose_engine()
+    configure_logging("web")

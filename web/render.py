@@ -77,6 +77,10 @@ def posting_json(posting: Posting, decimals: int) -> dict[str, Any]:
     }
 
 
+# A cursor's id must fit BIGINT: a larger one would fail in PostgreSQL, as a 500.
+MAX_CURSOR_ID = 2**63 - 1
+
+
 # Cursors are opaque to clients: "<sort>:<last id>" in base64url, so a page can be
 # continued only in the order it was started.
 def encode_cursor(sort: str, last_id: int) -> str:
@@ -89,7 +93,7 @@ def decode_cursor(cursor: str | None, sort: str) -> int | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
         cursor_sort, last_id = raw.split(":", 1)
-        if cursor_sort != sort or not last_id.isdigit():
+        if cursor_sort != sort or not last_id.isdigit() or int(last_id) > MAX_CURSOR_ID:
             raise ValueError(raw)
         return int(last_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):

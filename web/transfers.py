@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response
+from sqlalchemy.orm import Session
 
 from common import transfers
-from common.db import new_session, transaction
+from common.db import in_transaction, new_session
 from common.errors import RemitError
 from common.models import TransferStatus
 from common.notify import listener
@@ -53,8 +54,7 @@ def submit(user_id: int) -> Response:
         comment=fields.comment,
         idempotency_key=idempotency_key(),
     )
-    with transaction() as session:
-        accepted = transfers.submit_transfer(session, user_id, request)
+    accepted = in_transaction(lambda session: transfers.submit_transfer(session, user_id, request))
     return accepted_response(accepted)
 
 
@@ -64,33 +64,39 @@ def submit_batch(user_id: int) -> Response:
     """Up to 1000 transfers in one request, each accepted or refused on its own."""
     authorize_path_user(user_id, write=True)
     items = parse_body(BatchCreate).transfers
-    results: list[dict[str, Any]] = []
-    doorbells: dict[str, list[int]] = {}
-    with transaction() as session:
-        for item in items:
-            try:
-                fields = validate(BatchItem, item)  # type: ignore[arg-type]
-                request = transfers.TransferRequest(
-                    from_account_id=fields.from_account,
-                    to_account_id=fields.to_account,
-                    amount=fields.amount,
-                    comment=fields.comment,
-                    idempotency_key=fields.idempotency_key,
-                )
-                # A savepoint per item: one item's database error cannot undo the others.
-                with session.begin_nested():
-                    accepted = transfers.submit_transfer(session, user_id, request)
-            except (ApiError, RemitError) as error:
-                body = problem_body(error.code, error.detail)
-                results.append({"status": body["status"], "error": body})
-                continue
-            transfer = accepted.transfer
-            if transfer.status == TransferStatus.PENDING:
-                doorbells.setdefault(transfer.currency, []).append(transfer.id)
-            results.append({"status": 202, "transfer": transfer_json(session, transfer)})
+    results, doorbells = in_transaction(lambda session: _accept_items(session, user_id, items))
     for currency, ids in doorbells.items():
         ring(currency, ids)
     return json_response({"results": results}, 202)
+
+
+def _accept_items(
+    session: Session, user_id: int, items: list[object]
+) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
+    results: list[dict[str, Any]] = []
+    doorbells: dict[str, list[int]] = {}
+    for item in items:
+        try:
+            fields = validate(BatchItem, item)  # type: ignore[arg-type]
+            request = transfers.TransferRequest(
+                from_account_id=fields.from_account,
+                to_account_id=fields.to_account,
+                amount=fields.amount,
+                comment=fields.comment,
+                idempotency_key=fields.idempotency_key,
+            )
+            # A savepoint per item: one item's database error cannot undo the others.
+            with session.begin_nested():
+                accepted = transfers.submit_transfer(session, user_id, request)
+        except (ApiError, RemitError) as error:
+            body = problem_body(error.code, error.detail)
+            results.append({"status": body["status"], "error": body})
+            continue
+        transfer = accepted.transfer
+        if transfer.status == TransferStatus.PENDING:
+            doorbells.setdefault(transfer.currency, []).append(transfer.id)
+        results.append({"status": 202, "transfer": transfer_json(session, transfer)})
+    return results, doorbells
 
 
 @bp.get("/users/<id:user_id>/transfers/<id:transfer_id>")

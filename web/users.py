@@ -3,7 +3,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from common import users
-from common.db import transaction
+from common.db import in_transaction
 from web.fields import UserCreate, parse_body
 from web.render import json_response, timestamp
 
@@ -13,8 +13,9 @@ bp = Blueprint("users", __name__)
 @bp.post("/users")
 def register() -> Response:
     fields = parse_body(UserCreate)
-    with transaction() as session:
-        user = users.register(session, fields.username, fields.password, fields.full_name)
+    user = in_transaction(
+        lambda session: users.register(session, fields.username, fields.password, fields.full_name)
+    )
     body = {
         "id": user.id,
         "username": user.username,

@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from common.db import dispose_engine
+from common.logs import configure_logging
 from common.settings import get_settings
 
 settings = get_settings()
@@ -60,6 +62,12 @@ app.conf.update(
         },
     },
 )
+
+
+@setup_logging.connect
+def _json_logs(**_: Any) -> None:
+    # Connecting to setup_logging tells Celery to leave logging to us.
+    configure_logging("beat" if "beat" in sys.argv else "worker")
 
 
 @worker_process_init.connect

@@ -12,9 +12,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from common.currencies import CurrencyInfo, get_currency
-from common.db import transaction
+from common.db import retrying, transaction
 from common.errors import NotFound
-from common.ledger import BatchResult, pending_exists, retrying, settle_batch
+from common.ledger import BatchResult, pending_exists, settle_batch
+from common.logs import request_id as log_context
 from common.notify import announce_final
 from common.settings import get_settings
 from worker.app import app
@@ -50,13 +51,20 @@ def remit_task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task
     retry_backoff_max=min(60, settings.visibility_timeout_s // 4),
     retry_jitter=True,
 )
-def settle(self: Task, currency: str, transfer_ids: list[int] | None = None) -> dict[str, int]:
+def settle(
+    self: Task,
+    currency: str,
+    transfer_ids: list[int] | None = None,
+    request_id: str | None = None,
+) -> dict[str, int]:
     """Doorbell: `currency` has pending transfers (`transfer_ids` say which, for logs).
 
     Settles batches until nothing of the currency is pending. Returns at once if
     another settler holds the currency's lock: that one re-checks for pending
     work after each release, so nothing that rang while it ran is missed.
     """
+    # The doorbell's request id, for this task's own log lines.
+    log_context.set(request_id)
     info = _currency(currency)
     if info is None:
         log.error("doorbell for unknown currency %r ignored", currency)
@@ -108,6 +116,7 @@ def _pending_exists(currency: str) -> bool:
 @remit_task("remit.sweep")
 def sweep(self: Task) -> dict[str, int]:
     """Beat: ring again for transfers pending longer than a doorbell should take."""
+    log_context.set(None)
     with transaction() as session:
         rows = session.execute(
             text(
@@ -130,7 +139,7 @@ def ring(currency: str, transfer_ids: list[int] | None = None) -> bool:
     sweeper rings for it later, so the caller need not fail.
     """
     try:
-        settle.apply_async((currency, transfer_ids), retry=True)
+        settle.apply_async((currency, transfer_ids, log_context.get()), retry=True)
     except (BrokerError, OSError) as error:
         log.warning("doorbell for %s not published (%s); the sweeper will ring", currency, error)
         return False

@@ -1,0 +1,65 @@
+"""Structured JSON logs for web, worker and beat, with a request id in every line.
+
+The request id is born with the HTTP request (or taken from a sane X-Request-ID),
+is stored on the transfer row, and is put back in context when the worker settles
+that transfer: `grep <request id>` shows a transfer's whole life.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import uuid
+from contextvars import ContextVar
+
+from pythonjsonlogger.json import JsonFormatter
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{8,64}")
+
+
+def accept_request_id(offered: str | None) -> str:
+    """The client's X-Request-ID when it is a sane token, else a fresh one."""
+    if offered and _SANE_ID.fullmatch(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+class _Context(logging.Filter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service = self.service
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id.get()
+        return True
+
+
+def configure_logging(service: str) -> None:
+    """One JSON line per record on stderr; level from LOG_LEVEL (default INFO)."""
+    if os.environ.get("REMIT_LOG_SETUP", "1") == "0":
+        # The test suite keeps pytest's own log capture.
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter(
+            "{levelname}{name}{message}{service}{request_id}",
+            style="{",
+            timestamp="time",
+            rename_fields={"levelname": "level", "name": "logger"},
+        )
+    )
+    handler.addFilter(_Context(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+    # Servers that install their own handlers (gunicorn, celery) log through ours.
+    for name in ("gunicorn.error", "celery", "celery.task"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
