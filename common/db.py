@@ -12,7 +12,8 @@ from functools import cache
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.settings import get_settings
@@ -94,3 +95,22 @@ def in_transaction(work: Callable[[Session], T]) -> T:
             return work(session)
 
     return retrying(attempt)
+
+
+def is_outage(error: BaseException) -> bool:
+    """The database cannot be reached or is going away: nothing to do but wait.
+
+    Connection failures (no SQLSTATE, class 08), operator intervention (57P01-57P05:
+    shutdown, terminated backend, cannot connect now) and a pool with no free
+    connection. A statement timeout (57014) is not an outage: the server answered.
+    """
+    if isinstance(error, SQLAlchemyTimeoutError):
+        return True
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is None:
+        return isinstance(error, OperationalError)
+    return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03", "57P04", "57P05"}

@@ -46,6 +46,7 @@ class PendingTransfer:
     to_account_id: int
     amount: int
     commission: int
+    request_id: str | None = None
 
 
 @dataclass
@@ -131,13 +132,20 @@ class BatchResult:
     rejected: int = 0
     settled_ids: tuple[int, ...] = ()
     final_ids: tuple[int, ...] = ()
+    decisions: tuple[Decision, ...] = ()
+    # transfer id -> the request id it was accepted under, for the settlement log.
+    request_ids: dict[int, str | None] = field(default_factory=dict)
+
+
+# Pending and not backing off after a failed attempt.
+_DUE = "status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
 
 
 def _claim(session: Session, currency: str, limit: int) -> list[PendingTransfer]:
     rows = session.execute(
         text(
-            "SELECT id, from_account_id, to_account_id, amount, commission FROM transfers "
-            "WHERE currency = :currency AND status = 'pending' "
+            "SELECT id, from_account_id, to_account_id, amount, commission, request_id "
+            f"FROM transfers WHERE currency = :currency AND {_DUE} "
             "ORDER BY id LIMIT :limit FOR NO KEY UPDATE SKIP LOCKED"
         ),
         {"currency": currency, "limit": limit},
@@ -211,11 +219,7 @@ def settle_batch(
     The caller commits. Returns claimed=None without touching anything when
     another settler holds the currency's lock.
     """
-    locked = session.scalar(
-        text("SELECT pg_try_advisory_xact_lock(:cls, hashtext(:currency))"),
-        {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency},
-    )
-    if not locked:
+    if not _try_settlement_lock(session, currency):
         return BatchResult(currency, claimed=None)
     transfers = _claim(session, currency, limit)
     if not transfers:
@@ -234,16 +238,121 @@ def settle_batch(
         rejected=len(plan.decisions) - len(settled),
         settled_ids=settled,
         final_ids=tuple(d.transfer_id for d in plan.decisions),
+        decisions=tuple(plan.decisions),
+        request_ids={t.id: t.request_id for t in transfers},
+    )
+
+
+def _try_settlement_lock(session: Session, currency: str) -> bool:
+    # Held until the transaction ends; one settler per currency at a time.
+    return bool(
+        session.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:cls, hashtext(:currency))"),
+            {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency},
+        )
     )
 
 
 def pending_exists(session: Session, currency: str) -> bool:
     return bool(
         session.scalar(
-            text(
-                "SELECT EXISTS (SELECT 1 FROM transfers "
-                "WHERE currency = :currency AND status = 'pending')"
-            ),
+            text(f"SELECT EXISTS (SELECT 1 FROM transfers WHERE currency = :currency AND {_DUE})"),
             {"currency": currency},
         )
     )
+
+
+SETTLEMENT_ERROR = "settlement_error"
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    transfer_id: int
+    attempts: int
+    # True when this attempt used up the budget and the transfer is now `failed`.
+    failed: bool
+
+
+def record_failed_attempt(
+    session: Session,
+    currency: str,
+    error: str,
+    *,
+    max_attempts: int,
+    retry_failed_after_s: float,
+) -> FailedAttempt | None:
+    """Charge a failed settlement attempt to the currency's oldest due transfer.
+
+    Called after a batch of one failed: that transfer is the one that cannot be
+    settled now. It backs off exponentially (other transfers proceed meanwhile);
+    past `max_attempts` it becomes `failed` with a reason, and beat reopens it on
+    its schedule. Returns None when there was nothing to charge or another
+    settler holds the lock.
+    """
+    if not _try_settlement_lock(session, currency):
+        return None
+    row = session.execute(
+        text(
+            "UPDATE transfers SET attempts = attempts + 1, last_error = :error, "
+            "status = CASE WHEN attempts + 1 >= :max THEN 'failed' ELSE 'pending' END, "
+            "reason = CASE WHEN attempts + 1 >= :max THEN :reason END, "
+            "next_attempt_at = now() + CASE WHEN attempts + 1 >= :max "
+            "  THEN make_interval(secs => :retry_after) "
+            "  ELSE make_interval(secs => least(power(2, attempts), 60)) END "
+            "WHERE id = (SELECT id FROM transfers "
+            f"  WHERE currency = :currency AND {_DUE} ORDER BY id LIMIT 1) "
+            "RETURNING id, attempts, status"
+        ),
+        {
+            "error": error[:2000],
+            "max": max_attempts,
+            "reason": SETTLEMENT_ERROR,
+            "retry_after": retry_failed_after_s,
+            "currency": currency,
+        },
+    ).one_or_none()
+    if row is None:
+        return None
+    return FailedAttempt(row.id, row.attempts, row.status == TransferStatus.FAILED)
+
+
+def currencies_due(session: Session, pending_for_s: float) -> dict[str, int]:
+    """Currencies with transfers due and pending longer than a doorbell should take."""
+    rows = session.execute(
+        text(
+            f"SELECT currency, count(*) FROM transfers WHERE {_DUE} "
+            "AND created_at < clock_timestamp() - make_interval(secs => :age) "
+            "GROUP BY currency ORDER BY currency"
+        ),
+        {"age": pending_for_s},
+    )
+    return {row.currency: row.count for row in rows}
+
+
+def reopen_failed(session: Session, window_s: float) -> list[tuple[int, str]]:
+    """Beat's retry of failed transfers: those due and still inside their retry window
+    go back to pending (keeping their attempt count, so one more failure fails them
+    again). Returns (id, currency) of each reopened transfer."""
+    rows = session.execute(
+        text(
+            "UPDATE transfers SET status = 'pending', reason = NULL "
+            "WHERE status = 'failed' AND next_attempt_at <= now() "
+            "AND created_at > now() - make_interval(secs => :window) "
+            "RETURNING id, currency"
+        ),
+        {"window": window_s},
+    )
+    return [(row.id, row.currency) for row in rows]
+
+
+def requeue_failed(session: Session, transfer_ids: Sequence[int]) -> list[tuple[int, str]]:
+    """The operator's requeue: failed transfers start over with a fresh attempt budget."""
+    rows = session.execute(
+        text(
+            "UPDATE transfers SET status = 'pending', reason = NULL, attempts = 0, "
+            "next_attempt_at = NULL WHERE status = 'failed' "
+            "AND id = ANY(CAST(:ids AS bigint[])) RETURNING id, currency"
+        ),
+        {"ids": list(transfer_ids)},
+    )
+    return [(row.id, row.currency) for row in rows]

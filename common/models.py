@@ -146,6 +146,10 @@ class Transfer(Base):
     requested_by: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), nullable=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The HTTP request that created it: logs of its settlement carry the same id.
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    # Failed settlement attempts; the settler leaves the transfer alone until
+    # next_attempt_at, and marks it failed past the attempt budget.
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

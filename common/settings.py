@@ -65,6 +65,12 @@ class Settings:
     # Settlement tuning.
     settle_batch_size: int
     settle_max_retries: int
+    # A transfer whose settlement attempts fail this many times becomes `failed`;
+    # beat reopens failed transfers every failed_retry_interval_s until
+    # failed_retry_window_s after their creation.
+    settle_max_attempts: int
+    failed_retry_interval_s: float
+    failed_retry_window_s: float
     # A pending transfer older than this is presumed to have lost its doorbell.
     sweep_pending_after_s: float
     sweep_interval_s: float
@@ -111,6 +117,9 @@ def load_settings() -> Settings:
         worker_concurrency=_int("WORKER_CONCURRENCY", cores),
         settle_batch_size=_int("SETTLE_BATCH_SIZE", 500),
         settle_max_retries=_int("SETTLE_MAX_RETRIES", 8),
+        settle_max_attempts=_int("SETTLE_MAX_ATTEMPTS", 5),
+        failed_retry_interval_s=_float("FAILED_RETRY_INTERVAL", 300.0),
+        failed_retry_window_s=_float("FAILED_RETRY_WINDOW", 86400.0),
         sweep_pending_after_s=_float("SWEEP_PENDING_AFTER", 5.0),
         sweep_interval_s=_float("SWEEP_INTERVAL", 5.0),
         visibility_timeout_s=_int("VISIBILITY_TIMEOUT", 300),

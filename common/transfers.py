@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from common.currencies import CurrencyInfo, get_currency
 from common.errors import Invalid, NotFound
+from common.logs import request_id as current_request_id
 from common.models import SUPERUSER_ID, Account, Transfer, TransferStatus
 from common.money import InvalidAmount, commission_for, parse_amount
 
@@ -99,6 +100,7 @@ def _record(
         "requested_by": requested_by,
         "idempotency_key": request.idempotency_key,
         "request_fingerprint": fingerprint if request.idempotency_key else None,
+        "request_id": current_request_id.get(),
     }
     # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
     # nothing: of twenty simultaneous requests with one key, one row wins and the

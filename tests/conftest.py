@@ -63,6 +63,9 @@ os.environ.update(
         "SWEEP_PENDING_AFTER": "1",
         "WORKER_CONCURRENCY": "4",
         "REMIT_LOG_SETUP": "0",
+        # A short failure lifecycle: 3 attempts, failed transfers retried after 1 s.
+        "SETTLE_MAX_ATTEMPTS": "3",
+        "FAILED_RETRY_INTERVAL": "1",
         # Small batches so concurrency tests see many batches, not one.
         "SETTLE_BATCH_SIZE": "50",
     }

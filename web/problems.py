@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, json
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from common.db import is_outage, is_retryable
 from common.errors import RemitError
 
 log = logging.getLogger(__name__)
@@ -113,21 +114,17 @@ def install_error_handlers(app: Flask) -> None:
         detail = error.description or PROBLEMS[code][1]
         return problem(code, detail, headers)
 
-    @app.errorhandler(OperationalError)
     @app.errorhandler(PoolTimeout)
-    def _database_down(error: Exception) -> Response:
-        log.warning("database unavailable: %s", error)
-        return problem(
-            "service_unavailable", "the database is unavailable; try again", {"Retry-After": "1"}
-        )
-
     @app.errorhandler(DBAPIError)
-    def _database_error(error: DBAPIError) -> Response:
-        sqlstate = getattr(error.orig, "sqlstate", None) or ""
-        # Class 08 (connection) and 57 (operator intervention: shutdown, terminated
-        # backend) are outages, not bugs.
-        if sqlstate.startswith(("08", "57")) or error.connection_invalidated:
-            return _database_down(error)
+    def _database_error(error: Exception) -> Response:
+        # An outage, or a deadlock that survived its retries: the client may try again.
+        if is_outage(error) or is_retryable(error):
+            log.warning("database unavailable: %s", error)
+            return problem(
+                "service_unavailable",
+                "the database is unavailable; try again",
+                {"Retry-After": "1"},
+            )
         log.exception("database error")
         return problem("internal_error", "an unexpected error occurred")
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from celery import Task
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
 
 from common.currencies import CurrencyInfo, get_currency
-from common.db import retrying, transaction
+from common.db import is_outage, retrying, transaction
 from common.errors import NotFound
-from common.ledger import BatchResult, pending_exists, settle_batch
+from common.ledger import (
+    BatchResult,
+    currencies_due,
+    pending_exists,
+    record_failed_attempt,
+    reopen_failed,
+    settle_batch,
+)
 from common.logs import request_id as log_context
 from common.notify import announce_final
 from common.settings import get_settings
@@ -41,11 +47,15 @@ def remit_task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task
     return app.task(name=name, bind=True, acks_late=True, ignore_result=True, **options)
 
 
+class DatabaseOutage(Exception):
+    """The database is unreachable: Celery retries the whole doorbell with backoff."""
+
+
 @remit_task(
     "remit.settle",
-    # Database outages are transient: back off and try again. The backoff cap
-    # stays well below the visibility timeout (see worker.app).
-    autoretry_for=(OperationalError,),
+    # The backoff cap stays well below the visibility timeout (see worker.app), so a
+    # retried message is never also redelivered by Redis meanwhile.
+    autoretry_for=(DatabaseOutage,),
     max_retries=settings.settle_max_retries,
     retry_backoff=1,
     retry_backoff_max=min(60, settings.visibility_timeout_s // 4),
@@ -59,38 +69,109 @@ def settle(
 ) -> dict[str, int]:
     """Doorbell: `currency` has pending transfers (`transfer_ids` say which, for logs).
 
-    Settles batches until nothing of the currency is pending. Returns at once if
+    Settles batches until nothing of the currency is due. Returns at once if
     another settler holds the currency's lock: that one re-checks for pending
     work after each release, so nothing that rang while it ran is missed.
+
+    A batch that fails is retried at half the size, down to a batch of one; a
+    transfer that fails alone is charged a failed attempt and backs off, so one
+    bad transfer cannot hold up its currency. If the database is unreachable
+    the whole doorbell is retried later instead.
     """
-    # The doorbell's request id, for this task's own log lines.
     log_context.set(request_id)
+    try:
+        return _settle_until_done(currency, transfer_ids)
+    except Exception as error:
+        if is_outage(error):
+            log.warning("database unavailable while settling %s: %s", currency, error)
+            raise DatabaseOutage(str(error)) from error
+        raise
+    finally:
+        log_context.set(None)
+
+
+def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[str, int]:
     info = _currency(currency)
     if info is None:
         log.error("doorbell for unknown currency %r ignored", currency)
         return {"settled": 0, "rejected": 0}
     settled = rejected = 0
+    limit = settings.settle_batch_size
     for _ in range(MAX_BATCHES_PER_TASK):
-        result = retrying(lambda: _settle_one_batch(currency, info.commission_account_id))
+        try:
+            result = retrying(partial(_settle_one_batch, currency, limit, info))
+        except Exception as error:
+            if is_outage(error):
+                raise
+            limit = _after_failed_batch(currency, limit, error)
+            continue
         if result.claimed is None:
             break
         # After commit: long-polling clients re-read the transfer from the database.
         announce_final(result.final_ids)
+        _log_decisions(result)
         settled += result.settled
         rejected += result.rejected
+        # Grow back after a failure shrank the batch: the bad transfer may be behind us.
+        limit = min(settings.settle_batch_size, limit * 2)
         if result.claimed == 0 and not _pending_exists(currency):
             break
     else:
         ring(currency)
     if settled or rejected:
         log.info(
-            "settled %d, rejected %d %s transfers (doorbell for %s)",
+            "settled %d, rejected %d %s transfers",
             settled,
             rejected,
             currency,
-            transfer_ids,
+            extra={"doorbell_transfer_ids": transfer_ids},
         )
     return {"settled": settled, "rejected": rejected}
+
+
+def _after_failed_batch(currency: str, limit: int, error: Exception) -> int:
+    """Halve the batch; at a batch of one, charge the failure to that transfer."""
+    if limit > 1:
+        log.warning("batch of %d %s transfers failed (%r); halving", limit, currency, error)
+        return limit // 2
+    with transaction() as session:
+        attempt = record_failed_attempt(
+            session,
+            currency,
+            f"{type(error).__name__}: {error}",
+            max_attempts=settings.settle_max_attempts,
+            retry_failed_after_s=settings.failed_retry_interval_s,
+        )
+    if attempt is not None:
+        log.error(
+            "settlement attempt %d of transfer %d failed%s: %r",
+            attempt.attempts,
+            attempt.transfer_id,
+            "; marked failed" if attempt.failed else "",
+            error,
+            extra={"transfer_id": attempt.transfer_id},
+        )
+        if attempt.failed:
+            announce_final([attempt.transfer_id])
+    return settings.settle_batch_size
+
+
+def _log_decisions(result: BatchResult) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for decision in result.decisions:
+        log.info(
+            "transfer %d %s",
+            decision.transfer_id,
+            decision.status,
+            extra={
+                "transfer_id": decision.transfer_id,
+                "status": str(decision.status),
+                "reason": decision.reason,
+                # The request that created the transfer, so one grep shows its life.
+                "request_id": result.request_ids.get(decision.transfer_id),
+            },
+        )
 
 
 def _currency(code: str) -> CurrencyInfo | None:
@@ -101,9 +182,9 @@ def _currency(code: str) -> CurrencyInfo | None:
         return None
 
 
-def _settle_one_batch(currency: str, commission_account_id: int) -> BatchResult:
+def _settle_one_batch(currency: str, limit: int, info: CurrencyInfo) -> BatchResult:
     with transaction() as session:
-        return settle_batch(session, currency, settings.settle_batch_size, commission_account_id)
+        return settle_batch(session, currency, limit, info.commission_account_id)
 
 
 def _pending_exists(currency: str) -> bool:
@@ -115,21 +196,19 @@ def _pending_exists(currency: str) -> bool:
 
 @remit_task("remit.sweep")
 def sweep(self: Task) -> dict[str, int]:
-    """Beat: ring again for transfers pending longer than a doorbell should take."""
+    """Beat: ring for transfers whose doorbell was lost, and retry failed ones when due."""
     log_context.set(None)
     with transaction() as session:
-        rows = session.execute(
-            text(
-                "SELECT currency, count(*) FROM transfers WHERE status = 'pending' "
-                "AND created_at < clock_timestamp() - make_interval(secs => :age) "
-                "GROUP BY currency ORDER BY currency"
-            ),
-            {"age": settings.sweep_pending_after_s},
-        ).all()
-    for currency, count in rows:
-        log.warning("%d %s transfers pending too long: ringing again", count, currency)
+        reopened = reopen_failed(session, settings.failed_retry_window_s)
+        due = currencies_due(session, settings.sweep_pending_after_s)
+    for transfer_id, currency in reopened:
+        log.warning("retrying failed transfer %d", transfer_id, extra={"transfer_id": transfer_id})
+        due.setdefault(currency, 0)
+    for currency, count in sorted(due.items()):
+        if count:
+            log.warning("%d %s transfers pending too long: ringing again", count, currency)
         ring(currency)
-    return {currency: count for currency, count in rows}  # noqa: C416 - rows are Row tuples
+    return due
 
 
 def ring(currency: str, transfer_ids: list[int] | None = None) -> bool:

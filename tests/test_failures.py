@@ -1,0 +1,175 @@
+"""The failure lifecycle: a transfer that cannot be settled backs off, becomes `failed`
+with a reason, is retried by beat inside its window, and can be requeued by an operator;
+meanwhile the rest of its currency settles.
+
+The fault is real: a PostgreSQL trigger makes the posting insert of chosen transfers fail.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from common.audit import audit
+from common.db import new_session, transaction
+from common.ledger import requeue_failed
+from common.transfers import TransferRequest, submit_transfer
+from tests.conftest import SUPERUSER, Api
+from worker.tasks import ring, sweep
+
+
+@pytest.fixture
+def poison() -> Iterator[Any]:
+    """poison(id) makes settling transfer `id` raise inside PostgreSQL; cure(id) stops it."""
+    with transaction() as session:
+        session.execute(text("CREATE TABLE IF NOT EXISTS test_poisoned (id bigint PRIMARY KEY)"))
+        session.execute(
+            text(
+                """
+                CREATE OR REPLACE FUNCTION test_poison() RETURNS trigger AS $$
+                BEGIN
+                  IF EXISTS (SELECT 1 FROM test_poisoned WHERE id = NEW.transfer_id) THEN
+                    RAISE EXCEPTION 'poisoned transfer %', NEW.transfer_id;
+                  END IF;
+                  RETURN NEW;
+                END $$ LANGUAGE plpgsql
+                """
+            )
+        )
+        session.execute(
+            text(
+                "CREATE OR REPLACE TRIGGER test_poison BEFORE INSERT ON postings "
+                "FOR EACH ROW EXECUTE FUNCTION test_poison()"
+            )
+        )
+
+    class Poison:
+        def __call__(self, transfer_id: int) -> None:
+            with transaction() as session:
+                session.execute(text("INSERT INTO test_poisoned VALUES (:id)"), {"id": transfer_id})
+
+        def cure(self, transfer_id: int) -> None:
+            with transaction() as session:
+                session.execute(
+                    text("DELETE FROM test_poisoned WHERE id = :id"), {"id": transfer_id}
+                )
+
+    yield Poison()
+    with transaction() as session:
+        session.execute(text("DROP TRIGGER test_poison ON postings"))
+        session.execute(text("DROP TABLE test_poisoned"))
+
+
+def _row(transfer_id: int) -> Any:
+    with new_session() as session:
+        return session.execute(
+            text("SELECT status, reason, attempts, last_error FROM transfers WHERE id = :id"),
+            {"id": transfer_id},
+        ).one()
+
+
+def _sweep_until(predicate: Any, timeout: float = 30) -> None:
+    """Run beat's sweep (as beat would, every ~second) until predicate() holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        sweep.apply()
+        time.sleep(0.5)
+
+
+def _submit_with_poisoned_middle(
+    api: Api, poison: Any, currency: str
+) -> tuple[Any, Any, list[int]]:
+    alice, bob = api.funded("100.00", currency), api.register()
+    source, target = alice.accounts[currency], bob.accounts[currency]
+    # Hold back settlement by poisoning the next id before it exists: create it first
+    # with the lock of a pending doorbell-less insert, then poison, then ring.
+    ids = []
+    with new_session() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext(:c))"), {"c": currency})
+        try:
+            for _ in range(5):
+                response = api.transfer(alice, source, target, "1.00")
+                assert response.status_code == 202
+                ids.append(response.get_json()["id"])
+            poison(ids[2])
+        finally:
+            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext(:c))"), {"c": currency})
+            holder.commit()
+    ring(currency)
+    return alice, bob, ids
+
+
+def test_a_poisoned_transfer_fails_alone_and_its_currency_keeps_settling(
+    api: Api, poison: Any
+) -> None:
+    alice, bob, ids = _submit_with_poisoned_middle(api, poison, "EUR")
+    healthy = [i for i in ids if i != ids[2]]
+    assert all(api.wait_final(alice, i)["status"] == "settled" for i in healthy)
+    assert api.balance(bob, bob.accounts["EUR"]) == "4.00"
+
+    # Attempts back off (1 s, 2 s); beat's sweep rings when one is due; the third fails it.
+    _sweep_until(lambda: _row(ids[2]).status == "failed")
+    failed = _row(ids[2])
+    assert failed.reason == "settlement_error"
+    assert failed.attempts == 3
+    assert "poisoned transfer" in failed.last_error
+    shown = api.get_transfer(alice, ids[2])
+    assert shown["status"] == "failed"
+    assert shown["reason"] == "settlement_error"
+    assert shown["settled_at"] is None
+    assert api.balance(bob, bob.accounts["EUR"]) == "4.00", "no money moved for it"
+    with new_session() as session:
+        assert audit(session) == []
+
+    # Beat retries it once it is due (1 s in tests); cured, it settles.
+    poison.cure(ids[2])
+    _sweep_until(lambda: _row(ids[2]).status == "settled")
+    assert api.balance(bob, bob.accounts["EUR"]) == "5.00"
+
+
+def test_failed_transfers_outside_their_window_wait_for_the_operator(api: Api, poison: Any) -> None:
+    alice, bob, ids = _submit_with_poisoned_middle(api, poison, "CNY")
+    _sweep_until(lambda: _row(ids[2]).status == "failed")
+    poison.cure(ids[2])
+    with transaction() as session:
+        # Its retry window (a day by default) closed long ago.
+        session.execute(
+            text("UPDATE transfers SET created_at = now() - interval '2 days' WHERE id = :id"),
+            {"id": ids[2]},
+        )
+    time.sleep(1.2)
+    for _ in range(3):
+        sweep.apply()
+    time.sleep(0.5)
+    assert _row(ids[2]).status == "failed"
+
+    with transaction() as session:
+        requeued = requeue_failed(session, [ids[2], ids[0]])
+    assert requeued == [(ids[2], "CNY")], "only failed transfers are requeued"
+    ring("CNY")
+    assert api.wait_final(alice, ids[2])["status"] == "settled"
+    assert _row(ids[2]).attempts == 1, "the budget started over: one attempt, the one that settled"
+    assert api.balance(bob, bob.accounts["CNY"]) == "5.00"
+    with new_session() as session:
+        assert audit(session) == []
+
+
+def test_sweep_rings_for_transfers_whose_doorbell_was_lost(api: Api) -> None:
+
+    alice, bob = api.funded("10.00"), api.register()
+    with transaction() as session:
+        accepted = submit_transfer(
+            session,
+            alice.id,
+            TransferRequest(alice.accounts["USD"], bob.accounts["USD"], "2.00"),
+        )
+    transfer_id = accepted.transfer.id  # committed, never rung
+    time.sleep(1.5)  # older than SWEEP_PENDING_AFTER
+    assert api.get_transfer(alice, transfer_id)["status"] == "pending"
+    assert sweep.apply().get().get("USD", 0) >= 1
+    assert api.wait_final(SUPERUSER, transfer_id)["status"] == "settled"
