@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import redis
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 _BASE_DATABASE_URL = os.environ.get(
@@ -31,8 +34,6 @@ def _claim_redis_db(base_url: str) -> int:
     """A Redis DB number no other test run is using: DB 0 is left to the developer's own
     stack; a run claims one of 1-15 with an atomic SET NX, so two runs at once (a
     developer and CI, say) never consume each other's doorbells."""
-    import redis
-
     root = base_url.rsplit("/", 1)[0]
     for number in range(1, 16):
         client = redis.Redis.from_url(f"{root}/{number}")
@@ -74,11 +75,11 @@ os.environ.update(
 from common.db import dispose_engine  # noqa: E402 - settings must see the env above
 from common.migrate import migrate  # noqa: E402
 from common.settings import get_settings  # noqa: E402
+from web.app import create_app  # noqa: E402
+from worker.app import app as celery_app  # noqa: E402
 
 
-def _admin_engine():  # noqa: ANN202
-    from sqlalchemy import create_engine
-
+def _admin_engine():
     url = make_url(os.environ["DATABASE_URL"]).set(database="postgres")
     return create_engine(url, isolation_level="AUTOCOMMIT")
 
@@ -90,8 +91,6 @@ def database() -> Iterator[str]:
     migrate(url)
     yield url
     dispose_engine()
-    from sqlalchemy import text
-
     admin = _admin_engine()
     with admin.connect() as connection:
         connection.execute(
@@ -106,9 +105,7 @@ def database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_client():  # noqa: ANN201
-    import redis
-
+def redis_client():
     client = redis.Redis.from_url(get_settings().redis_url)
     # Leftovers of a crashed earlier run in this DB; then claim it again.
     client.flushdb()
@@ -120,21 +117,17 @@ def redis_client():  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def celery_app_for_tests(redis_client):  # noqa: ANN001, ANN201
-    from worker.app import app
-
-    return app
+def celery_app_for_tests(redis_client):
+    return celery_app
 
 
 @pytest.fixture(scope="session")
-def settlement_worker(celery_app_for_tests):  # noqa: ANN001, ANN201
+def settlement_worker(celery_app_for_tests):
     """A real Celery worker (thread pool) consuming the run's Redis queue.
 
     pytest-celery's own worker fixtures drive Docker containers; none runs here,
     so the worker is celery.contrib.testing's in-process one, against real Redis.
     """
-    from celery.contrib.testing.worker import start_worker
-
     with start_worker(
         celery_app_for_tests,
         pool="threads",
@@ -147,23 +140,21 @@ def settlement_worker(celery_app_for_tests):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(autouse=True)
-def _no_login_throttle_carry_over(redis_client) -> None:  # noqa: ANN001
+def _no_login_throttle_carry_over(redis_client) -> None:
     # One test's failed logins must not throttle the next test (all come from 127.0.0.1).
     for key in redis_client.scan_iter("remit:login-failures:*"):
         redis_client.delete(key)
 
 
 @pytest.fixture(scope="session")
-def app(database):  # noqa: ANN001, ANN201
-    from web.app import create_app
-
+def app(database):
     flask_app = create_app()
     flask_app.testing = True
     return flask_app
 
 
 @pytest.fixture
-def client(app):  # noqa: ANN001, ANN201
+def client(app):
     return app.test_client()
 
 
@@ -216,9 +207,7 @@ class Api:
         assert response.status_code == 202, response.get_json()
         return response.get_json()
 
-    def transfer(
-        self, payer: Member, source: int, target: int, amount: str, **extra: str
-    ) -> Any:
+    def transfer(self, payer: Member, source: int, target: int, amount: str, **extra: str) -> Any:
         return self.client.post(
             f"/users/{payer.id}/transfers",
             data={"from": source, "to": target, "amount": amount, **extra},
@@ -255,5 +244,5 @@ class Api:
 
 
 @pytest.fixture
-def api(client, settlement_worker) -> Api:  # noqa: ANN001
+def api(client, settlement_worker) -> Api:
     return Api(client)
