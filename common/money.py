@@ -7,7 +7,7 @@ that guesses what "1,000.5" or "1e3" meant moves the wrong amount of money.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 
 MAX_INTEGER_DIGITS = 15
 
@@ -56,8 +56,12 @@ def _decimal_text(value: Decimal) -> str:
     # Refuse absurd exponents before formatting: 1e999999999 would build a huge string.
     if value.adjusted() >= MAX_INTEGER_DIGITS or value.adjusted() < -64:
         return "-"
+    # normalize() under the ambient context would round to its precision (28 digits):
+    # 1.00000000000000000000000000001 would become 1. A context as precise as the
+    # value itself only strips trailing zeros.
+    exact = Context(prec=max(len(value.as_tuple().digits), 1))
     try:
-        text = format(value.normalize(), "f")
+        text = format(value.normalize(exact), "f")
     except InvalidOperation:
         return "-"
     return text

@@ -44,7 +44,9 @@ def find_by_username(session: Session, username: str) -> User | None:
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """The user these credentials name, or None; costs the same whether or not it exists."""
-    user = find_by_username(session, username) if 0 < len(username) <= 64 else None
+    # No username holds NUL, and PostgreSQL text cannot even be compared with one.
+    lookup = 0 < len(username) <= 64 and "\x00" not in username
+    user = find_by_username(session, username) if lookup else None
     if user is None:
         burn_verification(password)
         return None

@@ -158,6 +158,21 @@ def client(app):
     return app.test_client()
 
 
+PROBLEM_MEMBERS = {"type", "title", "status", "detail", "code"}
+
+
+def assert_problem(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json()
+    assert body.keys() >= PROBLEM_MEMBERS, body
+    assert body["status"] == status
+    assert body["code"] == code
+    assert all(isinstance(body[member], str) and body[member] for member in ("type", "title"))
+    assert isinstance(body["detail"], str)
+    return body
+
+
 def basic_auth(username: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{username}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}

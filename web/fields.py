@@ -102,9 +102,16 @@ class DepositCreate(Schema):
     amount: Amount
 
 
+def _count(value: object) -> int:
+    # Query strings are text: plain ASCII digits only, no "+5", " 5" or "1_0".
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,4}", value):
+        raise ValueError("must be a whole number")
+    return int(value)
+
+
 class PageQuery(Schema):
     sort: Literal["asc", "dsc"] = "asc"
-    limit: int = Field(100, ge=1, le=500)
+    limit: Annotated[int, BeforeValidator(_count)] = Field(100, ge=1, le=500)
     cursor: str | None = Field(None, max_length=200)
 
 

@@ -1,0 +1,409 @@
+"""API.md's auth rules, parametrized over every authenticated route.
+
+Actors: anonymous, wrong credentials, malformed Authorization headers, another
+user, the owner and the superuser. Plus the login throttle.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.conftest import SUPERUSER, Api, Member, assert_problem, basic_auth
+from web.throttle import MAX_FAILURES_PER_USERNAME, WINDOW_S
+
+CHALLENGE = 'Basic realm="remit"'
+OWNER_FULL_NAME = "Owner Confidential-Name"
+SECRET_COMMENT = "secret-comment-7f3a"
+SECRET_DEPOSIT = "4242.42"
+
+
+def assert_unauthorized(response) -> None:
+    assert_problem(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"] == CHALLENGE
+
+
+@dataclass
+class World:
+    owner: Member
+    other: Member
+    third: Member
+    transfer_id: int
+
+    def secrets(self) -> list[str]:
+        """Text that only the owner (or the superuser) may ever see."""
+        return [self.owner.username, OWNER_FULL_NAME, SECRET_COMMENT, SECRET_DEPOSIT]
+
+
+@pytest.fixture(scope="module")
+def world(app, settlement_worker) -> World:
+    api = Api(app.test_client())
+    response = api.client.post(
+        "/users",
+        data={
+            "username": "owner_" + secrets.token_hex(6),
+            "password": "owner password",
+            "full_name": OWNER_FULL_NAME,
+        },
+    )
+    assert response.status_code == 201
+    owner = Member(response.get_json()["id"], response.get_json()["username"], "owner password")
+    owner.accounts = {
+        a["currency"]: a["id"]
+        for a in api.client.get(f"/users/{owner.id}/accounts", headers=owner.auth).get_json()
+    }
+    deposit = api.deposit(owner.accounts["USD"], SECRET_DEPOSIT)
+    assert api.wait_final(SUPERUSER, deposit["id"])["status"] == "settled"
+    other, third = api.register("other"), api.register("third")
+    sent = api.transfer(
+        owner, owner.accounts["USD"], third.accounts["USD"], "1.00", comment=SECRET_COMMENT
+    )
+    assert sent.status_code == 202
+    assert api.wait_final(owner, sent.get_json()["id"])["status"] == "settled"
+    return World(owner, other, third, sent.get_json()["id"])
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: Callable[[World], str]
+    body: Callable[[World], dict[str, Any]] | None
+    # What the owner, another user and the superuser get: (status, problem code or None).
+    owner: tuple[int, str | None]
+    other: tuple[int, str | None]
+    superuser: tuple[int, str | None]
+    # The batch route takes JSON only; the others get a form body.
+    as_json: bool = False
+
+    def call(self, client, world: World, headers: dict[str, str]):
+        path, body = self.path(world), self.body(world) if self.body else None
+        if self.as_json:
+            return client.open(path, method=self.method, json=body, headers=headers)
+        return client.open(path, method=self.method, data=body, headers=headers)
+
+
+OK = (200, None)
+FORBIDDEN = (403, "forbidden")
+
+ROUTES = {
+    "list accounts": Route(
+        "GET", lambda w: f"/users/{w.owner.id}/accounts", None, OK, FORBIDDEN, OK
+    ),
+    "open account": Route(
+        "POST",
+        lambda w: f"/users/{w.owner.id}/accounts/EUR",
+        None,
+        (201, None),
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "get account": Route(
+        "GET",
+        lambda w: f"/accounts/{w.owner.accounts['USD']}",
+        None,
+        OK,
+        (404, "account_not_found"),
+        OK,
+    ),
+    "statement": Route(
+        "GET",
+        lambda w: f"/accounts/{w.owner.accounts['USD']}/postings",
+        None,
+        OK,
+        (404, "account_not_found"),
+        OK,
+    ),
+    "deposit": Route(
+        "POST",
+        lambda w: f"/accounts/{w.owner.accounts['USD']}/deposits",
+        lambda w: {"amount": "0.01"},
+        FORBIDDEN,
+        FORBIDDEN,
+        (202, None),
+    ),
+    "submit transfer": Route(
+        "POST",
+        lambda w: f"/users/{w.owner.id}/transfers",
+        lambda w: {"from": w.owner.accounts["USD"], "to": w.third.accounts["USD"], "amount": "1"},
+        (202, None),
+        FORBIDDEN,
+        FORBIDDEN,
+    ),
+    "submit batch": Route(
+        "POST",
+        lambda w: f"/users/{w.owner.id}/transfers/batch",
+        lambda w: {
+            "transfers": [
+                {"from": w.owner.accounts["USD"], "to": w.third.accounts["USD"], "amount": "1"}
+            ]
+        },
+        (202, None),
+        FORBIDDEN,
+        FORBIDDEN,
+        as_json=True,
+    ),
+    "list transfers": Route(
+        "GET", lambda w: f"/users/{w.owner.id}/transfers", None, OK, FORBIDDEN, OK
+    ),
+    "get transfer": Route(
+        "GET",
+        lambda w: f"/users/{w.owner.id}/transfers/{w.transfer_id}",
+        None,
+        OK,
+        FORBIDDEN,
+        OK,
+    ),
+}
+route_names = pytest.mark.parametrize("route_name", list(ROUTES))
+
+
+def _basic(raw: bytes) -> str:
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+MALFORMED_AUTHORIZATION = {
+    "garbage": "garbage",
+    "basic bangs": "Basic !!!",
+    "not base64": "Basic not*base64@@",
+    "truncated base64": "Basic dXNlcjpwYXNz=",
+    "no colon": _basic(b"justausername"),
+    "empty credentials": _basic(b":"),
+    "not utf-8": _basic(b"\xff\xfe:\xff"),
+    "scheme only": "Basic",
+    "scheme and space": "Basic ",
+    "bearer": "Bearer x",
+    "digest": 'Digest username="superuser"',
+    "nul": _basic(b"superuser\x00:x"),
+    "huge": _basic(b"u" * 5000 + b":" + b"p" * 5000),
+}
+
+
+def assert_no_secrets(response, world: World) -> None:
+    text = response.get_data(as_text=True)
+    for secret in world.secrets():
+        assert secret not in text, f"{secret!r} leaked: {text}"
+
+
+def assert_outcome(response, expected: tuple[int, str | None]) -> None:
+    status, code = expected
+    if code is None:
+        assert response.status_code == status, response.get_data(as_text=True)
+        assert response.mimetype == "application/json"
+    else:
+        assert_problem(response, status, code)
+
+
+# --- who gets what, on every route -------------------------------------------------------
+
+
+@route_names
+def test_anonymous_is_unauthorized(client, world, route_name: str) -> None:
+    response = ROUTES[route_name].call(client, world, {})
+    assert_unauthorized(response)
+    assert_no_secrets(response, world)
+
+
+@route_names
+def test_wrong_password_is_unauthorized(client, world, route_name: str) -> None:
+    headers = basic_auth(world.owner.username, world.owner.password + "x")
+    response = ROUTES[route_name].call(client, world, headers)
+    assert_unauthorized(response)
+    assert_no_secrets(response, world)
+
+
+@route_names
+def test_unknown_username_is_unauthorized(client, world, route_name: str) -> None:
+    response = ROUTES[route_name].call(client, world, basic_auth("nobody-here", "password"))
+    assert_unauthorized(response)
+
+
+@route_names
+@pytest.mark.parametrize("header", list(MALFORMED_AUTHORIZATION))
+def test_malformed_authorization_is_unauthorized(
+    client, world, route_name: str, header: str
+) -> None:
+    headers = {"Authorization": MALFORMED_AUTHORIZATION[header]}
+    response = ROUTES[route_name].call(client, world, headers)
+    assert_unauthorized(response)
+    assert_no_secrets(response, world)
+
+
+@route_names
+def test_another_user(client, world, route_name: str) -> None:
+    route = ROUTES[route_name]
+    response = route.call(client, world, world.other.auth)
+    assert_outcome(response, route.other)
+    assert_no_secrets(response, world)
+
+
+@route_names
+def test_owner(client, world, route_name: str) -> None:
+    route = ROUTES[route_name]
+    response = route.call(client, world, world.owner.auth)
+    assert_outcome(response, route.owner)
+    if route_name == "submit batch":
+        [result] = response.get_json()["results"]
+        assert result["status"] == 202, result
+
+
+@route_names
+def test_superuser(client, world, route_name: str) -> None:
+    route = ROUTES[route_name]
+    response = route.call(client, world, SUPERUSER.auth)
+    assert_outcome(response, route.superuser)
+
+
+def test_owner_sees_its_own_data(client, world) -> None:
+    owner = world.owner
+    transfer = client.get(f"/users/{owner.id}/transfers/{world.transfer_id}", headers=owner.auth)
+    assert transfer.get_json()["comment"] == SECRET_COMMENT
+    statement = client.get(f"/accounts/{owner.accounts['USD']}/postings", headers=owner.auth)
+    assert statement.get_json()[0]["amount"] == SECRET_DEPOSIT
+
+
+def test_superuser_reads_the_owners_data(client, world) -> None:
+    owner = world.owner
+    accounts = client.get(f"/users/{owner.id}/accounts", headers=SUPERUSER.auth).get_json()
+    assert {a["user_id"] for a in accounts} == {owner.id}
+    assert {a["id"] for a in accounts} >= set(owner.accounts.values())
+    transfer = client.get(
+        f"/users/{owner.id}/transfers/{world.transfer_id}", headers=SUPERUSER.auth
+    ).get_json()
+    assert transfer["comment"] == SECRET_COMMENT
+    listed = client.get(f"/users/{owner.id}/transfers", headers=SUPERUSER.auth).get_json()
+    assert world.transfer_id in [t["id"] for t in listed]
+    statement = client.get(
+        f"/accounts/{owner.accounts['USD']}/postings", headers=SUPERUSER.auth
+    ).get_json()
+    assert statement[0]["amount"] == SECRET_DEPOSIT
+
+
+# --- another user through its own paths: others' resources are not found ----------------
+
+
+def test_others_transfer_through_own_path_is_not_found(client, world) -> None:
+    other = world.other
+    response = client.get(f"/users/{other.id}/transfers/{world.transfer_id}", headers=other.auth)
+    assert_problem(response, 404, "transfer_not_found")
+    assert_no_secrets(response, world)
+
+
+def test_others_transfers_do_not_show_in_own_list(client, world) -> None:
+    other = world.other
+    for query in ("", f"?from={world.owner.id}", f"?to={world.third.id}"):
+        response = client.get(f"/users/{other.id}/transfers{query}", headers=other.auth)
+        assert response.status_code == 200
+        assert response.get_json() == []
+        assert_no_secrets(response, world)
+
+
+def test_paying_from_others_account_is_not_found(client, world) -> None:
+    other = world.other
+    response = client.post(
+        f"/users/{other.id}/transfers",
+        data={"from": world.owner.accounts["USD"], "to": other.accounts["USD"], "amount": "1"},
+        headers=other.auth,
+    )
+    assert_problem(response, 404, "account_not_found")
+    assert_no_secrets(response, world)
+
+
+def test_others_account_and_a_missing_account_look_the_same(client, world) -> None:
+    other = world.other
+    theirs = client.get(f"/accounts/{world.owner.accounts['EUR']}", headers=other.auth)
+    missing = client.get(f"/accounts/{2**62}", headers=other.auth)
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.get_json()["code"] == missing.get_json()["code"] == "account_not_found"
+
+
+def test_others_transfer_and_a_missing_transfer_look_the_same(client, world) -> None:
+    other = world.other
+    theirs = client.get(f"/users/{other.id}/transfers/{world.transfer_id}", headers=other.auth)
+    missing = client.get(f"/users/{other.id}/transfers/{2**62}", headers=other.auth)
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.get_json()["code"] == missing.get_json()["code"] == "transfer_not_found"
+
+
+def test_superuser_accounts_are_not_visible_to_users(client, world) -> None:
+    superuser_accounts = client.get("/users/1/accounts", headers=SUPERUSER.auth).get_json()
+    for account in superuser_accounts:
+        response = client.get(f"/accounts/{account['id']}", headers=world.other.auth)
+        assert_problem(response, 404, "account_not_found")
+    assert_problem(client.get("/users/1/accounts", headers=world.other.auth), 403, "forbidden")
+
+
+def test_superuser_cannot_pay_even_from_its_own_accounts(client, world) -> None:
+    accounts = client.get("/users/1/accounts", headers=SUPERUSER.auth).get_json()
+    [commission] = [
+        a["id"] for a in accounts if a["currency"] == "USD" and a["kind"] == "commission"
+    ]
+    response = client.post(
+        "/users/1/transfers",
+        data={"from": commission, "to": world.other.accounts["USD"], "amount": "0.01"},
+        headers=SUPERUSER.auth,
+    )
+    assert_problem(response, 403, "forbidden")
+
+
+def test_username_is_case_insensitive_at_login(client, world) -> None:
+    headers = basic_auth(world.other.username.upper(), world.other.password)
+    assert client.get(f"/users/{world.other.id}/accounts", headers=headers).status_code == 200
+
+
+# --- public routes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/currencies", "/health", "/openapi.json", "/docs"])
+def test_public_routes_need_no_credentials(client, path: str) -> None:
+    assert client.get(path, follow_redirects=True).status_code == 200
+    # Credentials are not even looked at there.
+    garbage = {"Authorization": "Basic !!!"}
+    assert client.get(path, headers=garbage, follow_redirects=True).status_code == 200
+
+
+# --- login throttle ---------------------------------------------------------------------
+
+
+def test_repeated_failed_logins_are_throttled(api) -> None:
+    assert MAX_FAILURES_PER_USERNAME == 10
+    victim, bystander = api.register(), api.register()
+    path = f"/users/{victim.id}/accounts"
+    wrong = basic_auth(victim.username, "not the password")
+    for _ in range(MAX_FAILURES_PER_USERNAME):
+        assert_unauthorized(api.client.get(path, headers=wrong))
+
+    # Even the right password waits now: the throttle is checked before the password.
+    for headers in (wrong, victim.auth):
+        response = api.client.get(path, headers=headers)
+        assert_problem(response, 429, "too_many_requests")
+        assert 1 <= int(response.headers["Retry-After"]) <= WINDOW_S
+
+    # Per username, ignoring case.
+    shouting = basic_auth(victim.username.upper(), victim.password)
+    assert_problem(api.client.get(path, headers=shouting), 429, "too_many_requests")
+    # Another username from the same address is not affected.
+    response = api.client.get(f"/users/{bystander.id}/accounts", headers=bystander.auth)
+    assert response.status_code == 200
+
+
+def test_fewer_failures_than_the_limit_are_not_throttled(api) -> None:
+    member = api.register()
+    path = f"/users/{member.id}/accounts"
+    wrong = basic_auth(member.username, "not the password")
+    for _ in range(MAX_FAILURES_PER_USERNAME - 1):
+        assert_unauthorized(api.client.get(path, headers=wrong))
+    assert api.client.get(path, headers=member.auth).status_code == 200
+
+
+def test_unknown_usernames_are_throttled_too(client) -> None:
+    wrong = basic_auth("no-such-user-anywhere", "password")
+    for _ in range(MAX_FAILURES_PER_USERNAME):
+        assert_unauthorized(client.get("/users/2/accounts", headers=wrong))
+    response = client.get("/users/2/accounts", headers=wrong)
+    assert_problem(response, 429, "too_many_requests")
+    assert int(response.headers["Retry-After"]) >= 1
