@@ -15,7 +15,8 @@ WORKDIR /app
 COPY requirements.txt ./
 RUN pip install --no-compile -r requirements.txt
 
-RUN groupadd --system remit && useradd --system --gid remit --home-dir /app --no-create-home remit
+RUN groupadd --system remit && useradd --system --gid remit --home-dir /app --no-create-home remit \
+    && mkdir /app/.run && chown remit:remit /app/.run
 
 COPY --chown=remit:remit alembic.ini pyproject.toml run.sh ./
 COPY --chown=remit:remit common ./common

@@ -19,6 +19,9 @@ threads = 8
 # database connections, see post_fork).
 preload_app = True
 keepalive = 5
+# gunicorn's control socket has one default path per user: two instances (a test run
+# beside a dev stack) would fight over it, and nothing here uses it.
+control_socket_disable = True
 graceful_timeout = 30
 timeout = 60
 # The app logs one JSON line per request itself (web.app), with its request id.
