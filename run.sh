@@ -28,6 +28,8 @@
 #: worker         run only a settlement worker (Celery) in the foreground
 #: beat           run only the scheduler (Celery beat) in the foreground
 #: flower         run only Flower in the foreground (Flower's FLOWER_* variables apply)
+#: cli ARGS       the operator CLI (python -m worker.cli): deposit, requeue, audit, sweep, stats, ...
+#: audit          check every ledger invariant of the database; exit 1 on any violation
 #: help           list these commands
 
 set -euo pipefail
@@ -553,6 +555,16 @@ cmd_test() {
     exit "$rc"
 }
 
+# Operator commands act on the configured servers; they never start throwaway ones.
+cmd_cli() {
+    trap - EXIT INT TERM HUP PIPE
+    exec "${BIN}python3" -m worker.cli "$@"
+}
+
+cmd_audit() {
+    cmd_cli audit "$@"
+}
+
 cmd_migrate() {
     (($# == 0)) || { say "migrate takes no arguments"; usage >&2; exit 2; }
     ensure_postgres
@@ -567,7 +579,7 @@ main() {
             usage
             return 0
             ;;
-        up | test | migrate | web | worker | beat | flower) ;;
+        up | test | migrate | web | worker | beat | flower | cli | audit) ;;
         *)
             say "unknown command: $command"
             usage >&2

@@ -1,0 +1,110 @@
+"""The operator CLI, run in-process against the real database, broker and worker."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from common.audit import audit
+from common.db import new_session, transaction
+from tests.conftest import SUPERUSER, SUPERUSER_PASSWORD, Api, basic_auth
+from worker.cli import main
+
+
+def _run(capsys: Any, *argv: str) -> tuple[int, Any]:
+    code = main(list(argv))
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else None
+
+
+def test_deposit_queues_and_settles(api: Api, capsys: Any) -> None:
+    member = api.register()
+    code, out = _run(capsys, "deposit", str(member.accounts["EUR"]), "12.34", "--key", "cli-1")
+    assert code == 0
+    assert out["created"] is True
+    assert api.wait_final(SUPERUSER, out["transfer_id"])["status"] == "settled"
+    assert api.balance(member, member.accounts["EUR"]) == "12.34"
+    code, again = _run(capsys, "deposit", str(member.accounts["EUR"]), "12.34", "--key", "cli-1")
+    assert again == {**out, "created": False, "status": "settled"}
+
+
+def test_deposit_refuses_bad_input(api: Api, capsys: Any) -> None:
+    assert main(["deposit", "999999999", "1.00"]) == 1
+    member = api.register()
+    assert main(["deposit", str(member.accounts["USD"]), "1.001"]) == 1
+    assert "invalid_amount" in capsys.readouterr().err
+
+
+def test_requeue_settles_a_failed_transfer(api: Api, capsys: Any) -> None:
+    alice, bob = api.funded("10.00"), api.register()
+    with new_session() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('USD'))"))
+        try:
+            body = api.transfer(
+                alice, alice.accounts["USD"], bob.accounts["USD"], "1.00"
+            ).get_json()
+            with transaction() as session:
+                # As the settler leaves a transfer after its last failed attempt.
+                session.execute(
+                    text(
+                        "UPDATE transfers SET status = 'failed', reason = 'settlement_error', "
+                        "attempts = 5, next_attempt_at = now() + interval '1 hour' WHERE id = :id"
+                    ),
+                    {"id": body["id"]},
+                )
+        finally:
+            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('USD'))"))
+            holder.commit()
+    code, out = _run(capsys, "requeue", str(body["id"]), "2")
+    assert code == 0
+    assert out == {"requeued": [body["id"]], "not_failed": [2]}
+    assert api.wait_final(alice, body["id"])["status"] == "settled"
+
+
+def test_requeue_needs_ids(capsys: Any) -> None:
+    assert main(["requeue"]) == 2
+
+
+def test_audit_passes_on_a_sound_ledger(api: Api, capsys: Any) -> None:
+    api.funded("5.00")
+    assert main(["audit"]) == 0
+    assert "consistent" in capsys.readouterr().err
+
+
+def test_audit_names_each_violation() -> None:
+    with transaction() as session:
+        # Corrupt inside a transaction that is rolled back: the check sees it, nobody else does.
+        session.execute(text("UPDATE accounts SET balance = balance + 1 WHERE id = 5"))
+        violations = audit(session)
+        session.rollback()
+    assert any("sum of balances is not zero" in line for line in violations)
+    assert any(
+        "differs from the sum of its postings" in line and "(5," in line for line in violations
+    )
+
+
+def test_stats_and_sweep(api: Api, capsys: Any) -> None:
+    code, stats = _run(capsys, "stats")
+    assert code == 0
+    assert set(stats) == {"pending", "failed", "queue_depth"}
+    code, swept = _run(capsys, "sweep")
+    assert code == 0
+    assert isinstance(swept["rang"], dict)
+
+
+def test_set_superuser_password(api: Api, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("a brand new password\n"))
+    try:
+        assert main(["set-superuser-password", "--password-stdin"]) == 0
+        assert api.client.get("/users/1/accounts", headers=SUPERUSER.auth).status_code == 401
+        new = basic_auth("superuser", "a brand new password")
+        assert api.client.get("/users/1/accounts", headers=new).status_code == 200
+    finally:
+        monkeypatch.setattr("sys.stdin", io.StringIO(SUPERUSER_PASSWORD + "\n"))
+        assert main(["set-superuser-password", "--password-stdin"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["set-superuser-password", "--password-stdin"]) == 2
