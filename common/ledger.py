@@ -47,6 +47,8 @@ class PendingTransfer:
     amount: int
     commission: int
     request_id: str | None = None
+    # Seconds since it was accepted, when claimed (for the settlement latency metric).
+    age_s: float = 0.0
 
 
 @dataclass
@@ -135,6 +137,7 @@ class BatchResult:
     decisions: tuple[Decision, ...] = ()
     # transfer id -> the request id it was accepted under, for the settlement log.
     request_ids: dict[int, str | None] = field(default_factory=dict)
+    ages_s: dict[int, float] = field(default_factory=dict)
 
 
 # Pending and not backing off after a failed attempt.
@@ -144,7 +147,8 @@ _DUE = "status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= no
 def _claim(session: Session, currency: str, limit: int) -> list[PendingTransfer]:
     rows = session.execute(
         text(
-            "SELECT id, from_account_id, to_account_id, amount, commission, request_id "
+            "SELECT id, from_account_id, to_account_id, amount, commission, request_id, "
+            "extract(epoch FROM clock_timestamp() - created_at)::float8 "
             f"FROM transfers WHERE currency = :currency AND {_DUE} "
             "ORDER BY id LIMIT :limit FOR NO KEY UPDATE SKIP LOCKED"
         ),
@@ -240,6 +244,7 @@ def settle_batch(
         final_ids=tuple(d.transfer_id for d in plan.decisions),
         decisions=tuple(plan.decisions),
         request_ids={t.id: t.request_id for t in transfers},
+        ages_s={t.id: t.age_s for t in transfers},
     )
 
 
@@ -271,6 +276,7 @@ class FailedAttempt:
     attempts: int
     # True when this attempt used up the budget and the transfer is now `failed`.
     failed: bool
+    age_s: float = 0.0
 
 
 def record_failed_attempt(
@@ -301,7 +307,8 @@ def record_failed_attempt(
             "  ELSE make_interval(secs => least(power(2, attempts), 60)) END "
             "WHERE id = (SELECT id FROM transfers "
             f"  WHERE currency = :currency AND {_DUE} ORDER BY id LIMIT 1) "
-            "RETURNING id, attempts, status"
+            "RETURNING id, attempts, status, "
+            "extract(epoch FROM clock_timestamp() - created_at)::float8 AS age_s"
         ),
         {
             "error": error[:2000],
@@ -313,7 +320,7 @@ def record_failed_attempt(
     ).one_or_none()
     if row is None:
         return None
-    return FailedAttempt(row.id, row.attempts, row.status == TransferStatus.FAILED)
+    return FailedAttempt(row.id, row.attempts, row.status == TransferStatus.FAILED, row.age_s)
 
 
 def currencies_due(session: Session, pending_for_s: float) -> dict[str, int]:

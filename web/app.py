@@ -9,7 +9,8 @@ from flask import Flask, Response, g, request
 from werkzeug.routing import IntegerConverter, Map
 
 from common.logs import accept_request_id, request_id
-from web import accounts, currencies, health, transfers, users
+from web import accounts, currencies, health, metrics, transfers, users
+from web.metrics import REQUEST_DURATION
 from web.openapi import install_docs
 from web.problems import install_error_handlers
 
@@ -32,7 +33,7 @@ def create_app() -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.converters["id"] = IdConverter
     app.url_map.strict_slashes = False
-    for blueprint in (currencies.bp, users.bp, accounts.bp, transfers.bp, health.bp):
+    for blueprint in (currencies.bp, users.bp, accounts.bp, transfers.bp, health.bp, metrics.bp):
         app.register_blueprint(blueprint)
     install_docs(app)
     install_error_handlers(app)
@@ -50,6 +51,9 @@ def install_request_log(app: Flask) -> None:
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        REQUEST_DURATION.labels(request.method, route, str(response.status_code)).observe(elapsed)
         user = g.get("user")
         access_log.info(
             "%s %s %s",
@@ -59,9 +63,9 @@ def install_request_log(app: Flask) -> None:
             extra={
                 "method": request.method,
                 "path": request.path,
-                "route": request.url_rule.rule if request.url_rule else None,
+                "route": route,
                 "status": response.status_code,
-                "duration_ms": round((time.perf_counter() - g.get("started", 0)) * 1000, 3),
+                "duration_ms": round(elapsed * 1000, 3),
                 "user_id": user.id if user is not None else None,
                 "remote_addr": request.remote_addr,
             },

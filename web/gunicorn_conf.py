@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
+
+# Workers share Prometheus metrics through files in this folder (see web.metrics).
+# prometheus_client reads the variable when first imported: set it before anything
+# imports it.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="remit-metrics-")
+
+from prometheus_client import multiprocess
 
 from common.db import dispose_engine
 from common.logs import configure_logging
@@ -31,6 +41,11 @@ errorlog = "-"
 
 def when_ready(server: Any) -> None:
     configure_logging("web")
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    # A dead worker's live gauges must not be summed with the living.
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server: Any, worker: Any) -> None:

@@ -240,6 +240,14 @@ OPERATIONS = (
     ),
     Operation(
         "get",
+        "/metrics",
+        "Prometheus metrics (text exposition format)",
+        200,
+        None,
+        auth=False,
+    ),
+    Operation(
+        "get",
         "/health",
         "Health of the API and its dependencies",
         200,

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from common import transfers
 from common.db import in_transaction, new_session
 from common.errors import RemitError
-from common.models import TransferStatus
+from common.models import SUPERUSER_ID, TransferStatus
 from common.notify import listener
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
@@ -22,6 +22,7 @@ from web.fields import (
     parse_query,
     validate,
 )
+from web.metrics import TRANSFERS_ACCEPTED
 from web.problems import ApiError, problem_body
 from web.render import decode_cursor, json_response, page_response, transfer_json
 from worker.tasks import ring
@@ -32,6 +33,10 @@ bp = Blueprint("transfers", __name__)
 def accepted_response(accepted: transfers.Accepted) -> Response:
     """202 with the transfer; ring the settlement doorbell for a new one (after commit)."""
     transfer = accepted.transfer
+    if accepted.created:
+        TRANSFERS_ACCEPTED.labels(
+            "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
+        ).inc()
     if accepted.created or transfer.status == TransferStatus.PENDING:
         # A replay of a still-pending transfer rings again: if the first doorbell was
         # lost, the client's retry is the fastest way to get it settled.

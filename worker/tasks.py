@@ -14,6 +14,7 @@ from common.currencies import CurrencyInfo, get_currency
 from common.db import is_outage, retrying, transaction
 from common.errors import NotFound
 from common.ledger import (
+    SETTLEMENT_ERROR,
     BatchResult,
     currencies_due,
     pending_exists,
@@ -22,6 +23,7 @@ from common.ledger import (
     settle_batch,
 )
 from common.logs import request_id as log_context
+from common.metrics import record_outcomes
 from common.notify import announce_final
 from common.settings import get_settings
 from worker.app import app
@@ -110,6 +112,9 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
         # After commit: long-polling clients re-read the transfer from the database.
         announce_final(result.final_ids)
         _log_decisions(result)
+        record_outcomes(
+            (d.status, d.reason, result.ages_s.get(d.transfer_id, 0.0)) for d in result.decisions
+        )
         settled += result.settled
         rejected += result.rejected
         # Grow back after a failure shrank the batch: the bad transfer may be behind us.
@@ -153,6 +158,7 @@ def _after_failed_batch(currency: str, limit: int, error: Exception) -> int:
         )
         if attempt.failed:
             announce_final([attempt.transfer_id])
+            record_outcomes([("failed", SETTLEMENT_ERROR, attempt.age_s)])
     return settings.settle_batch_size
 
 
