@@ -28,6 +28,7 @@
 #: worker         run only a settlement worker (Celery) in the foreground
 #: beat           run only the scheduler (Celery beat) in the foreground
 #: flower         run only Flower in the foreground (Flower's FLOWER_* variables apply)
+#: docker ARGS   the stack under Docker Compose: docker compose up --build ARGS (needs a Docker engine and .env)
 #: cli ARGS       the operator CLI (python -m worker.cli): deposit, requeue, audit, sweep, stats, ...
 #: audit          check every ledger invariant of the database; exit 1 on any violation
 #: help           list these commands
@@ -555,6 +556,15 @@ cmd_test() {
     exit "$rc"
 }
 
+# The same services under Docker Compose, each running `./run.sh <service>` in the image.
+cmd_docker() {
+    command -v docker >/dev/null 2>&1 || die "docker is not installed: use ./run.sh, or install Docker"
+    docker info >/dev/null 2>&1 || die "no Docker engine answers here: use ./run.sh instead"
+    [[ -f .env ]] || die "no .env: copy .env.example to .env and set its secrets first"
+    trap - EXIT INT TERM HUP PIPE
+    exec docker compose up --build "$@"
+}
+
 # Operator commands act on the configured servers; they never start throwaway ones.
 cmd_cli() {
     trap - EXIT INT TERM HUP PIPE
@@ -579,7 +589,7 @@ main() {
             usage
             return 0
             ;;
-        up | test | migrate | web | worker | beat | flower | cli | audit) ;;
+        up | test | migrate | web | worker | beat | flower | cli | audit | docker) ;;
         *)
             say "unknown command: $command"
             usage >&2

@@ -1,0 +1,85 @@
+"""The deployable stack, checked without a Docker engine: the compose file and Dockerfile
+are parsed, every service runs a real `./run.sh` command, and every image is pinned."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+APP_SERVICES = ("migrate", "web", "worker", "beat", "flower")
+
+
+def _run_sh_commands() -> set[str]:
+    help_text = subprocess.run(
+        ["bash", str(ROOT / "run.sh"), "help"], capture_output=True, text=True, check=True
+    ).stdout
+    return set(re.findall(r"^  (\w+)", help_text, re.MULTILINE))
+
+
+def test_the_stack_has_every_service() -> None:
+    assert set(SERVICES) == {"postgres", "redis", *APP_SERVICES}
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_each_app_service_runs_the_local_runners_entry_point(name: str) -> None:
+    command = SERVICES[name]["command"]
+    assert command[0] == "./run.sh"
+    assert command[1] == name
+    assert name in _run_sh_commands()
+
+
+def test_images_are_pinned() -> None:
+    for name, service in SERVICES.items():
+        image = service.get("image", "")
+        if name in APP_SERVICES:
+            assert service["build"] == "."
+        tag = image.rsplit(":", 1)[-1] if ":" in image else ""
+        assert re.fullmatch(r"\d+(\.\d+)+(-[a-z0-9]+)?", tag), (name, image)
+    base = re.search(r"^FROM (\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert base is not None
+    assert re.search(r":\d+\.\d+\.\d+-slim", base.group(1))
+
+
+def test_services_wait_for_healthy_dependencies_and_restart() -> None:
+    for name in ("postgres", "redis"):
+        assert "healthcheck" in SERVICES[name]
+    for name in ("web", "worker", "beat", "flower"):
+        service = SERVICES[name]
+        assert service["restart"] in ("unless-stopped", "always")
+        assert all("condition" in dependency for dependency in service["depends_on"].values())
+    assert SERVICES["migrate"]["restart"] == "no"
+    assert SERVICES["web"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_durability_and_secrets_settings() -> None:
+    assert "--appendonly" in SERVICES["redis"]["command"]
+    assert "yes" in SERVICES["redis"]["command"]
+    assert "pgdata:/var/lib/postgresql/data" in SERVICES["postgres"]["volumes"]
+    assert "FLOWER_BASIC_AUTH" in SERVICES["flower"]["environment"]
+    assert SERVICES["web"]["env_file"] == ".env"
+    example = (ROOT / ".env.example").read_text()
+    for variable in ("SUPERUSER_PASSWORD", "SECRET_KEY", "FLOWER_USER", "FLOWER_PASSWORD"):
+        assert re.search(rf"^{variable}=", example, re.MULTILINE)
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_stop_grace_outlasts_the_workers_shutdown() -> None:
+    def seconds(value: str) -> int:
+        return int(value.rstrip("s"))
+
+    assert seconds(SERVICES["worker"]["stop_grace_period"]) >= 60
+    assert seconds(SERVICES["web"]["stop_grace_period"]) > 30  # gunicorn graceful_timeout
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER remit$", dockerfile, re.MULTILINE)
+    assert "HEALTHCHECK" in dockerfile
+    assert "pip install --no-compile -r requirements.txt" in dockerfile
