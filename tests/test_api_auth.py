@@ -407,3 +407,13 @@ def test_unknown_usernames_are_throttled_too(client) -> None:
     response = client.get("/users/2/accounts", headers=wrong)
     assert_problem(response, 429, "too_many_requests")
     assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_authenticated_responses_are_not_cached_and_not_sniffed(api: Api) -> None:
+    member = api.register()
+    for headers in (member.auth, basic_auth(member.username, "wrong password")):
+        response = api.client.get(f"/users/{member.id}/accounts", headers=headers)
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    public = api.client.get("/currencies")
+    assert public.headers["X-Content-Type-Options"] == "nosniff"

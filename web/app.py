@@ -51,6 +51,10 @@ def install_request_log(app: Flask) -> None:
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if "Authorization" in request.headers:
+            # Balances and transfers must not linger in shared or browser caches.
+            response.headers["Cache-Control"] = "no-store"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
         route = request.url_rule.rule if request.url_rule else "unmatched"
         REQUEST_DURATION.labels(request.method, route, str(response.status_code)).observe(elapsed)
