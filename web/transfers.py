@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response
@@ -27,6 +28,8 @@ from web.problems import ApiError, problem_body
 from web.render import decode_cursor, json_response, page_response, transfer_json
 from worker.tasks import ring
 
+log = logging.getLogger(__name__)
+
 bp = Blueprint("transfers", __name__)
 
 
@@ -34,9 +37,14 @@ def accepted_response(accepted: transfers.Accepted) -> Response:
     """202 with the transfer; ring the settlement doorbell for a new one (after commit)."""
     transfer = accepted.transfer
     if accepted.created:
-        TRANSFERS_ACCEPTED.labels(
-            "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
-        ).inc()
+        kind = "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
+        TRANSFERS_ACCEPTED.labels(kind).inc()
+        log.info(
+            "%s %d accepted",
+            kind,
+            transfer.id,
+            extra={"transfer_id": transfer.id, "currency": transfer.currency},
+        )
     if accepted.created or transfer.status == TransferStatus.PENDING:
         # A replay of a still-pending transfer rings again: if the first doorbell was
         # lost, the client's retry is the fastest way to get it settled.
