@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from common.db import is_retryable, retrying  # noqa: F401 - re-exported for callers
 from common.models import AccountKind, PostingLeg, TransferStatus
 
 log = logging.getLogger(__name__)
