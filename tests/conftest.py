@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -171,6 +173,38 @@ def assert_problem(response, status: int, code: str) -> dict:
     assert all(isinstance(body[member], str) and body[member] for member in ("type", "title"))
     assert isinstance(body["detail"], str)
     return body
+
+
+NEXT_LINK = re.compile(r'^<([^>]+)>; rel="next"$')
+
+
+def next_page(response) -> str | None:
+    """The path and query of the Link rel="next" header, or None on the last page."""
+    link = response.headers.get("Link")
+    if link is None:
+        return None
+    match = NEXT_LINK.match(link)
+    assert match, link
+    url = urlsplit(match[1])
+    return f"{url.path}?{url.query}"
+
+
+def read_all_pages(client, path: str, auth: dict[str, str]) -> tuple[list[dict], int]:
+    """Every item of a listing by following Link headers; also the number of pages."""
+    items: list[dict] = []
+    pages = 0
+    next_path: str | None = path
+    while next_path is not None:
+        response = client.get(next_path, headers=auth)
+        assert response.status_code == 200, response.get_json()
+        page = response.get_json()
+        pages += 1
+        assert pages < 100, "pagination does not end"
+        items.extend(page)
+        next_path = next_page(response)
+        if next_path is not None:
+            assert page, "a Link to a next page after an empty page"
+    return items, pages
 
 
 def basic_auth(username: str, password: str) -> dict[str, str]:

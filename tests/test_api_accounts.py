@@ -5,47 +5,16 @@ from __future__ import annotations
 
 import base64
 import re
-from urllib.parse import urlsplit
 
 import pytest
 
 from common.accounts import MAX_ACCOUNTS_PER_USER
-from tests.conftest import SUPERUSER, assert_problem
+from tests.conftest import SUPERUSER, assert_problem, next_page, read_all_pages
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 ACCOUNT_FIELDS = {"id", "user_id", "currency", "kind", "balance", "created_at"}
 POSTING_FIELDS = {"id", "transfer_id", "amount", "balance_after", "created_at"}
 MISSING_ID = 2**62
-NEXT_LINK = re.compile(r'^<([^>]+)>; rel="next"$')
-
-
-def next_page(response) -> str | None:
-    """The path and query of the Link rel="next" header, or None on the last page."""
-    link = response.headers.get("Link")
-    if link is None:
-        return None
-    match = NEXT_LINK.match(link)
-    assert match, link
-    url = urlsplit(match[1])
-    return f"{url.path}?{url.query}"
-
-
-def read_all_pages(client, path: str, auth: dict[str, str]) -> tuple[list[dict], int]:
-    """Every item of a listing by following Link headers; also the number of pages."""
-    items: list[dict] = []
-    pages = 0
-    next_path: str | None = path
-    while next_path is not None:
-        response = client.get(next_path, headers=auth)
-        assert response.status_code == 200, response.get_json()
-        page = response.get_json()
-        pages += 1
-        assert pages < 100, "pagination does not end"
-        items.extend(page)
-        next_path = next_page(response)
-        if next_path is not None:
-            assert page, "a Link to a next page after an empty page"
-    return items, pages
 
 
 def superuser_account(client, currency: str, kind: str) -> int:

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.conftest import SUPERUSER, Api, Member, assert_problem
+from tests.conftest import SUPERUSER, Api, Member, assert_problem, next_page, read_all_pages
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 TRANSFER_FIELDS = {
@@ -27,31 +27,6 @@ TRANSFER_FIELDS = {
     "settled_at",
 }
 MISSING_ID = 2**62
-NEXT_LINK = re.compile(r'^<([^>]+)>; rel="next"$')
-
-
-def next_page(response) -> str | None:
-    link = response.headers.get("Link")
-    if link is None:
-        return None
-    match = NEXT_LINK.match(link)
-    assert match, link
-    url = urlsplit(match[1])
-    return f"{url.path}?{url.query}"
-
-
-def read_all_pages(client, path: str, auth: dict[str, str]) -> tuple[list[dict], int]:
-    items: list[dict] = []
-    pages = 0
-    next_path: str | None = path
-    while next_path is not None:
-        response = client.get(next_path, headers=auth)
-        assert response.status_code == 200, response.get_json()
-        pages += 1
-        assert pages < 100, "pagination does not end"
-        items.extend(response.get_json())
-        next_path = next_page(response)
-    return items, pages
 
 
 def post_transfer(client, member: Member, fields: dict, key: str | None = None, *, as_json=False):

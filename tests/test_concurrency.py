@@ -37,6 +37,19 @@ def _in_parallel(app: Any, jobs: list[Any], worker: Any) -> list[Any]:
     return [result for _, result in sorted(results, key=lambda pair: pair[0])]
 
 
+def _random_usd_transfers(
+    members: list[Member], rng: random.Random, count: int, low_cents: int, high_cents: int
+) -> list[tuple[Member, int, int, str]]:
+    """`count` transfers between random distinct members, amounts in [low, high] cents."""
+    jobs = []
+    for _ in range(count):
+        payer, payee = rng.sample(members, 2)
+        cents = rng.randint(low_cents, high_cents)
+        amount = f"{cents // 100}.{cents % 100:02d}"
+        jobs.append((payer, payer.accounts["USD"], payee.accounts["USD"], amount))
+    return jobs
+
+
 def _post_transfer(client: Any, job: tuple[Member, int, int, str]) -> tuple[int, dict]:
     payer, source, target, amount = job
     response = client.post(
@@ -87,17 +100,7 @@ def _commission_balance() -> int:
 def test_200_concurrent_transfers_settle_as_if_applied_in_id_order(api: Api, app: Any) -> None:
     members = [api.funded(f"{random.randint(5, 40)}.00") for _ in range(5)]
     rng = random.Random(20261127)
-    jobs = []
-    for _ in range(200):
-        payer, payee = rng.sample(members, 2)
-        jobs.append(
-            (
-                payer,
-                payer.accounts["USD"],
-                payee.accounts["USD"],
-                f"{rng.randint(1, 900) / 100:.2f}",
-            )
-        )
+    jobs = _random_usd_transfers(members, rng, 200, 1, 900)
     start = _usd_balances(api, members)
     commission_start = _commission_balance()
 
@@ -149,17 +152,7 @@ def test_transfers_racing_the_worker_never_overdraw(api: Api, app: Any) -> None:
     """No lock held: submissions and settlements interleave freely; invariants hold."""
     members = [api.funded("20.00") for _ in range(4)]
     rng = random.Random(7)
-    jobs = []
-    for _ in range(200):
-        payer, payee = rng.sample(members, 2)
-        jobs.append(
-            (
-                payer,
-                payer.accounts["USD"],
-                payee.accounts["USD"],
-                f"{rng.randint(100, 700) / 100:.2f}",
-            )
-        )
+    jobs = _random_usd_transfers(members, rng, 200, 100, 700)
     total_before = sum(_usd_balances(api, members).values()) + _commission_balance()
     results = _in_parallel(app, jobs, _post_transfer)
     assert [s for s, _ in results if s != 202] == [], [b for s, b in results if s != 202][:3]
