@@ -27,7 +27,8 @@
 #: web            run only the API (gunicorn) in the foreground, as its docker compose service does
 #: worker         run only a settlement worker (Celery) in the foreground
 #: beat           run only the scheduler (Celery beat) in the foreground
-#: flower         run only Flower in the foreground (Flower's FLOWER_* variables apply)
+#: flower         run only Flower in the foreground, behind FLOWER_BASIC_AUTH (Flower's FLOWER_* variables apply)
+#: bench [--quick]  benchmark the real stack on its own throwaway servers (bench/README.md; --help)
 #: docker ARGS   the stack under Docker Compose: docker compose up --build ARGS (needs a Docker engine and .env)
 #: cli ARGS       the operator CLI (python -m worker.cli): deposit, requeue, audit, sweep, stats, ...
 #: audit          check every ledger invariant of the database; exit 1 on any violation
@@ -473,12 +474,48 @@ beat_schedule_file() {
     fi
 }
 
+# Refuses, with the one line that says why, a configuration the processes would refuse at
+# start (REMIT_ENV=production without SUPERUSER_PASSWORD or SECRET_KEY...): the same check
+# they make, before anything starts.
+check_settings() {
+    "${BIN}python3" -m common.settings || exit 2
+}
+
+# Flower is always behind a password. FLOWER_BASIC_AUTH is "user:password" (Flower reads it
+# from the environment, as it would --basic-auth: an environment stays out of `ps`), else
+# FLOWER_USER and FLOWER_PASSWORD; in development, when none is set, a random password is
+# made for this run and FLOWER_GENERATED is set so that it is printed once.
+FLOWER_GENERATED=""
+flower_auth() {
+    if [[ -z ${FLOWER_BASIC_AUTH:-} && -n ${FLOWER_USER:-}${FLOWER_PASSWORD:-} ]]; then
+        [[ -n ${FLOWER_USER:-} && -n ${FLOWER_PASSWORD:-} ]] ||
+            die "set both FLOWER_USER and FLOWER_PASSWORD (or FLOWER_BASIC_AUTH=user:password)"
+        FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD"
+    fi
+    if [[ -z ${FLOWER_BASIC_AUTH:-} ]]; then
+        [[ $REMIT_ENV == development ]] ||
+            die "Flower needs a password when REMIT_ENV=$REMIT_ENV: set FLOWER_BASIC_AUTH=user:password (or FLOWER_USER and FLOWER_PASSWORD)"
+        FLOWER_BASIC_AUTH="operator:$("${BIN}python3" -c 'import secrets; print(secrets.token_urlsafe(18))')"
+        FLOWER_GENERATED=1
+    fi
+    [[ $FLOWER_BASIC_AUTH =~ ^[^:,]+:[^,]+$ ]] ||
+        die "FLOWER_BASIC_AUTH must be user:password (with no comma), e.g. operator:a-long-secret"
+    [[ $REMIT_ENV != production || $FLOWER_BASIC_AUTH != *:change-me* ]] ||
+        die "the Flower password is .env.example's placeholder: set a real one when REMIT_ENV=production"
+    export FLOWER_BASIC_AUTH
+}
+
 # One service in the foreground. exec: it becomes this process, so a container's SIGTERM
 # reaches it directly; no throwaway servers, nothing to clean up.
 cmd_service() {
     local name=$1
     shift
     (($# == 0)) || { say "$name takes no arguments"; usage >&2; exit 2; }
+    check_settings
+    if [[ $name == flower ]]; then
+        flower_auth
+        [[ -z $FLOWER_GENERATED ]] || say "Flower login for this run: ${FLOWER_BASIC_AUTH%%:*} / ${FLOWER_BASIC_AUTH#*:}"
+    fi
     service_command "$name"
     trap - EXIT INT TERM HUP PIPE
     exec "${SERVICE[@]}"
@@ -499,6 +536,8 @@ cmd_up() {
         ! port_open 127.0.0.1 "${!port}" ||
             die "something already listens on 127.0.0.1:${!port}: stop it, or choose another $port"
     done
+    check_settings
+    flower_auth
     ensure_postgres
     ensure_redis
     migrate
@@ -516,14 +555,19 @@ cmd_up() {
         start_app "$name" "${SERVICE[@]}"
     done
     wait_for_worker || stop_now
-    # Flower's /metrics and /healthcheck skip auth: loopback only on a developer's machine.
+    # Behind FLOWER_BASIC_AUTH (flower_auth); its /metrics and /healthcheck skip auth, so
+    # loopback only on a developer's machine all the same.
     service_command flower
     start_app flower "${SERVICE[@]}" --address=127.0.0.1
     wait_for_http || stop_now
 
     say "up — API    http://127.0.0.1:$PORT"
     say "     docs   http://127.0.0.1:$PORT/docs"
-    say "     Flower http://127.0.0.1:$FLOWER_PORT"
+    if [[ -n $FLOWER_GENERATED ]]; then
+        say "     Flower http://127.0.0.1:$FLOWER_PORT  user ${FLOWER_BASIC_AUTH%%:*}, password ${FLOWER_BASIC_AUTH#*:} (made for this run)"
+    else
+        say "     Flower http://127.0.0.1:$FLOWER_PORT  (FLOWER_BASIC_AUTH)"
+    fi
     say "Ctrl-C stops everything"
 
     while [[ -z $STOP_SIGNAL ]]; do
@@ -575,8 +619,17 @@ cmd_audit() {
     cmd_cli audit "$@"
 }
 
+# The benchmark starts its own PostgreSQL and Redis (never the configured ones) and
+# stops them itself; Ctrl-C or SIGTERM reaches it as SIGINT, its clean stop.
+cmd_bench() {
+    local rc=0
+    run_child "${BIN}python3" -m bench "$@" || rc=$?
+    exit "$rc"
+}
+
 cmd_migrate() {
     (($# == 0)) || { say "migrate takes no arguments"; usage >&2; exit 2; }
+    check_settings
     ensure_postgres
     migrate
 }
@@ -589,7 +642,7 @@ main() {
             usage
             return 0
             ;;
-        up | test | migrate | web | worker | beat | flower | cli | audit | docker) ;;
+        up | test | migrate | web | worker | beat | flower | cli | audit | docker | bench) ;;
         *)
             say "unknown command: $command"
             usage >&2

@@ -32,6 +32,9 @@ def get_engine() -> Engine:
         # instead of failing the first statement of a request.
         pool_pre_ping=True,
         pool_timeout=5,
+        # Errors and logs show statements, never their values: a failed INSERT INTO users
+        # must not write a password hash (or anything a client sent) into the logs.
+        hide_parameters=True,
         connect_args={
             "connect_timeout": 5,
             "application_name": os.environ.get("REMIT_APP_NAME", "remit"),

@@ -40,20 +40,23 @@ class _Context(logging.Filter):
         return True
 
 
+def json_formatter() -> JsonFormatter:
+    """The formatter of every log line (and of the tests that read log lines)."""
+    return JsonFormatter(
+        "{levelname}{name}{message}{service}{request_id}",
+        style="{",
+        timestamp="time",
+        rename_fields={"levelname": "level", "name": "logger"},
+    )
+
+
 def configure_logging(service: str) -> None:
     """One JSON line per record on stderr; level from LOG_LEVEL (default INFO)."""
     if os.environ.get("REMIT_LOG_SETUP", "1") == "0":
         # The test suite keeps pytest's own log capture.
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter(
-            "{levelname}{name}{message}{service}{request_id}",
-            style="{",
-            timestamp="time",
-            rename_fields={"levelname": "level", "name": "logger"},
-        )
-    )
+    handler.setFormatter(json_formatter())
     handler.addFilter(_Context(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]

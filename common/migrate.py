@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from common.models import SUPERUSER_ID
-from common.passwords import hash_password, verify_password
+from common.passwords import hash_password, needs_rehash, verify_password
 from common.settings import ConfigurationError, get_settings, normalize_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +49,13 @@ def set_superuser_password(database_url: str, password: str) -> None:
             current = connection.scalar(
                 text("SELECT password_hash FROM users WHERE id = :id"), {"id": SUPERUSER_ID}
             )
-            # Re-hashing on every deploy would be harmless but slow; keep a matching hash.
-            if current and verify_password(SUPERUSER_ID, password, current):
+            # Re-hashing on every deploy would be harmless but slow; keep a matching hash
+            # (unless it was made with another cost than today's).
+            if (
+                current
+                and verify_password(SUPERUSER_ID, password, current)
+                and not needs_rehash(current)
+            ):
                 return
             connection.execute(
                 text("UPDATE users SET password_hash = :hash WHERE id = :id"),

@@ -23,11 +23,23 @@ log = logging.getLogger(__name__)
 CHANNEL = "remit:transfers:final"
 
 
+_client_lock = threading.Lock()
+
+
 @cache
-def _publisher() -> redis.Redis:
+def _new_client() -> redis.Redis:
     return redis.Redis.from_url(
         get_settings().redis_url, socket_timeout=1, socket_connect_timeout=1
     )
+
+
+def _publisher() -> redis.Redis:
+    # Built once, under a lock. Without it two threads of a gunicorn (gthread) worker may
+    # each build a client at first use; the one not cached is garbage-collected and, as
+    # from_url clients close their pool, disconnects it while the other thread is still
+    # using it: ValueError / AttributeError / EBADF out of redis-py, i.e. a 500.
+    with _client_lock:
+        return _new_client()
 
 
 def announce_final(transfer_ids: Iterable[int]) -> None:

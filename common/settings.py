@@ -6,7 +6,9 @@ a required value that is missing stops the process at start with one clear line.
 
 from __future__ import annotations
 
+import hmac
 import os
+import sys
 from dataclasses import dataclass
 from functools import cache
 
@@ -14,6 +16,9 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/remit"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Only ever used when REMIT_ENV=development; production refuses to start without a real one.
 DEVELOPMENT_SUPERUSER_PASSWORD = "remit-development-only"  # noqa: S105
+# .env.example's placeholders start so: copied unedited, they are refused in production.
+PLACEHOLDER_PREFIX = "change-me"
+MIN_SECRET_KEY_LENGTH = 32
 
 
 class ConfigurationError(RuntimeError):
@@ -85,9 +90,34 @@ class Settings:
     def require_superuser_password(self) -> str:
         if self.superuser_password:
             return self.superuser_password
-        if self.is_production:
-            raise ConfigurationError("SUPERUSER_PASSWORD is required when REMIT_ENV=production")
+        if self.environment != "development":
+            raise ConfigurationError(
+                f"SUPERUSER_PASSWORD is required when REMIT_ENV={self.environment}"
+            )
         return DEVELOPMENT_SUPERUSER_PASSWORD
+
+
+def _require_production_secrets(superuser_password: str | None, secret: str) -> None:
+    """Production never runs on a missing, default or placeholder secret."""
+    if not superuser_password:
+        raise ConfigurationError("SUPERUSER_PASSWORD is required when REMIT_ENV=production")
+    is_default = hmac.compare_digest(
+        superuser_password.encode("utf-8", "surrogatepass"), DEVELOPMENT_SUPERUSER_PASSWORD.encode()
+    )
+    if is_default or superuser_password.startswith(PLACEHOLDER_PREFIX):
+        raise ConfigurationError(
+            "SUPERUSER_PASSWORD is the development default or .env.example's placeholder: "
+            "set a real password when REMIT_ENV=production"
+        )
+    if not 8 <= len(superuser_password) <= 1024:
+        raise ConfigurationError("SUPERUSER_PASSWORD must have 8 to 1024 characters")
+    if not secret:
+        raise ConfigurationError("SECRET_KEY is required when REMIT_ENV=production")
+    if secret.startswith(PLACEHOLDER_PREFIX) or len(secret) < MIN_SECRET_KEY_LENGTH:
+        raise ConfigurationError(
+            f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} random characters, not "
+            ".env.example's placeholder (python3 -c 'import secrets; print(secrets.token_hex(32))')"
+        )
 
 
 def load_settings() -> Settings:
@@ -97,9 +127,12 @@ def load_settings() -> Settings:
             f"REMIT_ENV must be development, production or test, got {environment!r}"
         )
     secret = os.environ.get("SECRET_KEY", "")
+    superuser_password = os.environ.get("SUPERUSER_PASSWORD") or None
+    if environment == "production":
+        # Checked by every process (web, worker, beat, flower, migrate, cli), so that the
+        # stack as a whole refuses to start, not just the step that applies the password.
+        _require_production_secrets(superuser_password, secret)
     if not secret:
-        if environment == "production":
-            raise ConfigurationError("SECRET_KEY is required when REMIT_ENV=production")
         # Per-process random key: only the in-memory auth cache and cursors depend on it.
         secret = os.urandom(32).hex()
     cores = os.cpu_count() or 1
@@ -109,7 +142,7 @@ def load_settings() -> Settings:
             os.environ.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL
         ),
         redis_url=os.environ.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL,
-        superuser_password=os.environ.get("SUPERUSER_PASSWORD") or None,
+        superuser_password=superuser_password,
         secret_key=secret.encode(),
         port=_int("PORT", 8000),
         flower_port=_int("FLOWER_PORT", 5555),
@@ -130,3 +163,20 @@ def load_settings() -> Settings:
 @cache
 def get_settings() -> Settings:
     return load_settings()
+
+
+def main() -> int:
+    """`python -m common.settings`: check the configuration, as run.sh does before a service.
+
+    Prints nothing when it is fine; one line (and exit status 2) when it is not.
+    """
+    try:
+        load_settings()
+    except ConfigurationError as error:
+        print(f"remit: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ The environment is set here, before any project module reads its settings.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import itertools
 import os
@@ -48,6 +49,22 @@ def _claim_redis_db(base_url: str) -> int:
 
 
 TEST_REDIS_DB = _claim_redis_db(_BASE_REDIS_URL)
+
+
+@atexit.register
+def _release_redis_db() -> None:
+    # The claim is made on import: a run that never flushes its DB (--collect-only, a
+    # script importing this module) must not hold one of the 15 for two hours.
+    client = redis.Redis.from_url(_BASE_REDIS_URL.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}")
+    try:
+        if client.get("remit:test-run") == RUN_ID.encode():
+            client.delete("remit:test-run")
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+
+
 SUPERUSER_PASSWORD = "superuser-test-password"
 
 os.environ.update(

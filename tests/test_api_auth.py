@@ -1,21 +1,29 @@
 """API.md's auth rules, parametrized over every authenticated route.
 
 Actors: anonymous, wrong credentials, malformed Authorization headers, another
-user, the owner and the superuser. Plus the login throttle.
+user, the owner and the superuser. Plus the login throttle, the cost of a failed
+login, the verification cache and the headers of authenticated responses.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
-from tests.conftest import SUPERUSER, Api, Member, assert_problem, basic_auth
-from web.throttle import MAX_FAILURES_PER_USERNAME, WINDOW_S
+from common import passwords
+from common.db import transaction
+from common.passwords import hash_password
+from tests.conftest import SUPERUSER, SUPERUSER_PASSWORD, Api, Member, assert_problem, basic_auth
+from web.throttle import KEY_PREFIX, MAX_FAILURES_PER_ADDRESS, MAX_FAILURES_PER_USERNAME, WINDOW_S
+from worker.cli import main as cli
 
 CHALLENGE = 'Basic realm="remit"'
 OWNER_FULL_NAME = "Owner Confidential-Name"
@@ -220,6 +228,15 @@ def test_wrong_password_is_unauthorized(client, world, route_name: str) -> None:
 def test_unknown_username_is_unauthorized(client, world, route_name: str) -> None:
     response = ROUTES[route_name].call(client, world, basic_auth("nobody-here", "password"))
     assert_unauthorized(response)
+    assert_no_secrets(response, world)
+
+
+@route_names
+def test_superuser_with_a_wrong_password_is_unauthorized(client, world, route_name: str) -> None:
+    headers = basic_auth(SUPERUSER.username, SUPERUSER.password + "x")
+    response = ROUTES[route_name].call(client, world, headers)
+    assert_unauthorized(response)
+    assert_no_secrets(response, world)
 
 
 @route_names
@@ -337,6 +354,38 @@ def test_superuser_accounts_are_not_visible_to_users(client, world) -> None:
     assert_problem(client.get("/users/1/accounts", headers=world.other.auth), 403, "forbidden")
 
 
+def test_batch_items_from_others_accounts_are_not_found(client, world) -> None:
+    other = world.other
+    response = client.post(
+        f"/users/{other.id}/transfers/batch",
+        json={
+            "transfers": [
+                {"from": world.owner.accounts["USD"], "to": other.accounts["USD"], "amount": "1"},
+                {"from": other.accounts["USD"], "to": world.owner.accounts["USD"], "amount": "1"},
+            ]
+        },
+        headers=other.auth,
+    )
+    assert response.status_code == 202
+    stolen, paying_in = response.get_json()["results"]
+    assert stolen["status"] == 404
+    assert stolen["error"]["code"] == "account_not_found"
+    # Paying *into* someone's account is allowed (any `to`), and shows nothing of theirs.
+    assert paying_in["status"] == 202
+    assert_no_secrets(response, world)
+
+
+def test_long_poll_on_others_transfer_is_not_found_at_once(client, world) -> None:
+    other = world.other
+    started = time.monotonic()
+    response = client.get(
+        f"/users/{other.id}/transfers/{world.transfer_id}?wait=5", headers=other.auth
+    )
+    assert_problem(response, 404, "transfer_not_found")
+    assert time.monotonic() - started < 2
+    assert_no_secrets(response, world)
+
+
 def test_superuser_cannot_pay_even_from_its_own_accounts(client, world) -> None:
     accounts = client.get("/users/1/accounts", headers=SUPERUSER.auth).get_json()
     [commission] = [
@@ -417,3 +466,165 @@ def test_authenticated_responses_are_not_cached_and_not_sniffed(api: Api) -> Non
         assert response.headers["X-Content-Type-Options"] == "nosniff"
     public = api.client.get("/currencies")
     assert public.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def _actor_headers(world: World, actor: str) -> dict[str, str]:
+    return {
+        "owner": world.owner.auth,
+        "other": world.other.auth,
+        "superuser": SUPERUSER.auth,
+        "wrong password": basic_auth(world.owner.username, "not the password"),
+        "malformed": {"Authorization": MALFORMED_AUTHORIZATION["not base64"]},
+    }[actor]
+
+
+@route_names
+@pytest.mark.parametrize("actor", ["owner", "other", "superuser", "wrong password", "malformed"])
+def test_every_answer_to_credentials_is_no_store_and_nosniff(
+    client, world, route_name: str, actor: str
+) -> None:
+    response = ROUTES[route_name].call(client, world, _actor_headers(world, actor))
+    assert response.headers["Cache-Control"] == "no-store", response.status_code
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@route_names
+def test_anonymous_answers_are_nosniff_and_carry_no_banner(client, world, route_name) -> None:
+    response = ROUTES[route_name].call(client, world, {})
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    # The app itself names no server software (gunicorn adds a bare "Server: gunicorn",
+    # see tests/test_security.py); Flask and Werkzeug add nothing in WSGI.
+    assert "Server" not in response.headers
+    assert "X-Powered-By" not in response.headers
+
+
+# --- login throttle: per address, only failures count, no usernames kept -----------------
+
+
+def test_repeated_failures_from_one_address_are_throttled(api) -> None:
+    assert MAX_FAILURES_PER_ADDRESS == 100
+    member = api.register()
+    path = f"/users/{member.id}/accounts"
+    attacker = {"REMOTE_ADDR": "198.51.100.7"}
+    neighbour = {"REMOTE_ADDR": "198.51.100.8"}
+    # A credential-stuffing run: each username fails once, so no username is throttled.
+    for attempt in range(MAX_FAILURES_PER_ADDRESS):
+        wrong = basic_auth(f"ghost-{attempt}", "password")
+        assert_unauthorized(api.client.get(path, headers=wrong, environ_base=attacker))
+    # The address now waits for anything, right credentials included...
+    response = api.client.get(path, headers=member.auth, environ_base=attacker)
+    assert_problem(response, 429, "too_many_requests")
+    assert 1 <= int(response.headers["Retry-After"]) <= WINDOW_S
+    # ...while the same user from another address is not affected.
+    assert api.client.get(path, headers=member.auth, environ_base=neighbour).status_code == 200
+
+
+def test_successful_logins_neither_count_nor_reset_failures(api) -> None:
+    member = api.register()
+    path = f"/users/{member.id}/accounts"
+    wrong = basic_auth(member.username, "not the password")
+    for _ in range(MAX_FAILURES_PER_USERNAME - 1):
+        assert_unauthorized(api.client.get(path, headers=wrong))
+    # Basic auth logs in on every request: many successes are not failures...
+    for _ in range(3 * MAX_FAILURES_PER_USERNAME):
+        assert api.client.get(path, headers=member.auth).status_code == 200
+    # ...nor do they wipe the failures (else an attacker could guess between them).
+    assert_unauthorized(api.client.get(path, headers=wrong))
+    assert_problem(api.client.get(path, headers=member.auth), 429, "too_many_requests")
+
+
+def test_throttle_keeps_no_usernames(api, redis_client) -> None:
+    username = "kept-nowhere-" + secrets.token_hex(4)
+    assert_unauthorized(api.client.get("/users/2/accounts", headers=basic_auth(username, "x")))
+    keys = [key.decode() for key in redis_client.scan_iter(KEY_PREFIX + "*")]
+    assert keys, "the failure was not counted"
+    assert not any(username in key for key in keys)
+    assert all(len(key) < 120 for key in keys)
+
+
+# --- constant-time credential checks ------------------------------------------------------
+
+
+class CountingHasher:
+    """The real argon2 hasher, counting verifications (what a failed login costs)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.verifications = 0
+
+    def verify(self, stored_hash: str, password: str) -> bool:
+        self.verifications += 1
+        return self.real.verify(stored_hash, password)
+
+    def hash(self, password: str) -> str:
+        return self.real.hash(password)
+
+
+@pytest.fixture
+def argon2_calls(monkeypatch) -> CountingHasher:
+    counting = CountingHasher(passwords._hasher)
+    monkeypatch.setattr(passwords, "_hasher", counting)
+    return counting
+
+
+@pytest.mark.parametrize(
+    "username",
+    ["no-such-user", "x" * 65, "x" * 5000, "nul\x00name", "", "spa ce", "ünïcödé"],
+    ids=["unknown", "too long", "huge", "nul", "empty", "space", "unicode"],
+)
+def test_an_unknown_username_costs_one_hash(client, argon2_calls, username: str) -> None:
+    response = client.get("/users/2/accounts", headers=basic_auth(username, "some password"))
+    assert_unauthorized(response)
+    # Exactly what a wrong password for a real user costs: time does not tell which exist.
+    assert argon2_calls.verifications == 1
+
+
+def test_a_wrong_password_costs_one_hash_and_is_never_cached(api, argon2_calls) -> None:
+    member = api.register()
+    wrong = basic_auth(member.username, "not the password")
+    before = argon2_calls.verifications
+    for _ in range(3):
+        assert_unauthorized(api.client.get(f"/users/{member.id}/accounts", headers=wrong))
+    assert argon2_calls.verifications - before == 3
+
+
+# --- the verification cache never outlives a password change ------------------------------
+
+
+def test_a_changed_password_hash_defeats_the_cache_at_once(api, argon2_calls) -> None:
+    member = api.register()
+    path = f"/users/{member.id}/accounts"
+    assert api.client.get(path, headers=member.auth).status_code == 200
+    before = argon2_calls.verifications
+    assert api.client.get(path, headers=member.auth).status_code == 200
+    assert argon2_calls.verifications == before, "the second login should be a cache hit"
+
+    with transaction() as session:
+        session.execute(
+            text("UPDATE users SET password_hash = :hash WHERE id = :id"),
+            {"hash": hash_password("a completely new password"), "id": member.id},
+        )
+    # Well within the cache's lifetime, the old password is refused...
+    assert_unauthorized(api.client.get(path, headers=member.auth))
+    new = basic_auth(member.username, "a completely new password")
+    assert api.client.get(path, headers=new).status_code == 200
+
+
+def test_superuser_password_change_by_cli_defeats_a_warm_cache(
+    api, argon2_calls, monkeypatch, capsys
+) -> None:
+    path = "/users/1/accounts"
+    assert api.client.get(path, headers=SUPERUSER.auth).status_code == 200
+    before = argon2_calls.verifications
+    assert api.client.get(path, headers=SUPERUSER.auth).status_code == 200
+    assert argon2_calls.verifications == before, "the old password should be cached"
+    monkeypatch.setattr("sys.stdin", io.StringIO("the next superuser password\n"))
+    try:
+        assert cli(["set-superuser-password", "--password-stdin"]) == 0
+        assert_unauthorized(api.client.get(path, headers=SUPERUSER.auth))
+        new = basic_auth("superuser", "the next superuser password")
+        assert api.client.get(path, headers=new).status_code == 200
+    finally:
+        monkeypatch.setattr("sys.stdin", io.StringIO(SUPERUSER_PASSWORD + "\n"))
+        assert cli(["set-superuser-password", "--password-stdin"]) == 0
+    assert api.client.get(path, headers=SUPERUSER.auth).status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 import pytest
@@ -151,7 +152,9 @@ def test_json_number_amount(client, people, raw: str, shown: str) -> None:
     assert response.get_json()["amount"] == shown
 
 
-@pytest.mark.parametrize("amount", ["", "0", "1e3", "NaN", "10.123", "-5"])
+@pytest.mark.parametrize(
+    "amount", ["", "0", "1e3", "NaN", "10.123", "-5", "1" * 16, "1000000000000000", "0.001"]
+)
 def test_bad_deposit_amount(client, people, amount: str) -> None:
     payer, _ = people
     response = client.post(
@@ -160,6 +163,44 @@ def test_bad_deposit_amount(client, people, amount: str) -> None:
         headers=SUPERUSER.auth,
     )
     assert_problem(response, 400, "invalid_amount")
+
+
+def test_largest_deposit_is_accepted(api) -> None:
+    member = api.register()
+    response = api.client.post(
+        f"/accounts/{member.accounts['USD']}/deposits",
+        data={"amount": "999999999999999.99"},
+        headers=SUPERUSER.auth,
+    )
+    assert response.status_code == 202, response.get_json()
+    assert response.get_json()["amount"] == "999999999999999.99"
+
+
+def test_batch_item_limits_fail_each_item_alone(client, people) -> None:
+    payer, payee = people
+    good = {"from": payer.accounts["USD"], "to": payee.accounts["USD"], "amount": "1"}
+    key = secrets.token_hex(128)[:255]
+    items = [
+        {**good, "comment": "x" * 256},
+        {**good, "idempotency_key": "k" * 256},
+        {**good, "idempotency_key": ""},
+        {**good, "amount": "1" * 16},
+        {**good, "amount": "0.001"},
+        {**good, "comment": "x" * 255, "idempotency_key": key},
+    ]
+    response = client.post(
+        f"/users/{payer.id}/transfers/batch", json={"transfers": items}, headers=payer.auth
+    )
+    assert response.status_code == 202, response.get_json()
+    results = response.get_json()["results"]
+    assert [r["status"] for r in results] == [400, 400, 400, 400, 400, 202]
+    assert [r["error"]["code"] for r in results[:5]] == [
+        "invalid_request",
+        "invalid_request",
+        "invalid_request",
+        "invalid_amount",
+        "invalid_amount",
+    ]
 
 
 # --- ids -----------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
 )
 
-from common.money import InvalidAmount, canonical_amount
+from common.money import MAX_DECIMALS, MAX_INTEGER_DIGITS, InvalidAmount, canonical_amount
 from web.problems import ApiError
 
 MAX_ID = 2**63 - 1
@@ -61,9 +62,39 @@ def _seconds(value: object) -> Decimal:
     return Decimal(value)
 
 
-Id = Annotated[int, BeforeValidator(_id)]
+# What the OpenAPI document says about ids and amounts. The validators above decide; these
+# describe the same rules to clients (and to the contract fuzzer, which generates from them).
+ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
+# A positive amount: a non-zero integer part with up to 15 digits (leading zeros aside) and up
+# to 6 fractional digits, or a zero integer part with a non-zero fraction of up to 6 digits
+# (spelt out without lookahead, which JSON Schema regexes may lack). How many fractional
+# digits a currency takes (2 for the seeded ones) is checked later.
+_NON_ZERO_FRACTION = "|".join(
+    "0" * zeros
+    + "[1-9]"
+    + (f"[0-9]{{0,{MAX_DECIMALS - 1 - zeros}}}" if zeros < MAX_DECIMALS - 1 else "")
+    for zeros in range(MAX_DECIMALS)
+)
+AMOUNT_PATTERN = (
+    rf"^(?:0*[1-9][0-9]{{0,{MAX_INTEGER_DIGITS - 1}}}(?:\.[0-9]{{1,{MAX_DECIMALS}}})?"
+    rf"|0+\.(?:{_NON_ZERO_FRACTION}))$"
+)
+AMOUNT_SCHEMA = {
+    "description": (
+        "A positive decimal amount in major units: ASCII digits and at most one '.', "
+        "at most 15 integer digits and at most as many fractional digits as the currency has "
+        '("10", "10.5", "10.50"). A JSON number is read as its shortest decimal text.'
+    ),
+    "anyOf": [
+        {"type": "string", "pattern": AMOUNT_PATTERN},
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 10**MAX_INTEGER_DIGITS},
+    ],
+    "examples": ["10.50"],
+}
+
+Id = Annotated[int, BeforeValidator(_id), WithJsonSchema(ID_SCHEMA)]
 Text = Annotated[str, AfterValidator(_text)]
-Amount = Annotated[str, BeforeValidator(_amount)]
+Amount = Annotated[str, BeforeValidator(_amount), WithJsonSchema(AMOUNT_SCHEMA)]
 
 
 class Schema(BaseModel):
@@ -117,7 +148,11 @@ class PageQuery(Schema):
 
 class TransferWaitQuery(Schema):
     # Seconds to hold a pending transfer's answer (long poll): "5", "0.5"; at most 30.
-    wait: Annotated[Decimal, BeforeValidator(_seconds)] = Field(Decimal(0), ge=0, le=30)
+    wait: Annotated[
+        Decimal,
+        BeforeValidator(_seconds),
+        WithJsonSchema({"type": "number", "minimum": 0, "maximum": 30}),
+    ] = Field(Decimal(0), ge=0, le=30, json_schema_extra={"default": 0})
 
 
 class TransferListQuery(PageQuery):

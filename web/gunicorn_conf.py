@@ -12,13 +12,20 @@ from typing import Any
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="remit-metrics-")
 
+import sys
+
 from prometheus_client import multiprocess
 
 from common.db import dispose_engine
 from common.logs import configure_logging
-from common.settings import get_settings
+from common.settings import ConfigurationError, get_settings
 
-_settings = get_settings()
+try:
+    _settings = get_settings()
+except ConfigurationError as error:
+    # One line for the operator (REMIT_ENV=production without its secrets...), not a traceback.
+    print(f"remit: {error}", file=sys.stderr)
+    sys.exit(2)
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency

@@ -112,6 +112,12 @@ class Operation:
     json_only: bool = False
     idempotent: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    # A success body that is not JSON (its media type), for /metrics.
+    media_type: str = "application/json"
+    # Error statuses answered with a JSON body of their own instead of a problem.
+    json_errors: dict[int, type[BaseModel]] = field(default_factory=dict)
+    # OpenAPI links from the success response: name -> (target "METHOD /path", values).
+    links: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 _AUTH = ("unauthorized", "too_many_requests")
@@ -129,6 +135,14 @@ OPERATIONS = (
         body=fields.UserCreate,
         errors=(*_BODY, "invalid_username", "invalid_password", "username_taken"),
         headers={"Location": "/users/{id}"},
+        links={
+            "accounts": ("GET /users/{user_id}/accounts", {"user_id": "$response.body#/id"}),
+            "open_account": (
+                "POST /users/{user_id}/accounts/{currency}",
+                {"user_id": "$response.body#/id"},
+            ),
+            "transfers": ("GET /users/{user_id}/transfers", {"user_id": "$response.body#/id"}),
+        },
     ),
     Operation(
         "get",
@@ -138,6 +152,21 @@ OPERATIONS = (
         Account,
         many=True,
         errors=(*_AUTH, "forbidden", "user_not_found"),
+        links={
+            "account": ("GET /accounts/{account_id}", {"account_id": "$response.body#/0/id"}),
+            "statement": (
+                "GET /accounts/{account_id}/postings",
+                {"account_id": "$response.body#/0/id"},
+            ),
+            "deposit": (
+                "POST /accounts/{account_id}/deposits",
+                {"account_id": "$response.body#/0/id"},
+            ),
+            "pay_from_first_account": (
+                "POST /users/{user_id}/transfers",
+                {"user_id": "$request.path.user_id", "$body": {"from": "$response.body#/0/id"}},
+            ),
+        },
     ),
     Operation(
         "post",
@@ -147,6 +176,13 @@ OPERATIONS = (
         Account,
         errors=(*_AUTH, "forbidden", "currency_not_found", "account_limit"),
         headers={"Location": "/accounts/{id}"},
+        links={
+            "account": ("GET /accounts/{account_id}", {"account_id": "$response.body#/id"}),
+            "deposit": (
+                "POST /accounts/{account_id}/deposits",
+                {"account_id": "$response.body#/id"},
+            ),
+        },
     ),
     Operation(
         "get",
@@ -186,6 +222,12 @@ OPERATIONS = (
         ),
         headers={"Location": "/users/{user_id}/transfers/{id}"},
         idempotent=True,
+        links={
+            "transfer": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {"user_id": "$response.body#/from_user_id", "transfer_id": "$response.body#/id"},
+            ),
+        },
     ),
     Operation(
         "post",
@@ -207,6 +249,16 @@ OPERATIONS = (
         ),
         headers={"Location": "/users/{user_id}/transfers/{id}"},
         idempotent=True,
+        links={
+            "transfer": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {"user_id": "$request.path.user_id", "transfer_id": "$response.body#/id"},
+            ),
+            "statement": (
+                "GET /accounts/{account_id}/postings",
+                {"account_id": "$response.body#/from"},
+            ),
+        },
     ),
     Operation(
         "post",
@@ -217,6 +269,15 @@ OPERATIONS = (
         body=fields.BatchCreate,
         json_only=True,
         errors=(*_AUTH, *_BODY, "forbidden"),
+        links={
+            "transfer": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {
+                    "user_id": "$request.path.user_id",
+                    "transfer_id": "$response.body#/results/0/transfer/id",
+                },
+            ),
+        },
     ),
     Operation(
         "get",
@@ -228,6 +289,12 @@ OPERATIONS = (
         query=fields.TransferListQuery,
         errors=(*_AUTH, "forbidden", "user_not_found", "invalid_query"),
         headers={"Link": "next page"},
+        links={
+            "transfer": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {"user_id": "$request.path.user_id", "transfer_id": "$response.body#/0/id"},
+            ),
+        },
     ),
     Operation(
         "get",
@@ -245,6 +312,7 @@ OPERATIONS = (
         200,
         None,
         auth=False,
+        media_type="text/plain",
     ),
     Operation(
         "get",
@@ -253,7 +321,8 @@ OPERATIONS = (
         200,
         Health,
         auth=False,
-        errors=("service_unavailable",),
+        # A failing dependency is named in a Health body, not in a problem.
+        json_errors={503: Health},
     ),
 )
 
@@ -288,7 +357,11 @@ def _schemas() -> dict[str, Any]:
         [(model, "validation") for model in models],
         ref_template="#/components/schemas/{model}",
     )
-    return top["$defs"]
+    schemas = top["$defs"]
+    # The batch route validates its items one by one (so that one bad item fails alone),
+    # hence no item schema in BatchCreate itself; each item is a BatchItem.
+    schemas["BatchCreate"]["properties"]["transfers"]["items"] = _ref(fields.BatchItem)
+    return schemas
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -298,9 +371,37 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     schema = model.model_json_schema(by_alias=True)
     return [
-        {"name": name, "in": "query", "required": False, "schema": prop}
+        {"name": name, "in": "query", "required": False, "schema": _without_null(prop)}
         for name, prop in schema["properties"].items()
     ]
+
+
+def _without_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """An optional query parameter is absent, never null: drop pydantic's null branch."""
+    branches = [b for b in prop.get("anyOf", []) if b != {"type": "null"}]
+    if len(branches) != 1:
+        return prop
+    rest = {key: value for key, value in prop.items() if key not in ("anyOf", "default")}
+    return {**branches[0], **rest}
+
+
+def operation_id(method: str, path: str) -> str:
+    return f"{method}_{path}".replace("/", "_").replace("{", "").replace("}", "")
+
+
+def _links(op: Operation) -> dict[str, Any]:
+    """OpenAPI links: how a response's ids feed the next requests (stateful clients, fuzzers)."""
+    links = {}
+    for name, (target, values) in op.links.items():
+        method, path = target.split(" ", 1)
+        link: dict[str, Any] = {"operationId": operation_id(method.lower(), path)}
+        parameters = {key: value for key, value in values.items() if key != "$body"}
+        if parameters:
+            link["parameters"] = parameters
+        if "$body" in values:
+            link["requestBody"] = values["$body"]
+        links[name] = link
+    return links
 
 
 def _operation(op: Operation) -> dict[str, Any]:
@@ -327,12 +428,16 @@ def _operation(op: Operation) -> dict[str, Any]:
     )
     success: dict[str, Any] = {"description": op.summary}
     if body_schema:
-        success["content"] = {"application/json": {"schema": body_schema}}
+        success["content"] = {op.media_type: {"schema": body_schema}}
+    elif op.media_type != "application/json":
+        success["content"] = {op.media_type: {"schema": {"type": "string"}}}
     if op.headers:
         success["headers"] = {
             name: {"description": text, "schema": {"type": "string"}}
             for name, text in op.headers.items()
         }
+    if op.links:
+        success["links"] = _links(op)
     responses: dict[str, Any] = {str(op.status): success}
     by_status: dict[int, list[str]] = {}
     for code in (*op.errors, *_ALWAYS):
@@ -342,9 +447,14 @@ def _operation(op: Operation) -> dict[str, Any]:
             "description": "Problem: " + ", ".join(sorted(set(codes))),
             "content": {"application/problem+json": {"schema": _ref(Problem)}},
         }
+    for status, model in op.json_errors.items():
+        responses[str(status)] = {
+            "description": model.__name__,
+            "content": {"application/json": {"schema": _ref(model)}},
+        }
     operation: dict[str, Any] = {
         "summary": op.summary,
-        "operationId": f"{op.method}_{op.path}".replace("/", "_").replace("{", "").replace("}", ""),
+        "operationId": operation_id(op.method, op.path),
         "parameters": params,
         "responses": responses,
         "security": [{"basic": []}] if op.auth else [],

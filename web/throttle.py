@@ -2,12 +2,20 @@
 
 Counters live in Redis so every gunicorn worker shares them. If Redis is down
 the check fails open: losing throttling for a while beats refusing every login.
+
+Only failures count, and a success does not reset them: Basic auth logs in on every
+request, so a reset on success would let an attacker guess in the gaps between the
+real user's requests. The window starts at the first failure and is not extended.
+(flask-limiter counts requests per route; failed logins across every route are what
+matter here, which these two counters say directly.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
 from functools import cache
 
 import redis
@@ -22,15 +30,30 @@ MAX_FAILURES_PER_ADDRESS = int(os.environ.get("LOGIN_FAILURES_PER_ADDRESS", "100
 KEY_PREFIX = "remit:login-failures:"
 
 
+_client_lock = threading.Lock()
+
+
 @cache
-def _redis() -> redis.Redis:
+def _new_client() -> redis.Redis:
     return redis.Redis.from_url(
         get_settings().redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
     )
 
 
+def _redis() -> redis.Redis:
+    # Built once, under a lock. Without it two threads of a gunicorn (gthread) worker may
+    # each build a client at first use; the one not cached is garbage-collected and, as
+    # from_url clients close their pool, disconnects it while the other thread is still
+    # using it: ValueError / AttributeError / EBADF out of redis-py, i.e. a 500.
+    with _client_lock:
+        return _new_client()
+
+
 def _keys(username: str, address: str) -> tuple[str, str]:
-    return (KEY_PREFIX + "user:" + username.lower(), KEY_PREFIX + "addr:" + address)
+    # A digest, not the name: an attacker's 8 KB usernames make 64-character keys, and
+    # Redis holds no usernames (nor typos that were passwords).
+    digest = hashlib.sha256(username.lower().encode("utf-8", "surrogatepass")).hexdigest()
+    return (KEY_PREFIX + "user:" + digest, KEY_PREFIX + "addr:" + address)
 
 
 def retry_after(username: str, address: str) -> int | None:

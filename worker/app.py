@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init
+from kombu.transport import redis as kombu_redis
 
 from common.db import dispose_engine
 from common.logs import configure_logging
@@ -74,3 +75,29 @@ def _json_logs(**_: Any) -> None:
 def _fresh_pool_after_fork(**_: Any) -> None:
     # A prefork child must not share the parent's database sockets.
     dispose_engine()
+
+
+def _closed_broker_connection_is_a_connection_error() -> None:
+    """Keep a busy worker alive when the broker connection drops (kombu 5.7.0 bug).
+
+    When Redis goes away while a late-ack task runs, the consumer's cleanup detaches the
+    transport from its connection (Connection.collect) and then closes the channel, whose
+    restore of the unacknowledged message builds a Redis client from the detached
+    connection: AttributeError ('NoneType' object has no attribute 'hostname'), which
+    Celery reports as "Unrecoverable error" and the whole worker exits (found by the
+    chaos suite: every busy worker died on a Redis restart). Raising a connection error
+    there instead is what the cleanup expects and ignores: the worker reconnects, and
+    the message stays unacknowledged in Redis, to come back after the visibility
+    timeout (the doorbell is idempotent; if Redis lost it, the sweeper rings again).
+    """
+    connparams = kombu_redis.Channel._connparams
+
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise ConnectionError("the broker connection is already closed")
+        return connparams(self, asynchronous=asynchronous)
+
+    kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
+
+
+_closed_broker_connection_is_a_connection_error()

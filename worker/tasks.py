@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -32,9 +33,12 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 
-# A task that keeps finding work re-queues itself after this many batches, so one
-# message never holds a worker longer than the broker's visibility timeout.
+# A task that keeps finding work re-queues itself after this many batches or this many
+# seconds, whichever comes first, so one message never holds a worker longer than the
+# broker's visibility timeout (a count alone does not bound time: slow batches), and a
+# warm shutdown (SIGTERM) waits for one slice of the backlog, not for all of it.
 MAX_BATCHES_PER_TASK = 50
+MAX_SECONDS_PER_TASK = min(30.0, settings.visibility_timeout_s / 4)
 
 _HOUSE_OPTIONS = frozenset(
     {"autoretry_for", "max_retries", "retry_backoff", "retry_backoff_max", "retry_jitter"}
@@ -99,7 +103,11 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
         return {"settled": 0, "rejected": 0}
     settled = rejected = 0
     limit = settings.settle_batch_size
+    deadline = time.monotonic() + MAX_SECONDS_PER_TASK
     for _ in range(MAX_BATCHES_PER_TASK):
+        if time.monotonic() >= deadline:
+            ring(currency)
+            break
         try:
             result = retrying(partial(_settle_one_batch, currency, limit, info))
         except Exception as error:
