@@ -9,13 +9,11 @@ which Prometheus' rate() already handles.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
-from functools import cache
 
 import redis
 
-from common.settings import get_settings
+from common.redis_clients import shared_redis
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +22,8 @@ KEY = "remit:metrics:settlement"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-_client_lock = threading.Lock()
-
-
-@cache
-def _new_client() -> redis.Redis:
-    return redis.Redis.from_url(
-        get_settings().redis_url, socket_timeout=1, socket_connect_timeout=1
-    )
-
-
 def _redis() -> redis.Redis:
-    # Built once, under a lock. Without it two threads of a gunicorn (gthread) worker may
-    # each build a client at first use; the one not cached is garbage-collected and, as
-    # from_url clients close their pool, disconnects it while the other thread is still
-    # using it: ValueError / AttributeError / EBADF out of redis-py, i.e. a 500.
-    with _client_lock:
-        return _new_client()
+    return shared_redis("metrics", 1)
 
 
 def record_outcomes(outcomes: Iterable[tuple[str, str | None, float]]) -> None:

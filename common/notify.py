@@ -12,10 +12,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from functools import cache
 
 import redis
 
+from common.redis_clients import shared_redis
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -23,23 +23,8 @@ log = logging.getLogger(__name__)
 CHANNEL = "remit:transfers:final"
 
 
-_client_lock = threading.Lock()
-
-
-@cache
-def _new_client() -> redis.Redis:
-    return redis.Redis.from_url(
-        get_settings().redis_url, socket_timeout=1, socket_connect_timeout=1
-    )
-
-
 def _publisher() -> redis.Redis:
-    # Built once, under a lock. Without it two threads of a gunicorn (gthread) worker may
-    # each build a client at first use; the one not cached is garbage-collected and, as
-    # from_url clients close their pool, disconnects it while the other thread is still
-    # using it: ValueError / AttributeError / EBADF out of redis-py, i.e. a 500.
-    with _client_lock:
-        return _new_client()
+    return shared_redis("notify", 1)
 
 
 def announce_final(transfer_ids: Iterable[int]) -> None:
@@ -113,6 +98,14 @@ class SettlementListener:
                     del self._waiters[transfer_id]
 
 
-@cache
+_listener_lock = threading.Lock()
+_listener: SettlementListener | None = None
+
+
 def listener() -> SettlementListener:
-    return SettlementListener(get_settings().redis_url)
+    """The process's one listener (built under a lock: threads race at first use)."""
+    global _listener  # noqa: PLW0603 - one per process, built lazily after fork
+    with _listener_lock:
+        if _listener is None:
+            _listener = SettlementListener(get_settings().redis_url)
+        return _listener

@@ -14,20 +14,17 @@ from typing import Any
 import pytest
 
 from common import metrics, notify
+from common.redis_clients import forget_clients
 from web import throttle
 
 
 @pytest.mark.parametrize(
-    ("factory", "builder"),
-    [
-        (throttle._redis, throttle._new_client),
-        (notify._publisher, notify._new_client),
-        (metrics._redis, metrics._new_client),
-    ],
-    ids=["throttle", "notify", "metrics"],
+    "factory",
+    [throttle._redis, notify._publisher, metrics._redis, notify.listener],
+    ids=["throttle", "notify", "metrics", "listener"],
 )
-def test_racing_threads_get_one_client(factory: Callable[[], Any], builder: Any) -> None:
-    builder.cache_clear()
+def test_racing_threads_get_one_client(factory: Callable[[], Any]) -> None:
+    forget_clients()
     barrier = threading.Barrier(16)
     clients: list[Any] = []
 

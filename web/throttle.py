@@ -15,12 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
-from functools import cache
 
 import redis
 
-from common.settings import get_settings
+from common.redis_clients import shared_redis
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +28,8 @@ MAX_FAILURES_PER_ADDRESS = int(os.environ.get("LOGIN_FAILURES_PER_ADDRESS", "100
 KEY_PREFIX = "remit:login-failures:"
 
 
-_client_lock = threading.Lock()
-
-
-@cache
-def _new_client() -> redis.Redis:
-    return redis.Redis.from_url(
-        get_settings().redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
-    )
-
-
 def _redis() -> redis.Redis:
-    # Built once, under a lock. Without it two threads of a gunicorn (gthread) worker may
-    # each build a client at first use; the one not cached is garbage-collected and, as
-    # from_url clients close their pool, disconnects it while the other thread is still
-    # using it: ValueError / AttributeError / EBADF out of redis-py, i.e. a 500.
-    with _client_lock:
-        return _new_client()
+    return shared_redis("throttle", 0.5)
 
 
 def _keys(username: str, address: str) -> tuple[str, str]:
