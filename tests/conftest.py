@@ -13,6 +13,7 @@ import itertools
 import os
 import re
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,21 +34,49 @@ RUN_ID = f"{time.strftime('%Y%m%d%H%M%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 TEST_DATABASE = f"remit_test_{RUN_ID}"
 
 
+def _claimant_is_gone(claim: bytes | None) -> bool:
+    """A claim is "host:pid:run"; on this host, a claimant whose process is gone (killed,
+    crashed before its atexit ran) holds the DB for nobody."""
+    if claim is None:
+        return True
+    host, _, rest = claim.decode(errors="replace").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _claim_redis_db(base_url: str) -> int:
     """A Redis DB number no other test run is using: DB 0 is left to the developer's own
     stack; a run claims one of 1-15 with an atomic SET NX, so two runs at once (a
-    developer and CI, say) never consume each other's doorbells."""
+    developer and CI, say) never consume each other's doorbells. A claim left by a
+    process that no longer exists is taken over."""
     root = base_url.rsplit("/", 1)[0]
     for number in range(1, 16):
         client = redis.Redis.from_url(f"{root}/{number}")
         try:
-            if client.set("remit:test-run", RUN_ID, nx=True, ex=2 * 3600):
+            if client.set(CLAIM_KEY, CLAIM, nx=True, ex=2 * 3600):
+                return number
+            old = client.get(CLAIM_KEY)
+            # GET-and-SET only if the stale claim is still the one we read: two runs
+            # taking over the same stale DB at once cannot both win.
+            if _claimant_is_gone(old) and client.set(CLAIM_KEY, CLAIM, xx=True, get=True) == old:
+                client.flushdb()
+                client.set(CLAIM_KEY, CLAIM, ex=2 * 3600)
                 return number
         finally:
             client.close()
-    raise RuntimeError("every Redis DB 1-15 is claimed by another test run")
+    raise RuntimeError("every Redis DB 1-15 is claimed by another live test run")
 
 
+CLAIM_KEY = "remit:test-run"
+CLAIM = f"{socket.gethostname()}:{os.getpid()}:{RUN_ID}"
 TEST_REDIS_DB = _claim_redis_db(_BASE_REDIS_URL)
 
 
@@ -57,8 +86,8 @@ def _release_redis_db() -> None:
     # script importing this module) must not hold one of the 15 for two hours.
     client = redis.Redis.from_url(_BASE_REDIS_URL.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}")
     try:
-        if client.get("remit:test-run") == RUN_ID.encode():
-            client.delete("remit:test-run")
+        if client.get(CLAIM_KEY) == CLAIM.encode():
+            client.delete(CLAIM_KEY)
     except redis.RedisError:
         pass
     finally:
@@ -128,7 +157,7 @@ def redis_client():
     client = redis.Redis.from_url(get_settings().redis_url)
     # Leftovers of a crashed earlier run in this DB; then claim it again.
     client.flushdb()
-    client.set("remit:test-run", RUN_ID, ex=2 * 3600)
+    client.set(CLAIM_KEY, CLAIM, ex=2 * 3600)
     yield client
     # Flushing also releases the claim for the next run.
     client.flushdb()
