@@ -89,6 +89,8 @@ def _closed_broker_connection_is_a_connection_error() -> None:
     there instead is what the cleanup expects and ignores: the worker reconnects, and
     the message stays unacknowledged in Redis, to come back after the visibility
     timeout (the doorbell is idempotent; if Redis lost it, the sweeper rings again).
+    The same AttributeError is reported upstream as celery/kombu#582 ("Error on
+    restarting Gossip"); drop this when kombu handles it.
     """
     connparams = kombu_redis.Channel._connparams
 

@@ -1,0 +1,739 @@
+"""The chaos suite's machinery: throwaway servers, the real processes, and probes.
+
+Everything runs on loopback against a PostgreSQL and a Redis started here from the
+installed binaries (never the system services, which other test runs share): these
+may be flushed, killed and restarted at will. The app processes get their whole
+environment from here, nothing inherited from the pytest process's settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SUPERUSER_PASSWORD = "chaos-superuser-password"
+SECRET_KEY = secrets.token_hex(32)
+
+
+def find_pg_bindir() -> Path | None:
+    """The newest PostgreSQL server binaries: Debian keeps them off PATH."""
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda path: [int(p) if p.isdigit() else 0 for p in Path(path).parent.name.split(".")],
+        reverse=True,
+    )
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        candidates.append(str(Path(on_path).parent))
+    for candidate in candidates:
+        bindir = Path(candidate)
+        if all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+            return bindir
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll until predicate() is truthy and return it; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- servers ------------------------------------------------------------------------------
+
+
+class PostgresServer:
+    """A throwaway cluster: initdb into a temp dir, run as an unprivileged user if root."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="remit-chaos-pg-"))
+        self.data = self.root / "data"
+        self.sock = self.root / "sock"
+        self.log = self.root / "server.log"
+        self.port = free_port()
+        self.os_user: str | None = None
+        if os.geteuid() == 0:
+            try:
+                self.os_user = pwd.getpwnam("postgres").pw_name
+            except KeyError:
+                self.os_user = "nobody"
+            entry = pwd.getpwnam(self.os_user)
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        self.sock.mkdir()
+        if self.os_user:
+            entry = pwd.getpwnam(self.os_user)
+            os.chown(self.sock, entry.pw_uid, entry.pw_gid)
+
+    def _run(self, *argv: str, check: bool = True, timeout: float = 120) -> None:
+        command = list(argv)
+        if self.os_user:
+            command = ["runuser", "-u", self.os_user, "--", *command]
+        result = subprocess.run(
+            command, cwd="/", capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+                f"\n--- server log ---\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def init(self) -> None:
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=300 -c shared_buffers=64MB"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"
+        )
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists() and port_open(self.port)
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            if (self.data / "postmaster.pid").exists():
+                self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database} connect_timeout=5"
+
+    def connect(self, database: str = "postgres") -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn(database), autocommit=True)
+
+    def create_database(self, name: str) -> None:
+        with self.connect() as connection:
+            connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            connection.execute(f'CREATE DATABASE "{name}"')
+
+
+class RedisServer:
+    """A throwaway redis-server in the foreground (a child we can kill and start again)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server was not found: apt-get install redis-server")
+        self.binary = binary
+        self.root = Path(tempfile.mkdtemp(prefix="remit-chaos-redis-"))
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = (self.root / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        process = self.process
+
+        def listening() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({process.returncode}), see {self.root}")
+            return port_open(self.port)
+
+        wait_until(listening, 20, what="the throwaway Redis to listen")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def command(self, *args: str) -> Any:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+
+# --- app processes ------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc; no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # The command name is in parentheses and may hold spaces: split after it.
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def socket_owner(local_port: int, remote_port: int, pids: list[int]) -> int | None:
+    """Which of `pids` holds the TCP socket 127.0.0.1:local_port -> :remote_port."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (
+                int(local.rsplit(":", 1)[1], 16) == local_port
+                and int(remote.rsplit(":", 1)[1], 16) == remote_port
+            ):
+                inode = fields[9]
+                break
+        if inode:
+            break
+    if not inode:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+    return None
+
+
+class AppProcess:
+    """One real process (gunicorn, a Celery worker node, beat) in its own process group."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._log_offset = 0
+        # Set when the test itself ends the process (kill, SIGTERM, stop): any other
+        # exit is a crash, which the stack's watcher records.
+        self.expected_exit = False
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, f"{self.name} is not running"
+        return self.popen.pid
+
+    def start(self) -> None:
+        assert self.popen is None or self.popen.poll() is not None, f"{self.name} runs already"
+        self.starts += 1
+        self.expected_exit = False
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== start #{self.starts} of {self.name} =====\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._log_offset = self.log_path.stat().st_size
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_since_start(self) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_offset)
+            return log.read().decode(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def problems_logged(self) -> dict[str, int]:
+        """ERROR and CRITICAL lines of the JSON log, counted by logger and message start."""
+        counts: dict[str, int] = {}
+        with contextlib.suppress(OSError), self.log_path.open(errors="replace") as log:
+            for line in log:
+                if not line.startswith("{"):
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("level") in ("ERROR", "CRITICAL"):
+                    message = str(record.get("message", "")).splitlines()[0][:70]
+                    key = f"{record.get('logger')}: {message}"
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def signal(self, signum: int) -> None:
+        """To the main process only (Celery and gunicorn handle their children)."""
+        if self.alive():
+            os.kill(self.pid, signum)
+
+    def signal_group(self, signum: int) -> None:
+        if self.popen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group, like a container being killed."""
+        if self.popen is None:
+            return
+        self.expected_exit = True
+        self.signal_group(signal.SIGKILL)
+        self.popen.wait(30)
+        # Orphaned children could linger a moment: wait until the group is gone.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not _group_alive(self.pid), 10, 0.05)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.popen is None:
+            return None
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`. Returns the exit status (None if killed)."""
+        if self.popen is None:
+            return None
+        self.expected_exit = True
+        if self.popen.poll() is None:
+            self.signal_group(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            status = self.wait(timeout)
+            if status is None:
+                self.kill()
+                return None
+        self.kill()  # leftovers of the group, if any
+        return self.popen.returncode
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies count as gone: look for a process of the group that is not one.
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+class Stack:
+    """The app's processes against one database on the throwaway servers."""
+
+    def __init__(
+        self,
+        pg: PostgresServer,
+        redis_server: RedisServer,
+        database: str,
+        log_dir: Path,
+        *,
+        redis_url: str | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.pg = pg
+        self.redis = redis_server
+        self.database = database
+        self.log_dir = log_dir
+        self.redis_url = redis_url or redis_server.url(0)
+        self.web_port = free_port()
+        self.settings = {
+            "WEB_CONCURRENCY": "2",
+            "WORKER_CONCURRENCY": "2",
+            "SWEEP_PENDING_AFTER": "3",
+            "SWEEP_INTERVAL": "2",
+            "VISIBILITY_TIMEOUT": "10",
+            "SETTLE_BATCH_SIZE": "100",
+            "FAILED_RETRY_INTERVAL": "2",
+            **(settings or {}),
+        }
+        self.processes: dict[str, AppProcess] = {}
+        self.crashes: list[str] = []
+        self._watching = threading.Event()
+        self._watcher: threading.Thread | None = None
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def env(self, name: str, *, redis_url: str | None = None) -> dict[str, str]:
+        env = {
+            key: os.environ[key]
+            for key in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+            if key in os.environ
+        }
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "REMIT_ENV": "test",
+                "REMIT_LOG_SETUP": "1",
+                "LOG_LEVEL": "INFO",
+                "REMIT_APP_NAME": f"remit-{name}",
+                "DATABASE_URL": self.pg.url(self.database),
+                "REDIS_URL": redis_url or self.redis_url,
+                "SUPERUSER_PASSWORD": SUPERUSER_PASSWORD,
+                "SECRET_KEY": SECRET_KEY,
+                "PORT": str(self.web_port),
+                "ARGON2_TIME_COST": "1",
+                "ARGON2_MEMORY_KIB": "1024",
+                "LOGIN_FAILURES_PER_ADDRESS": "1000000",
+                "LOGIN_FAILURES_PER_USERNAME": "1000000",
+                **self.settings,
+            }
+        )
+        return env
+
+    def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+        """A one-shot command (migrate, audit) with the stack's environment."""
+        return subprocess.run(
+            [str(VENV_BIN / "python"), *args],
+            cwd=ROOT,
+            env={**self.env("tool"), **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def migrate(self) -> None:
+        result = self.run("-m", "common.migrate")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def audit(self) -> tuple[int, str]:
+        result = self.run("-m", "common.audit")
+        return result.returncode, (result.stdout + result.stderr).strip()
+
+    def _add(self, name: str, argv: list[str], redis_url: str | None) -> AppProcess:
+        process = AppProcess(name, argv, self.env(name, redis_url=redis_url), self.log_dir)
+        self.processes[name] = process
+        return process
+
+    def start_web(self, *, redis_url: str | None = None) -> AppProcess:
+        web = self._add(
+            "web",
+            [
+                str(VENV_BIN / "gunicorn"),
+                "--config",
+                "python:web.gunicorn_conf",
+                "--bind",
+                f"127.0.0.1:{self.web_port}",
+                "web.wsgi:app",
+            ],
+            redis_url,
+        )
+        web.start()
+        return web
+
+    def wait_web(self, timeout: float = 60) -> None:
+        web = self.processes["web"]
+
+        def listening() -> bool:
+            assert web.alive(), f"web exited:\n{web.log_tail()}"
+            try:
+                requests.get(self.base_url + "/currencies", timeout=2)
+            except requests.RequestException:
+                return False
+            return True
+
+        wait_until(listening, timeout, 0.2, "the web to answer")
+
+    def start_worker(self, name: str, *, redis_url: str | None = None) -> AppProcess:
+        worker = self._add(
+            name,
+            [
+                str(VENV_BIN / "celery"),
+                "--app",
+                "worker.app",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                f"{name}@%h",
+            ],
+            redis_url,
+        )
+        worker.start()
+        return worker
+
+    def restart(self, name: str) -> AppProcess:
+        process = self.processes[name]
+        process.start()
+        return process
+
+    def wait_worker_ready(self, name: str, timeout: float = 60) -> None:
+        worker = self.processes[name]
+
+        def ready() -> bool:
+            assert worker.alive(), f"{name} exited:\n{worker.log_tail()}"
+            return " ready." in worker.log_since_start()
+
+        wait_until(ready, timeout, 0.2, f"worker {name} to be ready")
+
+    def start_beat(self, *, redis_url: str | None = None) -> AppProcess:
+        beat = self._add(
+            "beat",
+            [
+                str(VENV_BIN / "celery"),
+                "--app",
+                "worker.app",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "--schedule",
+                str(self.log_dir / "beat-schedule"),
+            ],
+            redis_url,
+        )
+        beat.start()
+        return beat
+
+    def watch(self) -> None:
+        """Record every process that exits on its own, and start it again as a process
+        supervisor would (docker compose's restart policy), so the run goes on."""
+
+        def loop() -> None:
+            while self._watching.is_set():
+                for name, process in list(self.processes.items()):
+                    if process.popen is None or process.expected_exit:
+                        continue
+                    status = process.popen.poll()
+                    if status is not None:
+                        last = process.log_tail(8).replace("\n", " | ")[-600:]
+                        self.crashes.append(f"{name} exited on its own ({status}): {last}")
+                        process.kill()
+                        process.start()
+                time.sleep(0.2)
+
+        self._watching.set()
+        self._watcher = threading.Thread(target=loop, name="stack-watcher", daemon=True)
+        self._watcher.start()
+
+    def unwatch(self) -> None:
+        self._watching.clear()
+        if self._watcher is not None:
+            self._watcher.join(5)
+
+    def stop_all(self) -> dict[str, int | None]:
+        self.unwatch()
+        statuses = {}
+        for name, process in reversed(list(self.processes.items())):
+            statuses[name] = process.stop(timeout=20)
+        return statuses
+
+    # --- probes ---------------------------------------------------------------------------
+
+    def status_counts(self) -> dict[str, int]:
+        """Transfers by status, straight from the database."""
+        with self.pg.connect(self.database) as connection:
+            rows = connection.execute("SELECT status, count(*) FROM transfers GROUP BY status")
+            return dict(rows.fetchall())
+
+    def settling_backend(self, worker: str) -> int | None:
+        """The OS pid of `worker`'s process that is inside a settlement batch right now:
+        its database backend is in the postings insert (the slow-batch trigger's sleep),
+        i.e. after the claim and the account locks and before the commit."""
+        process = self.processes[worker]
+        if not process.alive():
+            return None
+        with self.pg.connect() as connection:
+            rows = connection.execute(
+                "SELECT client_port FROM pg_stat_activity WHERE datname = %s "
+                "AND application_name = %s AND wait_event = 'PgSleep'",
+                (self.database, f"remit-{worker}"),
+            ).fetchall()
+        pids = [process.pid, *descendants(process.pid)]
+        for (client_port,) in rows:
+            if client_port is None:
+                continue
+            owner = socket_owner(client_port, self.pg.port, pids)
+            if owner is not None:
+                return owner
+        return None
+
+
+SLOW_BATCH_FUNCTION = """
+CREATE OR REPLACE FUNCTION chaos_slow_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_sleep((SELECT batch_delay FROM chaos_knobs LIMIT 1));
+  RETURN NULL;
+END $$
+"""
+
+
+def install_slow_batches(pg: PostgresServer, database: str, delay: float) -> None:
+    """Widen the settlement transaction: every batch's postings insert sleeps `delay`
+    seconds inside the batch's transaction, while it holds the currency's lock and its
+    accounts. Test instrumentation on the throwaway database only: the kill windows."""
+    with pg.connect(database) as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS chaos_knobs (batch_delay float8 NOT NULL)")
+        connection.execute("DELETE FROM chaos_knobs")
+        connection.execute("INSERT INTO chaos_knobs VALUES (%s)", (delay,))
+        connection.execute(SLOW_BATCH_FUNCTION)
+        connection.execute(
+            "CREATE OR REPLACE TRIGGER chaos_slow_batch BEFORE INSERT ON postings "
+            "FOR EACH STATEMENT EXECUTE FUNCTION chaos_slow_batch()"
+        )
+
+
+@contextlib.contextmanager
+def servers_from(bindir: Path) -> Iterator[tuple[PostgresServer, RedisServer]]:
+    pg = PostgresServer(bindir)
+    redis_server = RedisServer()
+    try:
+        pg.init()
+        # A free port found a moment ago may be taken meanwhile: try another one.
+        for attempt in range(3):
+            try:
+                pg.start()
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                pg.port = free_port()
+        for attempt in range(3):
+            try:
+                redis_server.start()
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                redis_server.port = free_port()
+        yield pg, redis_server
+    finally:
+        redis_server.destroy()
+        pg.destroy()
