@@ -38,6 +38,11 @@ def get_engine() -> Engine:
         connect_args={
             "connect_timeout": 5,
             "application_name": os.environ.get("REMIT_APP_NAME", "remit"),
+            # A process frozen inside a transaction (SIGSTOP, a stuck thread) would hold
+            # its locks, the settlement lock of a whole currency included, for as long as
+            # it stays frozen; PostgreSQL ends such a session after this long instead.
+            "options": "-c idle_in_transaction_session_timeout="
+            + str(int(float(os.environ.get("DB_IDLE_IN_TRANSACTION_TIMEOUT", "30")) * 1000)),
         },
     )
 

@@ -212,9 +212,16 @@ def _pending_exists(currency: str) -> bool:
 def sweep(self: Task) -> dict[str, int]:
     """Beat: ring for transfers whose doorbell was lost, and retry failed ones when due."""
     log_context.set(None)
-    with transaction() as session:
-        reopened = reopen_failed(session, settings.failed_retry_window_s)
-        due = currencies_due(session, settings.sweep_pending_after_s)
+    try:
+        with transaction() as session:
+            reopened = reopen_failed(session, settings.failed_retry_window_s)
+            due = currencies_due(session, settings.sweep_pending_after_s)
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        # Nothing is lost: the next sweep, a few seconds on, looks again.
+        log.warning("sweep skipped, database unavailable: %s", error)
+        return {}
     for transfer_id, currency in reopened:
         log.warning("retrying failed transfer %d", transfer_id, extra={"transfer_id": transfer_id})
         due.setdefault(currency, 0)
