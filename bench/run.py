@@ -1,0 +1,326 @@
+"""`python -m bench [--quick]`: start the stack on throwaway servers, run the phases,
+print the table, write bench/results/<timestamp>.json and .png. See bench/README.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import procs, report, ui
+from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
+from bench.servers import PG_SETTINGS, Postgres, Redis
+
+# Every funded account starts with this many major units: no bench transfer is
+# ever refused for lack of funds, so every one is a real settlement.
+FUND_MAJOR = 10_000_000
+
+
+class Bench:
+    """The run's servers, processes, data and results; phases (bench.phases) use it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.folder = ROOT / ".run" / "bench" / self.stamp
+        self.logs = self.folder / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pg = Postgres(self.folder / "pg")
+        self.redis = Redis(self.folder / "redis")
+        self.web: Any = None
+        self.worker: Any = None
+        self.env: dict[str, str] = {}
+        self.port = 0
+        self.password = secrets.token_urlsafe(12)
+        self.users: list[Any] = []
+        self.table: dict[str, Any] = {}
+        self.loaded: Any = None
+        self.conn: Any = None
+        self.statements = False
+        self.verify_s = 0.1
+        self.meter = procs.CpuMeter()
+        self.failed = False
+        self.started = time.monotonic()
+        self.results: dict[str, Any] = {
+            "version": 1,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "mode": config.mode,
+            "config": config.as_json(),
+            "machine": machine_info(),
+            "code": code_info(),
+            "phases": {},
+            "memory": {},
+            "profiles": {},
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start_servers(self) -> None:
+        ui.say(f"run folder {self.folder.relative_to(ROOT)}")
+        self.pg.start()
+        self.redis.start()
+        self.meter.groups["postgres"] = self.pg.postmaster_pid() or 0
+        self.meter.groups["redis"] = self.redis.pid or 0
+        self.results["servers"] = {
+            "postgres": {
+                "version": self.pg.version,
+                "port": self.pg.port,
+                "settings": dict(PG_SETTINGS),
+            },
+            "redis": {"port": self.redis.port},
+        }
+        ui.say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
+
+    def prepare_project(self) -> None:
+        """Point this process and the stack at the bench's servers, migrate, load users."""
+        from bench.servers import free_port
+        from bench.stack import migrate, stack_environment
+
+        self.port = free_port()
+        self.env = stack_environment(
+            self.config, self.pg.url("remit"), self.redis.url(0), self.port, self.folder
+        )
+        # This process imports the project (data loading, doorbells, audit): its
+        # settings must name the same servers. Nothing of the project is imported yet.
+        os.environ.update(self.env)
+        self.results["knobs"] = {k: self.env.get(k) for k in RECORDED_KNOBS if self.env.get(k)}
+        migrate(self.env, self.logs / "migrate.log")
+
+        import psycopg
+
+        from bench import data
+        from common.passwords import hash_password, verify_password
+
+        self.conn = psycopg.connect(self.pg.conninfo("remit"), autocommit=True)
+        self.statements = data.enable_statement_stats(self.conn)
+        self.loaded = data.Loaded()
+        with ui.bar("users and funding", 3, "steps") as progress:
+            password_hash = hash_password(self.password)
+            self.users = data.create_users(self.conn, self.config.users, password_hash)
+            # What one verification costs here (the auth warm-up tells cache hits by it).
+            started = time.perf_counter()
+            verify_password(0, self.password, password_hash)
+            self.verify_s = time.perf_counter() - started
+            self.results["argon2_verify_ms"] = round(self.verify_s * 1000, 1)
+            progress.update()
+            self.table = data.currencies(self.conn)
+            unknown = set(self.config.currencies) - set(self.table)
+            if unknown:
+                raise ValueError(f"--currencies: no currency {', '.join(sorted(unknown))}")
+            rows = data.funding_rows(self.users, self.table, self.config.currencies, FUND_MAJOR)
+            progress.update()
+            first_last = data.insert_settled(
+                self.conn,
+                rows,
+                len(rows),
+                commission_accounts=self.commission_accounts(),
+                started=data.now(self.conn),
+            )
+            self.loaded.ranges.append(first_last)
+            progress.update()
+
+    def commission_accounts(self) -> dict[str, int]:
+        return {code: row.commission_account_id for code, row in self.table.items()}
+
+    def start_stack(self) -> None:
+        from bench import stack
+
+        ui.say(
+            f"starting gunicorn ({self.config.web_workers} workers) and a Celery worker "
+            f"({self.config.worker_processes} processes)"
+        )
+        self.web = stack.start_web(self.env, self.port, self.logs)
+        self.worker = stack.start_worker(self.env, self.logs)
+        self.meter.groups["web"] = self.web.pid
+        self.meter.groups["worker"] = self.worker.pid
+        stack.wait_for_http(self.web, self.port)
+        stack.wait_for_worker(self.worker, self.config.worker_processes)
+        self.remember_memory("start")
+
+    def check_stack(self) -> None:
+        for process in (self.web, self.worker):
+            if process is not None:
+                process.check()
+
+    def remember_memory(self, label: str) -> None:
+        groups = {}
+        if self.web is not None:
+            groups["web"] = self.web.pid
+        if self.worker is not None:
+            groups["worker"] = self.worker.pid
+        snapshot = procs.memory_snapshot(groups)
+        snapshot["at_s"] = round(time.monotonic() - self.started, 1)
+        self.results["memory"][label] = snapshot
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if "common.db" in sys.modules:
+            from common.db import dispose_engine
+
+            dispose_engine()
+        for process in (self.web, self.worker):
+            if process is not None:
+                process.stop()
+        self.redis.stop()
+        self.pg.stop()
+
+    # --- phases -------------------------------------------------------------------------
+
+    def phase(self, key: str, title: str, work: Callable[[], dict[str, Any]]) -> None:
+        ui.say(f"phase {key}: {title}")
+        if self.statements:
+            self.conn.execute("SELECT pg_stat_statements_reset()")
+        before = self.meter.sample()
+        started = time.perf_counter()
+        try:
+            result = work()
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:
+            self.failed = True
+            (self.logs / f"phase-{key}-error.txt").write_text(traceback.format_exc())
+            ui.say(
+                f"phase {key} failed: {error!r} (traceback in {self.logs}/phase-{key}-error.txt)"
+            )
+            result = {"error": repr(error)}
+        result["title"] = title
+        result["phase_seconds"] = round(time.perf_counter() - started, 1)
+        after = self.meter.sample()
+        result["cpu_s"] = procs.CpuMeter.between(before, after)
+        result["cpu_others_top"] = procs.CpuMeter.others(before, after)
+        if self.statements:
+            from bench import data
+
+            result["pg_top_statements"] = data.top_statements(self.conn)
+        self.results["phases"][key] = result
+        if self.web is not None:
+            self.remember_memory(f"after_{key}")
+        self.check_stack()
+
+
+def machine_info() -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(meminfo[1]) / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "note": "shared machine: other engineers' test runs may use CPU meanwhile "
+        "(see each phase's cpu_s.other)",
+    }
+
+
+def code_info() -> dict[str, Any]:
+    """Which code was measured: the commit, and whether the work tree differed from it."""
+
+    executable = shutil.which("git")
+
+    def git(*args: str) -> str | None:
+        if executable is None:
+            return None
+        try:
+            out = subprocess.run(
+                [executable, *args], cwd=ROOT, capture_output=True, text=True, check=True,
+                timeout=10,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    status = git("status", "--porcelain")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "changed_files": None if status is None else len(status.splitlines()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    # Ctrl-C, run.sh's SIGINT (it passes SIGTERM on so) and a direct SIGTERM all stop
+    # the run cleanly, even when started where SIGINT was ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    bench = Bench(config)
+    from bench import phases
+
+    interrupted = False
+    try:
+        bench.start_servers()
+        if "a" in config.phases:
+            bench.phase("a", "pgbench TPC-B-like, the reference", lambda: phases.pgbench(bench))
+        bench.prepare_project()
+        bench.start_stack()
+        steps = {
+            "b": ("settlement throughput (backlog drained by the worker pool)", phases.settlement),
+            "c": ("ingest through gunicorn (closed loop)", phases.ingest),
+            "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", phases.latency),
+            "e": ("read latency with a big transfers table", phases.reads),
+            "f": ("worker and web memory after many settlements", phases.memory),
+        }
+        for key, (title, work) in steps.items():
+            if key in config.phases:
+                bench.phase(key, title, lambda work=work: work(bench))
+    except KeyboardInterrupt:
+        interrupted = True
+        bench.failed = True
+        ui.say("interrupted: stopping everything")
+    except Exception as error:
+        bench.failed = True
+        (bench.logs / "error.txt").write_text(traceback.format_exc())
+        ui.say(f"failed: {error!r} (traceback in {bench.logs}/error.txt)")
+        bench.results["error"] = repr(error)
+    finally:
+        # Stopping is bounded (about 30 s at worst) and must not be cut short: a
+        # server left running would outlive the run.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ui.say("stopping the stack and the servers")
+        bench.stop()
+    write_results(bench)
+    clean_up(bench)
+    if interrupted:
+        return 130
+    return 1 if bench.failed else 0
+
+
+def write_results(bench: Bench) -> None:
+    """<timestamp>.json, <timestamp>.png and the table on stdout."""
+    bench.results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    bench.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    bench.results["ok"] = not bench.failed
+    bench.config.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = bench.config.out_dir / f"{bench.stamp}.json"
+    json_path.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+    png_path = json_path.with_suffix(".png")
+    try:
+        report.chart(bench.results, png_path)
+    except Exception as error:
+        ui.say(f"chart not drawn: {error!r}")
+    print(report.table(bench.results))
+    ui.say(f"results: {json_path}" + (f" and {png_path.name}" if png_path.exists() else ""))
+
+
+def clean_up(bench: Bench) -> None:
+    """Delete the run's data and logs after a successful run (unless --keep)."""
+    # PostgreSQL's folder is inside the run folder, unless its user could not reach it.
+    folders = [bench.folder]
+    if not bench.pg.folder.is_relative_to(bench.folder):
+        folders.append(bench.pg.folder)
+    if bench.failed or bench.config.keep:
+        ui.say(f"kept {' and '.join(map(str, folders))} (logs, data)")
+    else:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,273 @@
+"""The benchmark's own throwaway PostgreSQL and Redis, never the shared ones.
+
+PostgreSQL gets an initdb of its own in the run folder, on a free loopback port,
+with settings sized for a benchmark but durable commits (fsync and
+synchronous_commit stay on): the comparison with pgbench must be fair.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+# Benchmark settings: memory for a 24 GiB machine shared with others, checkpoints
+# spread out so none lands in the middle of a 20 s phase, and durability as in
+# production. They are recorded with every result.
+PG_SETTINGS = {
+    "listen_addresses": "'127.0.0.1'",
+    "unix_socket_directories": "''",
+    "max_connections": "300",
+    "shared_buffers": "'1GB'",
+    "effective_cache_size": "'4GB'",
+    "work_mem": "'16MB'",
+    "maintenance_work_mem": "'512MB'",
+    "wal_buffers": "'16MB'",
+    "max_wal_size": "'8GB'",
+    "min_wal_size": "'1GB'",
+    "checkpoint_timeout": "'30min'",
+    "checkpoint_completion_target": "0.9",
+    "random_page_cost": "1.1",
+    # JIT compiles the occasional large audit query for longer than it runs.
+    "jit": "off",
+    # Durable, as in production: each commit waits for its WAL flush.
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "log_min_duration_statement": "-1",
+    # Where PostgreSQL's time goes, per phase (a few % of overhead, for pgbench too).
+    "shared_preload_libraries": "'pg_stat_statements'",
+    "pg_stat_statements.track": "top",
+    "log_checkpoints": "on",
+}
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def find_pg_bin() -> Path:
+    """The newest /usr/lib/postgresql/*/bin with initdb, else initdb from PATH."""
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    for candidate in candidates:
+        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
+            return candidate
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).parent
+    raise ServerError("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
+
+
+class Postgres:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.data = folder / "data"
+        self.log = folder / "server.log"
+        self.bin = find_pg_bin()
+        self.port = 0
+        self.started = False
+        # PostgreSQL refuses to run as root: run it as the postgres (or nobody) user.
+        self.os_user: str | None = None
+        if os.geteuid() == 0:
+            self.os_user = "postgres" if _user_exists("postgres") else "nobody"
+
+    def _as_pg_user(self, command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        if self.os_user is not None:
+            command = ["runuser", "-u", self.os_user, "--", *command]
+        return subprocess.run(command, cwd="/", check=False, **kwargs)  # type: ignore[call-overload]
+
+    @property
+    def version(self) -> str:
+        out = subprocess.run(
+            [str(self.bin / "postgres"), "--version"], capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip()
+
+    def _place(self) -> None:
+        """The run folder, or a temporary one where the PostgreSQL user cannot reach it
+        (a checkout under a private home folder)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.os_user is None:
+            return
+        shutil.chown(self.folder, self.os_user)
+        if self._as_pg_user(["test", "-w", str(self.folder)]).returncode != 0:
+            self.folder = Path(tempfile.mkdtemp(prefix="remit-bench-pg-"))
+            shutil.chown(self.folder, self.os_user)
+            self.data = self.folder / "data"
+            self.log = self.folder / "server.log"
+
+    def start(self) -> None:
+        self._place()
+        result = self._as_pg_user(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"initdb failed: {result.stderr.strip()[-2000:]}")
+        self.port = free_port()
+        settings = {**PG_SETTINGS, "port": str(self.port)}
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write("\n# remit bench\n")
+            for name, value in settings.items():
+                conf.write(f"{name} = {value}\n")
+        result = self._as_pg_user(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            capture_output=True,
+            text=True,
+            start_new_session=True,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"PostgreSQL did not start, see {self.log}")
+        self.started = True
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def conninfo(self, database: str) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database}"
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self._as_pg_user(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ],
+            capture_output=True,
+        )
+        self.started = False
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+class Redis:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServerError("no redis-server: apt-get install redis-server")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        # Nothing to keep: Redis only carries doorbells.
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+                "--logfile",
+                str(self.folder / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.RedisError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(f"redis-server did not start, see {self.folder}/redis.log")
+            time.sleep(0.1)
+        client.close()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
