@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -11,8 +13,8 @@ from typing import Any
 # imports it.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="remit-metrics-")
-
-import sys
+    # Made here, so removed here when the master exits (on_exit).
+    os.environ["REMIT_METRICS_DIR_OWNED"] = "1"
 
 from prometheus_client import multiprocess
 
@@ -29,9 +31,10 @@ except ConfigurationError as error:
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
-# Threads let one process overlap requests that wait on PostgreSQL or Redis.
+# Threads let one process overlap requests that wait on PostgreSQL or Redis, and hold
+# long polls (?wait=) without blocking the rest.
 worker_class = "gthread"
-threads = 8
+threads = int(os.environ.get("WEB_THREADS", "16"))
 # Load the app once in the master: workers fork with it ready (and with no
 # database connections, see post_fork).
 preload_app = True
@@ -48,6 +51,12 @@ errorlog = "-"
 
 def when_ready(server: Any) -> None:
     configure_logging("web")
+
+
+def on_exit(server: Any) -> None:
+    # The metrics folder this master made lives and dies with it.
+    if os.environ.get("REMIT_METRICS_DIR_OWNED"):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:
