@@ -2,9 +2,10 @@
 
 Basic Auth sends the password with every request. Verifying argon2 each time
 would make the hash the cost of the whole API, so a successful check is
-remembered for a short time under an HMAC of (user id, password, stored hash):
-the cache never holds a password, and a password change alters the stored hash
-and so misses every old entry.
+remembered under an HMAC of (user id, password, stored hash): the cache never
+holds a password, and a password change alters the stored hash and so misses
+every old entry. An entry states "this password matches this hash", which never
+goes stale, so its lifetime (AUTH_CACHE_TTL, an hour) only bounds memory.
 """
 
 from __future__ import annotations

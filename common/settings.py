@@ -156,7 +156,7 @@ def load_settings() -> Settings:
         sweep_pending_after_s=_float("SWEEP_PENDING_AFTER", 5.0),
         sweep_interval_s=_float("SWEEP_INTERVAL", 5.0),
         visibility_timeout_s=_int("VISIBILITY_TIMEOUT", 300),
-        auth_cache_ttl_s=_float("AUTH_CACHE_TTL", 60.0),
+        auth_cache_ttl_s=_float("AUTH_CACHE_TTL", 3600.0),
     )
 
 

@@ -26,7 +26,7 @@ from web.fields import (
 from web.metrics import TRANSFERS_ACCEPTED
 from web.problems import ApiError, problem_body
 from web.render import decode_cursor, json_response, page_response, transfer_json
-from worker.tasks import ring
+from worker.tasks import doorbells
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def accepted_response(accepted: transfers.Accepted) -> Response:
     if accepted.created or transfer.status == TransferStatus.PENDING:
         # A replay of a still-pending transfer rings again: if the first doorbell was
         # lost, the client's retry is the fastest way to get it settled.
-        ring(transfer.currency, [transfer.id])
+        doorbells.ring_soon(transfer.currency, [transfer.id])
     with new_session() as session:
         body = transfer_json(session, transfer)
     location = f"/users/{transfer.from_user_id}/transfers/{transfer.id}"
@@ -77,9 +77,9 @@ def submit_batch(user_id: int) -> Response:
     """Up to 1000 transfers in one request, each accepted or refused on its own."""
     authorize_path_user(user_id, write=True)
     items = parse_body(BatchCreate).transfers
-    results, doorbells = in_transaction(lambda session: _accept_items(session, user_id, items))
-    for currency, ids in doorbells.items():
-        ring(currency, ids)
+    results, to_ring = in_transaction(lambda session: _accept_items(session, user_id, items))
+    for currency, ids in to_ring.items():
+        doorbells.ring_soon(currency, ids)
     return json_response({"results": results}, 202)
 
 
@@ -87,7 +87,7 @@ def _accept_items(
     session: Session, user_id: int, items: list[object]
 ) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
     results: list[dict[str, Any]] = []
-    doorbells: dict[str, list[int]] = {}
+    to_ring: dict[str, list[int]] = {}
     for item in items:
         try:
             fields = validate(BatchItem, item)  # type: ignore[arg-type]
@@ -107,9 +107,9 @@ def _accept_items(
             continue
         transfer = accepted.transfer
         if transfer.status == TransferStatus.PENDING:
-            doorbells.setdefault(transfer.currency, []).append(transfer.id)
+            to_ring.setdefault(transfer.currency, []).append(transfer.id)
         results.append({"status": 202, "transfer": transfer_json(session, transfer)})
-    return results, doorbells
+    return results, to_ring
 
 
 @bp.get("/users/<id:user_id>/transfers/<id:transfer_id>")

@@ -51,7 +51,8 @@ app.conf.update(
     },
     # Task events for Flower.
     worker_send_task_events=True,
-    task_send_sent_event=True,
+    # No task-sent events: they cost the API a publish per doorbell, and Flower
+    # follows tasks from the worker's own received/started/succeeded events.
     worker_concurrency=settings.worker_concurrency,
     worker_hijack_root_logger=False,
     beat_schedule={

@@ -1,0 +1,60 @@
+"""The API's doorbells are coalesced: a burst of accepted transfers rings once per currency."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.conftest import Api
+from worker.tasks import Doorbells
+
+
+def test_a_burst_rings_once_per_currency() -> None:
+    published: list[tuple[str, list[int]]] = []
+    done = threading.Event()
+
+    def publish(currency: str, ids: list[int]) -> None:
+        published.append((currency, ids))
+        done.set()
+
+    bells = Doorbells(publish, delay_s=0.05)
+    for transfer_id in range(200):
+        bells.ring_soon("USD" if transfer_id % 2 else "EUR", [transfer_id])
+    assert done.wait(5)
+    time.sleep(0.2)
+    assert sorted(currency for currency, _ in published) == ["EUR", "USD"]
+    assert all(len(ids) <= Doorbells.MAX_IDS_LOGGED for _, ids in published)
+
+
+def test_flush_rings_what_is_still_waiting() -> None:
+    published: list[str] = []
+    bells = Doorbells(lambda currency, ids: published.append(currency), delay_s=60)
+    bells.ring_soon("CNY", [1])
+    bells.flush()  # what atexit does when the process stops
+    assert published == ["CNY"]
+
+
+def test_a_failing_publish_does_not_stop_the_ringer() -> None:
+    calls: list[str] = []
+
+    def publish(currency: str, ids: list[int]) -> None:
+        calls.append(currency)
+        if len(calls) == 1:
+            raise OSError("broker gone")
+
+    bells = Doorbells(publish, delay_s=0.01)
+    bells.ring_soon("USD", [1])
+    time.sleep(0.3)
+    bells.ring_soon("USD", [2])
+    time.sleep(0.3)
+    assert calls == ["USD", "USD"]
+
+
+def test_transfers_accepted_in_a_burst_all_settle(api: Api) -> None:
+    alice, bob = api.funded("100.00"), api.register()
+    ids = [
+        api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "1.00").get_json()["id"]
+        for _ in range(30)
+    ]
+    assert all(api.wait_final(alice, i)["status"] == "settled" for i in ids)
+    assert api.balance(bob, bob.accounts["USD"]) == "30.00"
