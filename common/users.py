@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
@@ -38,21 +40,31 @@ def register(session: Session, username: str, password: str, full_name: str) -> 
     return user
 
 
-def find_by_username(session: Session, username: str) -> User | None:
-    return session.scalar(select(User).where(func.lower(User.username) == username.lower()))
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is authenticated as."""
+
+    id: int
+    username: str
 
 
-def authenticate(session: Session, username: str, password: str) -> User | None:
+# Core, not ORM: this runs on every authenticated request.
+_BY_USERNAME = text(
+    "SELECT id, username, password_hash FROM users WHERE lower(username) = lower(:username)"
+)
+
+
+def authenticate(session: Session, username: str, password: str) -> Principal | None:
     """The user these credentials name, or None; costs the same whether or not it exists."""
     # No username holds NUL, and PostgreSQL text cannot even be compared with one.
     lookup = 0 < len(username) <= 64 and "\x00" not in username
-    user = find_by_username(session, username) if lookup else None
+    user = session.execute(_BY_USERNAME, {"username": username}).one_or_none() if lookup else None
     if user is None:
         burn_verification(password)
         return None
     if not verify_password(user.id, password, user.password_hash):
         return None
-    return user
+    return Principal(user.id, user.username)
 
 
 def user_exists(session: Session, user_id: int) -> bool:

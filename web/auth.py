@@ -15,8 +15,8 @@ from typing import ParamSpec, TypeVar
 from flask import g, request
 
 from common.db import new_session
-from common.models import SUPERUSER_ID, User
-from common.users import authenticate, user_exists
+from common.models import SUPERUSER_ID
+from common.users import Principal, authenticate, user_exists
 from web import throttle
 from web.problems import ApiError
 
@@ -30,7 +30,7 @@ def _unauthorized(detail: str) -> ApiError:
     return ApiError("unauthorized", detail, CHALLENGE)
 
 
-def _check_credentials() -> User:
+def _check_credentials() -> Principal:
     try:
         credentials = request.authorization
     except (ValueError, UnicodeError):
@@ -64,8 +64,8 @@ def authenticated(view: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def current_user() -> User:
-    user: User = g.user
+def current_user() -> Principal:
+    user: Principal = g.user
     return user
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Response, json, request
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from common.currencies import get_currency
@@ -48,7 +49,7 @@ def account_json(session: Session, account: Account) -> dict[str, Any]:
     }
 
 
-def transfer_json(session: Session, transfer: Transfer) -> dict[str, Any]:
+def transfer_json(session: Session, transfer: Transfer | Row[Any]) -> dict[str, Any]:
     decimals = _decimals(session, transfer.currency)
     return {
         "id": transfer.id,
