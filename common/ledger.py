@@ -19,7 +19,7 @@ database's own guard against applying a transfer twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
@@ -215,7 +215,11 @@ def _apply(session: Session, plan: Plan) -> None:
 
 
 def settle_batch(
-    session: Session, currency: str, limit: int, commission_account_id: int
+    session: Session,
+    currency: str,
+    limit: int,
+    commission_account_id: int,
+    on_locked: Callable[[], object] | None = None,
 ) -> BatchResult:
     """Settle up to `limit` pending transfers of `currency` in the session's transaction.
 
@@ -224,6 +228,9 @@ def settle_batch(
     """
     if not _try_settlement_lock(session, currency):
         return BatchResult(currency, claimed=None)
+    if on_locked is not None:
+        # Between taking the lock and claiming: whatever it clears, the claim still sees.
+        on_locked()
     transfers = _claim(session, currency, limit)
     if not transfers:
         return BatchResult(currency, claimed=0)
@@ -253,15 +260,6 @@ def _try_settlement_lock(session: Session, currency: str) -> bool:
         session.scalar(
             text("SELECT pg_try_advisory_xact_lock(:cls, hashtext(:currency))"),
             {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency},
-        )
-    )
-
-
-def pending_exists(session: Session, currency: str) -> bool:
-    return bool(
-        session.scalar(
-            text(f"SELECT EXISTS (SELECT 1 FROM transfers WHERE currency = :currency AND {_DUE})"),
-            {"currency": currency},
         )
     )
 

@@ -6,7 +6,7 @@ import threading
 import time
 
 from tests.conftest import Api
-from worker.tasks import Doorbells
+from worker.tasks import Doorbells, marks
 
 
 def test_a_burst_rings_once_per_currency() -> None:
@@ -58,3 +58,13 @@ def test_transfers_accepted_in_a_burst_all_settle(api: Api) -> None:
     ]
     assert all(api.wait_final(alice, i)["status"] == "settled" for i in ids)
     assert api.balance(bob, bob.accounts["USD"]) == "30.00"
+
+
+def test_marks_tell_the_settler_that_someone_rang_while_it_was_busy(redis_client) -> None:
+
+    marks.leave("EUR")
+    marks.clear("EUR")  # the settler took the lock: earlier rings are covered by its claim
+    assert not marks.take("EUR")
+    marks.leave("EUR")  # a ring while the settler holds the lock
+    assert marks.take("EUR")  # so it claims once more before leaving
+    assert not marks.take("EUR")

@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Task
 from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 
 from common.currencies import CurrencyInfo, get_currency
 from common.db import is_outage, retrying, transaction
@@ -21,7 +22,6 @@ from common.ledger import (
     SETTLEMENT_ERROR,
     BatchResult,
     currencies_due,
-    pending_exists,
     record_failed_attempt,
     reopen_failed,
     settle_batch,
@@ -29,6 +29,7 @@ from common.ledger import (
 from common.logs import request_id as log_context
 from common.metrics import record_outcomes
 from common.notify import announce_final
+from common.redis_clients import shared_redis
 from common.settings import get_settings
 from worker.app import app
 
@@ -99,11 +100,55 @@ def settle(
         log_context.set(None)
 
 
+class DoorbellMarks:
+    """Who rang while the settler was busy, so that it looks once more before leaving.
+
+    A doorbell that finds the currency's settlement lock taken just returns, trusting
+    the holder to settle its transfer. The holder's last claim may have run before that
+    transfer committed, so each doorbell leaves a mark (in Redis) *before* it tries the
+    lock, the holder clears the mark once it holds the lock and before it claims, and
+    after a claim that found nothing it leaves only if no new mark appeared meanwhile.
+    (It used to ask PostgreSQL "anything pending?", which under load walked the pending
+    index's dead entries: the most expensive statement of the whole system.) If Redis
+    loses a mark, beat's sweep rings for the transfer a few seconds later.
+    """
+
+    def _key(self, currency: str) -> str:
+        return f"remit:doorbell:{currency}"
+
+    def _redis(self) -> Any:
+        return shared_redis("doorbells", 1)
+
+    def leave(self, currency: str) -> None:
+        try:
+            self._redis().set(self._key(currency), 1, ex=max(60, settings.visibility_timeout_s))
+        except RedisError as error:
+            log.warning("doorbell mark not left (%s); the sweeper covers it", error)
+
+    def clear(self, currency: str) -> None:
+        try:
+            self._redis().delete(self._key(currency))
+        except RedisError as error:
+            log.warning("doorbell mark not cleared (%s)", error)
+
+    def take(self, currency: str) -> bool:
+        """Whether someone rang since the last clear (and clear it)."""
+        try:
+            return self._redis().getdel(self._key(currency)) is not None
+        except RedisError as error:
+            log.warning("doorbell mark unreadable (%s); the sweeper covers it", error)
+            return False
+
+
+marks = DoorbellMarks()
+
+
 def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[str, int]:
     info = _currency(currency)
     if info is None:
         log.error("doorbell for unknown currency %r ignored", currency)
         return {"settled": 0, "rejected": 0}
+    marks.leave(currency)
     settled = rejected = 0
     limit = settings.settle_batch_size
     deadline = time.monotonic() + MAX_SECONDS_PER_TASK
@@ -130,7 +175,7 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
         rejected += result.rejected
         # Grow back after a failure shrank the batch: the bad transfer may be behind us.
         limit = min(settings.settle_batch_size, limit * 2)
-        if result.claimed == 0 and not _pending_exists(currency):
+        if result.claimed == 0 and not marks.take(currency):
             break
     else:
         ring(currency)
@@ -207,14 +252,13 @@ def _currency(code: str) -> CurrencyInfo | None:
 
 def _settle_one_batch(currency: str, limit: int, info: CurrencyInfo) -> BatchResult:
     with transaction() as session:
-        return settle_batch(session, currency, limit, info.commission_account_id)
-
-
-def _pending_exists(currency: str) -> bool:
-    # A fresh transaction after the batch released its lock: it sees every transfer
-    # committed before a concurrent doorbell found the lock taken.
-    with transaction() as session:
-        return pending_exists(session, currency)
+        return settle_batch(
+            session,
+            currency,
+            limit,
+            info.commission_account_id,
+            on_locked=lambda: marks.clear(currency),
+        )
 
 
 @remit_task("remit.sweep")
