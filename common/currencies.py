@@ -49,6 +49,12 @@ def all_currencies(session: Session) -> list[CurrencyInfo]:
         return list(_known.values())
 
 
+def known_currency(code: str) -> CurrencyInfo | None:
+    """The currency if this process has it cached: no session, no round trip."""
+    with _lock:
+        return _known.get(code)
+
+
 def get_currency(session: Session, code: str) -> CurrencyInfo:
     with _lock:
         if code not in _known:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -68,3 +69,17 @@ def test_marks_tell_the_settler_that_someone_rang_while_it_was_busy(redis_client
     marks.leave("EUR")  # a ring while the settler holds the lock
     assert marks.take("EUR")  # so it claims once more before leaving
     assert not marks.take("EUR")
+
+
+def test_a_steady_stream_rings_once_per_interval() -> None:
+    published: list[float] = []
+    bells = Doorbells(lambda currency, ids: published.append(time.monotonic()), interval_s=0.1)
+    started = time.monotonic()
+    while time.monotonic() - started < 0.55:
+        bells.ring_soon("USD", [1])
+        time.sleep(0.005)
+    time.sleep(0.2)
+    # About one ring per 100 ms over 0.55 s (plus the trailing one), not one per transfer.
+    assert 2 <= len(published) <= 8
+    gaps = [b - a for a, b in itertools.pairwise(published)]
+    assert all(gap >= 0.09 for gap in gaps)

@@ -117,19 +117,18 @@ def _accept_items(
 def get(user_id: int, transfer_id: int) -> Response:
     authorize_path_user(user_id, write=False)
     wait = parse_query(TransferWaitQuery).wait
-    body = _read_visible(transfer_id, user_id)
-    if wait and body["status"] == TransferStatus.PENDING:
-        # Long poll: register first, then read again, so a settlement announced
-        # between the two reads is not missed. No database connection is held
-        # while waiting.
-        waiter = listener()
-        event = waiter.register(transfer_id)
-        try:
+    if not wait:
+        return json_response(_read_visible(transfer_id, user_id))
+    # Long poll: listen first, then read, so that a settlement announced between the
+    # read and the wait is not missed. No database connection is held while waiting.
+    waiter = listener()
+    event = waiter.register(transfer_id)
+    try:
+        body = _read_visible(transfer_id, user_id)
+        if body["status"] == TransferStatus.PENDING and event.wait(float(wait)):
             body = _read_visible(transfer_id, user_id)
-            if body["status"] == TransferStatus.PENDING and event.wait(float(wait)):
-                body = _read_visible(transfer_id, user_id)
-        finally:
-            waiter.unregister(transfer_id, event)
+    finally:
+        waiter.unregister(transfer_id, event)
     return json_response(body)
 
 

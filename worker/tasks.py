@@ -15,7 +15,7 @@ from celery import Task
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
-from common.currencies import CurrencyInfo, get_currency
+from common.currencies import CurrencyInfo, get_currency, known_currency
 from common.db import is_outage, retrying, transaction
 from common.errors import NotFound
 from common.ledger import (
@@ -243,6 +243,10 @@ def _log_decisions(result: BatchResult) -> None:
 
 
 def _currency(code: str) -> CurrencyInfo | None:
+    # Every doorbell asks: answer from the process's cache without building a session.
+    cached = known_currency(code)
+    if cached is not None:
+        return cached
     try:
         with transaction() as session:
             return get_currency(session, code)
@@ -300,12 +304,16 @@ def ring(currency: str, transfer_ids: list[int] | None = None) -> bool:
 
 
 class Doorbells:
-    """Coalesces one process's doorbells: many transfers accepted within a few
-    milliseconds ring once per currency, from a background thread.
+    """Coalesces one process's doorbells: at most one per currency every `interval_s`,
+    rung from a background thread.
 
     One doorbell settles everything pending in its currency, so one per burst is
-    enough; a Celery publish per accepted transfer cost the API a fifth of its time
-    and the workers a task each. If the process dies before a doorbell leaves, the
+    enough: a Celery publish per accepted transfer cost the API a tenth of its time,
+    and each doorbell costs a worker a task (with its events, a transaction for the
+    settlement lock and Redis round trips). The first transfer after a quiet spell
+    rings at once (after `delay_s`, to gather its burst); while transfers keep coming,
+    the currency rings once per interval, and a settler already running picks the
+    rest up through its marks. If the process dies before a doorbell leaves, the
     transfers are committed and pending, and beat's sweep rings for them.
     """
 
@@ -313,12 +321,17 @@ class Doorbells:
     MAX_IDS_LOGGED = 50
 
     def __init__(
-        self, publish: Callable[[str, list[int]], object] | None = None, delay_s: float = 0.002
+        self,
+        publish: Callable[[str, list[int]], object] | None = None,
+        delay_s: float = 0.002,
+        interval_s: float = 0.02,
     ) -> None:
         self._publish = publish or ring
         self._delay_s = delay_s
+        self._interval_s = interval_s
         self._lock = threading.Lock()
         self._pending: dict[str, list[int]] = {}
+        self._last_rung: dict[str, float] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -336,19 +349,44 @@ class Doorbells:
         self._wake.set()
 
     def flush(self) -> None:
+        """Ring for everything waiting, due or not (at exit)."""
+        self._ring(self._take(lambda currency: True))
+
+    def _take(self, due: Callable[[str], bool]) -> dict[str, list[int]]:
         with self._lock:
-            pending, self._pending = self._pending, {}
-        for currency, ids in pending.items():
+            ready = {c: ids for c, ids in self._pending.items() if due(c)}
+            for currency in ready:
+                del self._pending[currency]
+        return ready
+
+    def _ring(self, ready: dict[str, list[int]]) -> None:
+        for currency, ids in ready.items():
+            self._last_rung[currency] = time.monotonic()
             self._publish(currency, ids)
+
+    def _is_due(self, now: float, currency: str) -> bool:
+        return now >= self._last_rung.get(currency, 0.0) + self._interval_s
+
+    def _wait_s(self) -> float | None:
+        """How long until the earliest waiting currency may ring (None: nothing waits)."""
+        with self._lock:
+            if not self._pending:
+                return None
+            now = time.monotonic()
+            return max(
+                0.0,
+                min(self._last_rung.get(c, 0.0) + self._interval_s - now for c in self._pending),
+            )
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            self._wake.wait(self._wait_s())
             self._wake.clear()
             # Let the burst that woke us gather before ringing for it.
             time.sleep(self._delay_s)
+            ready = self._take(partial(self._is_due, time.monotonic()))
             try:
-                self.flush()
+                self._ring(ready)
             except Exception:
                 # Never let the ringer die: the sweeper covers what was not rung.
                 log.exception("doorbell publish failed; the sweeper will ring")
