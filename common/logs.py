@@ -28,7 +28,9 @@ def accept_request_id(offered: str | None) -> str:
     return uuid.uuid4().hex
 
 
-class _Context(logging.Filter):
+class ContextFilter(logging.Filter):
+    """Adds the service name and the current request id to every record."""
+
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
@@ -57,7 +59,7 @@ def configure_logging(service: str) -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(json_formatter())
-    handler.addFilter(_Context(service))
+    handler.addFilter(ContextFilter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
