@@ -209,17 +209,23 @@ def _user_exists(name: str) -> bool:
 
 
 class Redis:
+    """A throwaway redis-server in the foreground, on a loopback port of its own; it can
+    be stopped and started again on the same port (the chaos suite restarts it)."""
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ServerError("no redis-server: apt-get install redis-server")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        if not self.port:
+            self.port = free_port()
+        self.starts += 1
         # Nothing to keep: Redis only carries doorbells.
         self.process = subprocess.Popen(
             [
@@ -244,16 +250,18 @@ class Redis:
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise ServerError(f"redis-server did not start, see {self.folder}/redis.log")
-            time.sleep(0.1)
-        client.close()
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise ServerError(f"redis-server did not start, see {self.folder}/redis.log")
+                time.sleep(0.1)
+        finally:
+            client.close()
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -262,12 +270,25 @@ class Redis:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
+    def command(self, *args: str) -> object:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
         try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)

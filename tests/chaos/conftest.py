@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
+from bench.servers import ServerError, find_pg_bin
 from tests.chaos.harness import (
     ROOT,
     PostgresServer,
     RedisServer,
     Stack,
-    find_pg_bindir,
     install_slow_batches,
     servers_from,
 )
@@ -74,8 +74,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture(scope="session")
 def chaos_servers() -> Iterator[tuple[PostgresServer, RedisServer]]:
-    bindir = find_pg_bindir()
-    if bindir is None:
+    try:
+        bindir = find_pg_bin()
+    except ServerError:
         pytest.skip(
             "chaos suite skipped: no PostgreSQL server binaries (initdb, pg_ctl, postgres) "
             "under /usr/lib/postgresql/*/bin or on PATH; install postgresql to run it"

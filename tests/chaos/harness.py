@@ -9,14 +9,12 @@ environment from here, nothing inherited from the pytest process's settings.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,42 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis
 import requests
+
+# The same throwaway servers as the benchmark's (one implementation of "a redis-server
+# of our own"): Redis comes from there; PostgreSQL below has the chaos suite's own needs
+# (restarts in several modes, fsync off).
+from bench.servers import Redis as RedisServer
+from bench.servers import ServerError, free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SUPERUSER_PASSWORD = "chaos-superuser-password"
 SECRET_KEY = secrets.token_hex(32)
-
-
-def find_pg_bindir() -> Path | None:
-    """The newest PostgreSQL server binaries: Debian keeps them off PATH."""
-    candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"),
-        key=lambda path: [int(p) if p.isdigit() else 0 for p in Path(path).parent.name.split(".")],
-        reverse=True,
-    )
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        candidates.append(str(Path(on_path).parent))
-    for candidate in candidates:
-        bindir = Path(candidate)
-        if all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
-            return bindir
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_until(
@@ -188,77 +162,6 @@ class PostgresServer:
             )
             connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
             connection.execute(f'CREATE DATABASE "{name}"')
-
-
-class RedisServer:
-    """A throwaway redis-server in the foreground (a child we can kill and start again)."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server was not found: apt-get install redis-server")
-        self.binary = binary
-        self.root = Path(tempfile.mkdtemp(prefix="remit-chaos-redis-"))
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.root / "redis.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.root),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        process = self.process
-
-        def listening() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({process.returncode}), see {self.root}")
-            return port_open(self.port)
-
-        wait_until(listening, 20, what="the throwaway Redis to listen")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def command(self, *args: str) -> Any:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-        try:
-            return client.execute_command(*args)
-        finally:
-            client.close()
 
 
 # --- app processes ------------------------------------------------------------------------
@@ -713,7 +616,7 @@ def install_slow_batches(pg: PostgresServer, database: str, delay: float) -> Non
 @contextlib.contextmanager
 def servers_from(bindir: Path) -> Iterator[tuple[PostgresServer, RedisServer]]:
     pg = PostgresServer(bindir)
-    redis_server = RedisServer()
+    redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="remit-chaos-redis-")))
     try:
         pg.init()
         # A free port found a moment ago may be taken meanwhile: try another one.
@@ -729,7 +632,7 @@ def servers_from(bindir: Path) -> Iterator[tuple[PostgresServer, RedisServer]]:
             try:
                 redis_server.start()
                 break
-            except RuntimeError:
+            except ServerError:
                 if attempt == 2:
                     raise
                 redis_server.port = free_port()
