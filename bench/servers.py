@@ -7,6 +7,7 @@ synchronous_commit stay on): the comparison with pgbench must be fair.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
 import redis
 
 # Benchmark settings: memory for a 24 GiB machine shared with others, checkpoints
@@ -85,14 +87,19 @@ def find_pg_bin() -> Path:
 
 
 class Postgres:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.data = folder / "data"
-        self.log = folder / "server.log"
+    """A throwaway PostgreSQL cluster: initdb into `folder` (a temporary one if none),
+    on a free loopback port, TCP only, run as an unprivileged user when we are root
+    (PostgreSQL refuses to run as root). It can be stopped in any mode and started
+    again on the same port: the chaos suite restarts it under load."""
+
+    def __init__(self, folder: Path | None = None, settings: dict[str, str] | None = None) -> None:
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="remit-pg-"))
+        self.data = self.folder / "data"
+        self.log = self.folder / "server.log"
         self.bin = find_pg_bin()
+        self.settings = PG_SETTINGS if settings is None else settings
         self.port = 0
         self.started = False
-        # PostgreSQL refuses to run as root: run it as the postgres (or nobody) user.
         self.os_user: str | None = None
         if os.geteuid() == 0:
             self.os_user = "postgres" if _user_exists("postgres") else "nobody"
@@ -102,6 +109,15 @@ class Postgres:
             command = ["runuser", "-u", self.os_user, "--", *command]
         return subprocess.run(command, cwd="/", check=False, **kwargs)  # type: ignore[call-overload]
 
+    def _run(self, *argv: str) -> None:
+        result = self._as_pg_user(list(argv), capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise ServerError(
+                f"{Path(argv[0]).name} failed ({result.returncode}): "
+                f"{(result.stdout + result.stderr).strip()[-2000:]}\n"
+                f"--- server log ---\n{self.log_tail()}"
+            )
+
     @property
     def version(self) -> str:
         out = subprocess.run(
@@ -110,92 +126,104 @@ class Postgres:
         return out.stdout.strip()
 
     def _place(self) -> None:
-        """The run folder, or a temporary one where the PostgreSQL user cannot reach it
+        """The folder, or a temporary one where the PostgreSQL user cannot reach it
         (a checkout under a private home folder)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.os_user is None:
             return
         shutil.chown(self.folder, self.os_user)
         if self._as_pg_user(["test", "-w", str(self.folder)]).returncode != 0:
-            self.folder = Path(tempfile.mkdtemp(prefix="remit-bench-pg-"))
+            self.folder = Path(tempfile.mkdtemp(prefix="remit-pg-"))
             shutil.chown(self.folder, self.os_user)
             self.data = self.folder / "data"
             self.log = self.folder / "server.log"
 
-    def start(self) -> None:
+    def init(self) -> None:
         self._place()
-        result = self._as_pg_user(
-            [
-                str(self.bin / "initdb"),
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--locale=C",
-            ],
-            capture_output=True,
-            text=True,
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
         )
-        if result.returncode != 0:
-            raise ServerError(f"initdb failed: {result.stderr.strip()[-2000:]}")
-        self.port = free_port()
-        settings = {**PG_SETTINGS, "port": str(self.port)}
         with (self.data / "postgresql.conf").open("a") as conf:
-            conf.write("\n# remit bench\n")
-            for name, value in settings.items():
+            conf.write("\n# remit's throwaway server\n")
+            for name, value in self.settings.items():
                 conf.write(f"{name} = {value}\n")
-        result = self._as_pg_user(
-            [
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.log),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-            capture_output=True,
-            text=True,
-            start_new_session=True,
+
+    def start(self) -> None:
+        """Start (after initdb, the first time); the port stays the same across restarts."""
+        if not (self.data / "PG_VERSION").exists():
+            self.init()
+        if not self.port:
+            self.port = free_port()
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            f"-p {self.port}",
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
-        if result.returncode != 0:
-            raise ServerError(f"PostgreSQL did not start, see {self.log}")
         self.started = True
+
+    def stop(self, mode: str = "fast") -> None:
+        if not self.started:
+            return
+        self._run(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"
+        )
+        self.started = False
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists() and port_open(self.port)
+
+    def destroy(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.started = True
+            with contextlib.suppress(ServerError):
+                self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def conninfo(self, database: str) -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database}"
+    def conninfo(self, database: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database} connect_timeout=5"
+
+    def connect(self, database: str = "postgres") -> psycopg.Connection:
+        return psycopg.connect(self.conninfo(database), autocommit=True)
+
+    def create_database(self, name: str) -> None:
+        with self.connect() as connection:
+            connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            connection.execute(f'CREATE DATABASE "{name}"')
 
     def postmaster_pid(self) -> int | None:
         try:
             return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-
-    def stop(self) -> None:
-        if not self.started:
-            return
-        self._as_pg_user(
-            [
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                "60",
-                "stop",
-            ],
-            capture_output=True,
-        )
-        self.started = False
 
 
 def _user_exists(name: str) -> bool:

@@ -30,7 +30,7 @@ from tests.chaos.harness import (
     RedisServer,
     Stack,
     install_slow_batches,
-    servers_from,
+    throwaway_servers,
 )
 
 SUMMARY_FILE = ROOT / ".run" / "chaos-summary.txt"
@@ -75,13 +75,13 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture(scope="session")
 def chaos_servers() -> Iterator[tuple[PostgresServer, RedisServer]]:
     try:
-        bindir = find_pg_bin()
+        find_pg_bin()
     except ServerError:
         pytest.skip(
             "chaos suite skipped: no PostgreSQL server binaries (initdb, pg_ctl, postgres) "
             "under /usr/lib/postgresql/*/bin or on PATH; install postgresql to run it"
         )
-    with servers_from(bindir) as servers:
+    with throwaway_servers() as servers:
         yield servers
 
 

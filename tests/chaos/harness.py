@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,14 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import requests
 
 # The same throwaway servers as the benchmark's (one implementation of "a redis-server
 # of our own"): Redis comes from there; PostgreSQL below has the chaos suite's own needs
 # (restarts in several modes, fsync off).
+from bench.servers import Postgres as PostgresServer
 from bench.servers import Redis as RedisServer
-from bench.servers import ServerError, free_port, port_open
+from bench.servers import ServerError, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -56,112 +54,16 @@ def wait_until(
 # --- servers ------------------------------------------------------------------------------
 
 
-class PostgresServer:
-    """A throwaway cluster: initdb into a temp dir, run as an unprivileged user if root."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="remit-chaos-pg-"))
-        self.data = self.root / "data"
-        self.sock = self.root / "sock"
-        self.log = self.root / "server.log"
-        self.port = free_port()
-        self.os_user: str | None = None
-        if os.geteuid() == 0:
-            try:
-                self.os_user = pwd.getpwnam("postgres").pw_name
-            except KeyError:
-                self.os_user = "nobody"
-            entry = pwd.getpwnam(self.os_user)
-            os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        self.sock.mkdir()
-        if self.os_user:
-            entry = pwd.getpwnam(self.os_user)
-            os.chown(self.sock, entry.pw_uid, entry.pw_gid)
-
-    def _run(self, *argv: str, check: bool = True, timeout: float = 120) -> None:
-        command = list(argv)
-        if self.os_user:
-            command = ["runuser", "-u", self.os_user, "--", *command]
-        result = subprocess.run(
-            command, cwd="/", capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if check and result.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-                f"\n--- server log ---\n{self.log_tail()}"
-            )
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def init(self) -> None:
-        self._run(
-            str(self.bindir / "initdb"),
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-sync",
-        )
-
-    def start(self) -> None:
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=300 -c shared_buffers=64MB"
-        )
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            options,
-            "start",
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"
-        )
-
-    def running(self) -> bool:
-        return (self.data / "postmaster.pid").exists() and port_open(self.port)
-
-    def destroy(self) -> None:
-        with contextlib.suppress(Exception):
-            if (self.data / "postmaster.pid").exists():
-                self.stop("immediate")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
-
-    def dsn(self, database: str = "postgres") -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database} connect_timeout=5"
-
-    def connect(self, database: str = "postgres") -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsn(database), autocommit=True)
-
-    def create_database(self, name: str) -> None:
-        with self.connect() as connection:
-            connection.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (name,),
-            )
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            connection.execute(f'CREATE DATABASE "{name}"')
+# Durability off: the chaos suite tests crashes of the app, not of the disk.
+CHAOS_PG_SETTINGS = {
+    "listen_addresses": "'127.0.0.1'",
+    "unix_socket_directories": "''",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "300",
+    "shared_buffers": "'64MB'",
+}
 
 
 # --- app processes ------------------------------------------------------------------------
@@ -614,17 +516,16 @@ def install_slow_batches(pg: PostgresServer, database: str, delay: float) -> Non
 
 
 @contextlib.contextmanager
-def servers_from(bindir: Path) -> Iterator[tuple[PostgresServer, RedisServer]]:
-    pg = PostgresServer(bindir)
+def throwaway_servers() -> Iterator[tuple[PostgresServer, RedisServer]]:
+    pg = PostgresServer(settings=CHAOS_PG_SETTINGS)
     redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="remit-chaos-redis-")))
     try:
-        pg.init()
         # A free port found a moment ago may be taken meanwhile: try another one.
         for attempt in range(3):
             try:
                 pg.start()
                 break
-            except RuntimeError:
+            except ServerError:
                 if attempt == 2:
                     raise
                 pg.port = free_port()
