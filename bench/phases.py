@@ -556,6 +556,7 @@ def reads(bench: Bench) -> dict[str, Any]:
     result["vacuum_analyze_s"] = round(time.perf_counter() - started, 1)
     result["transfers_in_table"] = data.scalar(bench.conn, "SELECT count(*) FROM transfers")
     result["postings_in_table"] = data.scalar(bench.conn, "SELECT count(*) FROM postings")
+    result["plans"] = explain_list_queries(bench.conn)
 
     payers = _payers(bench)
     rng = random.Random(config.seed + 6)
@@ -597,6 +598,94 @@ def reads(bench: Bench) -> dict[str, Any]:
         f"kind after {warmup} warm-up), the {len(payers)} client users in turn"
     )
     return result
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[str]:
+    nodes = [f"{plan['Node Type']} on {plan.get('Relation Name') or plan.get('Index Name', '')}"]
+    for child in plan.get("Plans", []):
+        nodes += _plan_nodes(child)
+    return nodes
+
+
+def explain_list_queries(conn: psycopg.Connection) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the exact SQL the API runs for its lists and reads,
+    on the busiest user of the full table: each must be index range scans whose cost
+    follows the page, not the table (no Seq Scan, buffers in the tens)."""
+    from sqlalchemy.dialects import postgresql
+
+    from common.accounts import postings_page
+    from common.models import Transfer, TransferStatus
+    from common.transfers import TransferFilter, transfers_page
+
+    user, payee = conn.execute(
+        "SELECT from_user_id, max(to_user_id) FROM transfers GROUP BY from_user_id "
+        "ORDER BY count(*) DESC LIMIT 1"
+    ).fetchone()
+    middle = conn.execute(
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM transfers "
+        "WHERE from_user_id = %s",
+        (user,),
+    ).fetchone()[0]
+    account = conn.execute(
+        "SELECT account_id FROM postings GROUP BY account_id ORDER BY count(*) DESC LIMIT 1"
+    ).fetchone()[0]
+    posting_middle = conn.execute(
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM postings "
+        "WHERE account_id = %s",
+        (account,),
+    ).fetchone()[0]
+    none = TransferFilter()
+    # limit 101: the API fetches one row more than the page to know whether a next exists.
+    queries = {
+        "transfers first page": transfers_page(
+            user, none, descending=False, after_id=None, limit=101
+        ),
+        "transfers middle page, dsc": transfers_page(
+            user, none, descending=True, after_id=middle, limit=101
+        ),
+        "transfers status=settled": transfers_page(
+            user,
+            TransferFilter(status=TransferStatus.SETTLED),
+            descending=False,
+            after_id=middle,
+            limit=101,
+        ),
+        "transfers to=payee": transfers_page(
+            user, TransferFilter(payee_id=payee), descending=False, after_id=None, limit=101
+        ),
+        "statement first page": postings_page(account, descending=False, after_id=None, limit=101),
+        "statement middle page": postings_page(
+            account, descending=True, after_id=posting_middle, limit=101
+        ),
+        "one transfer": select_transfer(Transfer, middle),
+    }
+    plans: dict[str, Any] = {}
+    for name, query in queries.items():
+        sql = str(
+            query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+        )
+        (explained,) = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}").fetchone()
+        top = explained[0]
+        nodes = _plan_nodes(top["Plan"])
+        plans[name] = {
+            "execution_ms": round(top["Execution Time"], 3),
+            "planning_ms": round(top["Planning Time"], 3),
+            "rows": top["Plan"].get("Actual Rows"),
+            "shared_buffers_hit_read": [
+                top["Plan"].get("Shared Hit Blocks"),
+                top["Plan"].get("Shared Read Blocks"),
+            ],
+            "seq_scan": any(node.startswith("Seq Scan") for node in nodes),
+            "nodes": nodes,
+            "sql": sql,
+        }
+    return plans
+
+
+def select_transfer(model: Any, transfer_id: int) -> Any:
+    from sqlalchemy import select
+
+    return select(model).where(model.id == transfer_id)
 
 
 # --- f: memory ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from common.currencies import get_currency
@@ -45,8 +45,16 @@ def open_account(session: Session, user_id: int, currency_code: str) -> Account:
 def list_postings(
     session: Session, account_id: int, *, descending: bool, after_id: int | None, limit: int
 ) -> Sequence[Posting]:
+    query = postings_page(account_id, descending=descending, after_id=after_id, limit=limit)
+    return session.scalars(query).all()
+
+
+def postings_page(
+    account_id: int, *, descending: bool, after_id: int | None, limit: int
+) -> Select[tuple[Posting]]:
+    """One page of a statement: a range scan of the (account_id, id) index."""
     query = select(Posting).where(Posting.account_id == account_id)
     if after_id is not None:
         query = query.where(Posting.id < after_id if descending else Posting.id > after_id)
     order = Posting.id.desc() if descending else Posting.id.asc()
-    return session.scalars(query.order_by(order).limit(limit)).all()
+    return query.order_by(order).limit(limit)
