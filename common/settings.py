@@ -38,7 +38,7 @@ def _int(name: str, default: int) -> int:
     return value
 
 
-def _float(name: str, default: float) -> float:
+def _seconds(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -151,12 +151,12 @@ def load_settings() -> Settings:
         settle_batch_size=_int("SETTLE_BATCH_SIZE", 500),
         settle_max_retries=_int("SETTLE_MAX_RETRIES", 8),
         settle_max_attempts=_int("SETTLE_MAX_ATTEMPTS", 5),
-        failed_retry_interval_s=_float("FAILED_RETRY_INTERVAL", 300.0),
-        failed_retry_window_s=_float("FAILED_RETRY_WINDOW", 86400.0),
-        sweep_pending_after_s=_float("SWEEP_PENDING_AFTER", 5.0),
-        sweep_interval_s=_float("SWEEP_INTERVAL", 5.0),
+        failed_retry_interval_s=_seconds("FAILED_RETRY_INTERVAL", 300.0),
+        failed_retry_window_s=_seconds("FAILED_RETRY_WINDOW", 86400.0),
+        sweep_pending_after_s=_seconds("SWEEP_PENDING_AFTER", 5.0),
+        sweep_interval_s=_seconds("SWEEP_INTERVAL", 5.0),
         visibility_timeout_s=_int("VISIBILITY_TIMEOUT", 300),
-        auth_cache_ttl_s=_float("AUTH_CACHE_TTL", 3600.0),
+        auth_cache_ttl_s=_seconds("AUTH_CACHE_TTL", 3600.0),
     )
 
 
