@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from common.currencies import CurrencyInfo, get_currency
-from common.errors import Invalid, NotFound
+from common.errors import Invalid, NotFound, RemitError
 from common.logs import request_id as current_request_id
 from common.models import SUPERUSER_ID, Account, Transfer, TransferStatus
 from common.money import InvalidAmount, commission_for, parse_amount
@@ -78,16 +78,19 @@ class AccountRef(Protocol):
     currency: str
 
 
-_ACCOUNTS = text("SELECT id, user_id, currency FROM accounts WHERE id IN (:first, :second)")
+_ACCOUNTS = text("SELECT id, user_id, currency FROM accounts WHERE id = ANY(:ids)")
+
+# A transfer's debit must fit the BIGINT columns it ends up in.
+MAX_MINOR_UNITS = 2**63 - 1
 
 
-def _accounts(session: Session, first: int, second: int) -> dict[int, AccountRef]:
-    """Both accounts of a transfer in one round trip (the hot path of the API)."""
-    rows = session.execute(_ACCOUNTS, {"first": first, "second": second})
+def _accounts(session: Session, *ids: int) -> dict[int, AccountRef]:
+    """The accounts of one transfer (or of a whole batch) in one round trip."""
+    rows = session.execute(_ACCOUNTS, {"ids": sorted(set(ids))})
     return {row.id: row for row in rows}
 
 
-def _record(
+def _row(
     session: Session,
     *,
     kind: str,
@@ -95,8 +98,8 @@ def _record(
     source: AccountRef,
     target: AccountRef,
     request: TransferRequest,
-) -> Accepted:
-    fingerprint = _fingerprint(kind, request)
+) -> dict[str, Any]:
+    """The transfer's row, once every rule that needs no lock has passed."""
     if source.id == target.id:
         raise Invalid("same_account", "from and to are the same account")
     if source.currency != target.currency:
@@ -108,7 +111,9 @@ def _record(
     amount = _amount_in(currency, request.amount)
     free = kind == "deposit" or source.user_id == target.user_id
     commission = 0 if free else commission_for(amount, currency.commission_rate)
-    row = {
+    if amount + commission > MAX_MINOR_UNITS:
+        raise Invalid("invalid_amount", "amount is too large")
+    return {
         "from_account_id": source.id,
         "to_account_id": target.id,
         "from_user_id": source.user_id,
@@ -119,9 +124,28 @@ def _record(
         "comment": request.comment,
         "requested_by": requested_by,
         "idempotency_key": request.idempotency_key,
-        "request_fingerprint": fingerprint if request.idempotency_key else None,
+        "request_fingerprint": _fingerprint(kind, request) if request.idempotency_key else None,
         "request_id": current_request_id.get(),
     }
+
+
+def _record(
+    session: Session,
+    *,
+    kind: str,
+    requested_by: int,
+    source: AccountRef,
+    target: AccountRef,
+    request: TransferRequest,
+) -> Accepted:
+    row = _row(
+        session,
+        kind=kind,
+        requested_by=requested_by,
+        source=source,
+        target=target,
+        request=request,
+    )
     # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
     # nothing: of twenty simultaneous requests with one key, one row wins and the
     # others read it back below.
@@ -136,7 +160,7 @@ def _record(
     if transfer is not None:
         return Accepted(transfer, created=True)
     assert request.idempotency_key is not None
-    existing = _replay(session, requested_by, request.idempotency_key, fingerprint)
+    existing = _replay(session, requested_by, request.idempotency_key, _fingerprint(kind, request))
     assert existing is not None
     return Accepted(existing, created=False)
 
@@ -150,12 +174,7 @@ def submit_transfer(session: Session, user_id: int, request: TransferRequest) ->
         if existing is not None:
             return Accepted(existing, created=False)
     accounts = _accounts(session, request.from_account_id, request.to_account_id)
-    source = accounts.get(request.from_account_id)
-    if source is None or source.user_id != user_id:
-        raise NotFound("account_not_found", f"you have no account {request.from_account_id}")
-    target = accounts.get(request.to_account_id)
-    if target is None:
-        raise NotFound("account_not_found", f"no account {request.to_account_id}")
+    source, target = _payer_and_payee(accounts, user_id, request)
     return _record(
         session,
         kind="transfer",
@@ -164,6 +183,60 @@ def submit_transfer(session: Session, user_id: int, request: TransferRequest) ->
         target=target,
         request=request,
     )
+
+
+def _payer_and_payee(
+    accounts: dict[int, AccountRef], user_id: int, request: TransferRequest
+) -> tuple[AccountRef, AccountRef]:
+    source = accounts.get(request.from_account_id)
+    if source is None or source.user_id != user_id:
+        raise NotFound("account_not_found", f"you have no account {request.from_account_id}")
+    target = accounts.get(request.to_account_id)
+    if target is None:
+        raise NotFound("account_not_found", f"no account {request.to_account_id}")
+    return source, target
+
+
+def submit_transfers(
+    session: Session, user_id: int, requests: Sequence[TransferRequest]
+) -> list[Accepted | RemitError]:
+    """Many transfers from one user (the batch route), each accepted or refused on its
+    own, in order: their accounts are read in one query and every transfer without an
+    Idempotency-Key is inserted in one statement (keyed ones go one by one, for their
+    replay rules). Nothing here can fail in the database for one item alone: every
+    rule is checked before the insert."""
+    accounts = _accounts(
+        session, *(i for r in requests for i in (r.from_account_id, r.to_account_id))
+    )
+    results: list[Accepted | RemitError | None] = [None] * len(requests)
+    plain: list[tuple[int, dict[str, Any]]] = []
+    for index, request in enumerate(requests):
+        try:
+            if request.idempotency_key is not None:
+                results[index] = submit_transfer(session, user_id, request)
+                continue
+            source, target = _payer_and_payee(accounts, user_id, request)
+            row = _row(
+                session,
+                kind="transfer",
+                requested_by=user_id,
+                source=source,
+                target=target,
+                request=request,
+            )
+        except RemitError as error:
+            results[index] = error
+            continue
+        plain.append((index, row))
+    if plain:
+        inserted = session.execute(
+            insert(TRANSFERS).values([row for _, row in plain]).returning(*TRANSFERS.c)
+        ).all()
+        # Ids come from the sequence in VALUES order: sorted ids match the rows' order.
+        by_id = sorted(inserted, key=lambda transfer: transfer.id)
+        for (index, _), transfer in zip(plain, by_id, strict=True):
+            results[index] = Accepted(transfer, created=True)
+    return [result for result in results if result is not None]
 
 
 def submit_deposit(
