@@ -129,23 +129,8 @@ def _row(
     }
 
 
-def _record(
-    session: Session,
-    *,
-    kind: str,
-    requested_by: int,
-    source: AccountRef,
-    target: AccountRef,
-    request: TransferRequest,
-) -> Accepted:
-    row = _row(
-        session,
-        kind=kind,
-        requested_by=requested_by,
-        source=source,
-        target=target,
-        request=request,
-    )
+def _record(session: Session, row: dict[str, Any]) -> Accepted:
+    """Insert one transfer's row, or return the earlier transfer of its Idempotency-Key."""
     # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
     # nothing: of twenty simultaneous requests with one key, one row wins and the
     # others read it back below.
@@ -159,8 +144,10 @@ def _record(
     transfer = session.execute(statement).one_or_none()
     if transfer is not None:
         return Accepted(transfer, created=True)
-    assert request.idempotency_key is not None
-    existing = _replay(session, requested_by, request.idempotency_key, _fingerprint(kind, request))
+    assert row["idempotency_key"] is not None
+    existing = _replay(
+        session, row["requested_by"], row["idempotency_key"], row["request_fingerprint"]
+    )
     assert existing is not None
     return Accepted(existing, created=False)
 
@@ -177,11 +164,14 @@ def submit_transfer(session: Session, user_id: int, request: TransferRequest) ->
     source, target = _payer_and_payee(accounts, user_id, request)
     return _record(
         session,
-        kind="transfer",
-        requested_by=user_id,
-        source=source,
-        target=target,
-        request=request,
+        _row(
+            session,
+            kind="transfer",
+            requested_by=user_id,
+            source=source,
+            target=target,
+            request=request,
+        ),
     )
 
 
@@ -263,11 +253,14 @@ def submit_deposit(
             return Accepted(existing, created=False)
     return _record(
         session,
-        kind="deposit",
-        requested_by=SUPERUSER_ID,
-        source=source,
-        target=target,
-        request=request,
+        _row(
+            session,
+            kind="deposit",
+            requested_by=SUPERUSER_ID,
+            source=source,
+            target=target,
+            request=request,
+        ),
     )
 
 
