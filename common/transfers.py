@@ -161,30 +161,27 @@ def submit_transfer(session: Session, user_id: int, request: TransferRequest) ->
         if existing is not None:
             return Accepted(existing, created=False)
     accounts = _accounts(session, request.from_account_id, request.to_account_id)
-    source, target = _payer_and_payee(accounts, user_id, request)
-    return _record(
-        session,
-        _row(
-            session,
-            kind="transfer",
-            requested_by=user_id,
-            source=source,
-            target=target,
-            request=request,
-        ),
-    )
+    return _record(session, _transfer_row(session, accounts, user_id, request))
 
 
-def _payer_and_payee(
-    accounts: dict[int, AccountRef], user_id: int, request: TransferRequest
-) -> tuple[AccountRef, AccountRef]:
+def _transfer_row(
+    session: Session, accounts: dict[int, AccountRef], user_id: int, request: TransferRequest
+) -> dict[str, Any]:
+    """The row of a payment from one of `user_id`'s accounts, its accounts read already."""
     source = accounts.get(request.from_account_id)
     if source is None or source.user_id != user_id:
         raise NotFound("account_not_found", f"you have no account {request.from_account_id}")
     target = accounts.get(request.to_account_id)
     if target is None:
         raise NotFound("account_not_found", f"no account {request.to_account_id}")
-    return source, target
+    return _row(
+        session,
+        kind="transfer",
+        requested_by=user_id,
+        source=source,
+        target=target,
+        request=request,
+    )
 
 
 def submit_transfers(
@@ -205,15 +202,7 @@ def submit_transfers(
             if request.idempotency_key is not None:
                 results[index] = submit_transfer(session, user_id, request)
                 continue
-            source, target = _payer_and_payee(accounts, user_id, request)
-            row = _row(
-                session,
-                kind="transfer",
-                requested_by=user_id,
-                source=source,
-                target=target,
-                request=request,
-            )
+            row = _transfer_row(session, accounts, user_id, request)
         except RemitError as error:
             results[index] = error
             continue
