@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from common.db import Db, execute_direct
 from common.errors import NotFound
 from common.models import Currency
 
@@ -27,8 +27,11 @@ _lock = threading.Lock()
 _known: dict[str, CurrencyInfo] = {}
 
 
-def _load(session: Session) -> dict[str, CurrencyInfo]:
-    rows = session.scalars(select(Currency).order_by(Currency.code))
+_ALL = select(*Currency.__table__.c).order_by(Currency.code)
+
+
+def _load(db: Db) -> dict[str, CurrencyInfo]:
+    rows = execute_direct(db, _ALL, {})
     return {
         row.code: CurrencyInfo(
             code=row.code,
@@ -42,10 +45,10 @@ def _load(session: Session) -> dict[str, CurrencyInfo]:
     }
 
 
-def all_currencies(session: Session) -> list[CurrencyInfo]:
+def all_currencies(db: Db) -> list[CurrencyInfo]:
     with _lock:
         if not _known:
-            _known.update(_load(session))
+            _known.update(_load(db))
         return list(_known.values())
 
 
@@ -55,11 +58,11 @@ def known_currency(code: str) -> CurrencyInfo | None:
         return _known.get(code)
 
 
-def get_currency(session: Session, code: str) -> CurrencyInfo:
+def get_currency(db: Db, code: str) -> CurrencyInfo:
     with _lock:
         if code not in _known:
             # A currency added by a later migration is picked up without a restart.
-            _known.update(_load(session))
+            _known.update(_load(db))
         info = _known.get(code)
     if info is None:
         raise NotFound("currency_not_found", f"no currency {code!r}")

@@ -6,19 +6,21 @@ Accepting only records a `pending` row; the worker settles it (common.ledger).
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import Row, Select, and_, select, text, union
+from sqlalchemy import Select, and_, bindparam, select, text, union
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from common.currencies import CurrencyInfo, get_currency
+from common.db import Db, execute_direct
 from common.errors import Invalid, NotFound, RemitError
 from common.logs import request_id as current_request_id
-from common.models import SUPERUSER_ID, Account, Transfer, TransferStatus
+from common.models import SUPERUSER_ID, Transfer, TransferStatus
 from common.money import InvalidAmount, commission_for, parse_amount
 
 
@@ -36,8 +38,8 @@ TRANSFERS = Transfer.__table__
 
 @dataclass(frozen=True)
 class Accepted:
-    # The ORM object of a replay, or the Row the insert returned: same attributes.
-    transfer: Transfer | Row[Any]
+    # The transfer's row (attributes named as the columns of `transfers`).
+    transfer: Any
     # False when an idempotent replay returned an earlier transfer.
     created: bool
 
@@ -51,12 +53,14 @@ def _fingerprint(kind: str, request: TransferRequest) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _replay(session: Session, requested_by: int, key: str, fingerprint: str) -> Transfer | None:
-    existing = session.scalar(
-        select(Transfer).where(
-            Transfer.requested_by == requested_by, Transfer.idempotency_key == key
-        )
-    )
+_BY_KEY = select(*TRANSFERS.c).where(
+    TRANSFERS.c.requested_by == bindparam("requested_by"),
+    TRANSFERS.c.idempotency_key == bindparam("key"),
+)
+
+
+def _replay(db: Db, requested_by: int, key: str, fingerprint: str) -> Any:
+    existing = execute_direct(db, _BY_KEY, {"requested_by": requested_by, "key": key}).fetchone()
     if existing is not None and existing.request_fingerprint != fingerprint:
         raise Invalid(
             "idempotency_key_mismatch",
@@ -78,20 +82,52 @@ class AccountRef(Protocol):
     currency: str
 
 
+@dataclass(frozen=True)
+class _Account:
+    id: int
+    user_id: int
+    currency: str
+
+
 _ACCOUNTS = text("SELECT id, user_id, currency FROM accounts WHERE id = ANY(:ids)")
 
 # A transfer's debit must fit the BIGINT columns it ends up in.
 MAX_MINOR_UNITS = 2**63 - 1
 
+# An account's owner and currency never change and accounts are never deleted, so
+# once read they are kept: a payment needs no query to check its accounts. Bounded;
+# when full it starts again empty (an account missing here only costs a query).
+ACCOUNT_CACHE_SIZE = 200_000
+_account_cache: dict[int, _Account] = {}
+_account_cache_lock = threading.Lock()
 
-def _accounts(session: Session, *ids: int) -> dict[int, AccountRef]:
-    """The accounts of one transfer (or of a whole batch) in one round trip."""
-    rows = session.execute(_ACCOUNTS, {"ids": sorted(set(ids))})
-    return {row.id: row for row in rows}
+
+def _accounts(db: Db, *ids: int) -> dict[int, AccountRef]:
+    """The accounts of one transfer (or of a whole batch): from the cache, and the rest
+    in one round trip."""
+    wanted = set(ids)
+    with _account_cache_lock:
+        found: dict[int, AccountRef] = {i: _account_cache[i] for i in wanted if i in _account_cache}
+    missing = wanted - found.keys()
+    if missing:
+        rows = execute_direct(db, _ACCOUNTS, {"ids": sorted(missing)})
+        read = {row.id: _Account(row.id, row.user_id, row.currency) for row in rows}
+        with _account_cache_lock:
+            if len(_account_cache) + len(read) > ACCOUNT_CACHE_SIZE:
+                _account_cache.clear()
+            _account_cache.update(read)
+        found.update(read)
+    return found
+
+
+def forget_accounts() -> None:
+    """Tests with a fresh database call this so no process keeps another's ids."""
+    with _account_cache_lock:
+        _account_cache.clear()
 
 
 def _row(
-    session: Session,
+    db: Db,
     *,
     kind: str,
     requested_by: int,
@@ -107,7 +143,7 @@ def _row(
             "currency_mismatch",
             f"cannot move {source.currency} into a {target.currency} account",
         )
-    currency = get_currency(session, source.currency)
+    currency = get_currency(db, source.currency)
     amount = _amount_in(currency, request.amount)
     free = kind == "deposit" or source.user_id == target.user_id
     commission = 0 if free else commission_for(amount, currency.commission_rate)
@@ -129,43 +165,58 @@ def _row(
     }
 
 
-def _record(session: Session, row: dict[str, Any]) -> Accepted:
+# The columns _row fills: the statement is built and compiled once, the row is its
+# parameters.
+_ROW_COLUMNS = (
+    "from_account_id",
+    "to_account_id",
+    "from_user_id",
+    "to_user_id",
+    "currency",
+    "amount",
+    "commission",
+    "comment",
+    "requested_by",
+    "idempotency_key",
+    "request_fingerprint",
+    "request_id",
+)
+_INSERT_ONE = (
+    insert(TRANSFERS)
+    .values({column: bindparam(column) for column in _ROW_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["requested_by", "idempotency_key"])
+    .returning(*TRANSFERS.c)
+)
+_BY_ID = select(*TRANSFERS.c).where(TRANSFERS.c.id == bindparam("id"))
+
+
+def _record(db: Db, row: dict[str, Any]) -> Accepted:
     """Insert one transfer's row, or return the earlier transfer of its Idempotency-Key."""
     # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
     # nothing: of twenty simultaneous requests with one key, one row wins and the
     # others read it back below.
     # Core, not ORM: the row comes back as a plain Row, which is all the response needs.
-    statement = (
-        insert(TRANSFERS)
-        .values(row)
-        .on_conflict_do_nothing(index_elements=["requested_by", "idempotency_key"])
-        .returning(*TRANSFERS.c)
-    )
-    transfer = session.execute(statement).one_or_none()
+    transfer = execute_direct(db, _INSERT_ONE, row).fetchone()
     if transfer is not None:
         return Accepted(transfer, created=True)
     assert row["idempotency_key"] is not None
-    existing = _replay(
-        session, row["requested_by"], row["idempotency_key"], row["request_fingerprint"]
-    )
+    existing = _replay(db, row["requested_by"], row["idempotency_key"], row["request_fingerprint"])
     assert existing is not None
     return Accepted(existing, created=False)
 
 
-def submit_transfer(session: Session, user_id: int, request: TransferRequest) -> Accepted:
+def submit_transfer(db: Db, user_id: int, request: TransferRequest) -> Accepted:
     """Accept a payment from one of `user_id`'s accounts, or replay an idempotent one."""
     if request.idempotency_key is not None:
-        existing = _replay(
-            session, user_id, request.idempotency_key, _fingerprint("transfer", request)
-        )
+        existing = _replay(db, user_id, request.idempotency_key, _fingerprint("transfer", request))
         if existing is not None:
             return Accepted(existing, created=False)
-    accounts = _accounts(session, request.from_account_id, request.to_account_id)
-    return _record(session, _transfer_row(session, accounts, user_id, request))
+    accounts = _accounts(db, request.from_account_id, request.to_account_id)
+    return _record(db, _transfer_row(db, accounts, user_id, request))
 
 
 def _transfer_row(
-    session: Session, accounts: dict[int, AccountRef], user_id: int, request: TransferRequest
+    db: Db, accounts: dict[int, AccountRef], user_id: int, request: TransferRequest
 ) -> dict[str, Any]:
     """The row of a payment from one of `user_id`'s accounts, its accounts read already."""
     source = accounts.get(request.from_account_id)
@@ -175,7 +226,7 @@ def _transfer_row(
     if target is None:
         raise NotFound("account_not_found", f"no account {request.to_account_id}")
     return _row(
-        session,
+        db,
         kind="transfer",
         requested_by=user_id,
         source=source,
@@ -218,17 +269,13 @@ def submit_transfers(
     return [result for result in results if result is not None]
 
 
-def submit_deposit(
-    session: Session, account_id: int, amount: str, idempotency_key: str | None
-) -> Accepted:
+def submit_deposit(db: Db, account_id: int, amount: str, idempotency_key: str | None) -> Accepted:
     """Money from the outside world (the currency's external account) into an account."""
-    target = session.get(Account, account_id)
+    target = _accounts(db, account_id).get(account_id)
     if target is None:
         raise NotFound("account_not_found", f"no account {account_id}")
-    currency = get_currency(session, target.currency)
-    source = _accounts(session, currency.external_account_id, account_id).get(
-        currency.external_account_id
-    )
+    currency = get_currency(db, target.currency)
+    source = _accounts(db, currency.external_account_id).get(currency.external_account_id)
     assert source is not None, "seed data is missing the external account"
     request = TransferRequest(
         from_account_id=source.id,
@@ -237,13 +284,13 @@ def submit_deposit(
         idempotency_key=idempotency_key,
     )
     if idempotency_key is not None:
-        existing = _replay(session, SUPERUSER_ID, idempotency_key, _fingerprint("deposit", request))
+        existing = _replay(db, SUPERUSER_ID, idempotency_key, _fingerprint("deposit", request))
         if existing is not None:
             return Accepted(existing, created=False)
     return _record(
-        session,
+        db,
         _row(
-            session,
+            db,
             kind="deposit",
             requested_by=SUPERUSER_ID,
             source=source,
@@ -253,9 +300,9 @@ def submit_deposit(
     )
 
 
-def get_visible_transfer(session: Session, transfer_id: int, user_id: int) -> Transfer:
+def get_visible_transfer(db: Db, transfer_id: int, user_id: int) -> Any:
     """A transfer from or to `user_id`'s accounts (the superuser sees every transfer)."""
-    transfer = session.get(Transfer, transfer_id)
+    transfer = execute_direct(db, _BY_ID, {"id": transfer_id}).fetchone()
     if transfer is None or (
         user_id not in (transfer.from_user_id, transfer.to_user_id) and user_id != SUPERUSER_ID
     ):

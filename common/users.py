@@ -8,6 +8,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
 from common.currencies import all_currencies
+from common.db import Db, execute_direct
 from common.errors import Conflict
 from common.models import Account, AccountKind, User
 from common.passwords import burn_verification, hash_password, verify_password
@@ -54,11 +55,13 @@ _BY_USERNAME = text(
 )
 
 
-def authenticate(session: Session, username: str, password: str) -> Principal | None:
+def authenticate(db: Db, username: str, password: str) -> Principal | None:
     """The user these credentials name, or None; costs the same whether or not it exists."""
     # No username holds NUL, and PostgreSQL text cannot even be compared with one.
     lookup = 0 < len(username) <= 64 and "\x00" not in username
-    user = session.execute(_BY_USERNAME, {"username": username}).one_or_none() if lookup else None
+    user = None
+    if lookup:
+        user = execute_direct(db, _BY_USERNAME, {"username": username}).fetchone()
     if user is None:
         burn_verification(password)
         return None

@@ -4,7 +4,7 @@ from flask import Blueprint, Response
 
 from common import accounts
 from common.currencies import get_currency
-from common.db import in_transaction, new_session
+from common.db import in_statements, in_transaction, statement_session
 from common.transfers import submit_deposit
 from web.auth import authenticated, authorize_path_user, current_user, require_superuser
 from web.fields import DepositCreate, PageQuery, idempotency_key, parse_body, parse_query
@@ -18,7 +18,7 @@ bp = Blueprint("accounts", __name__)
 @authenticated
 def list_accounts(user_id: int) -> Response:
     authorize_path_user(user_id, write=False)
-    with new_session() as session:
+    with statement_session() as session:
         rows = accounts.list_accounts(session, user_id)
         return json_response([account_json(session, account) for account in rows])
 
@@ -36,7 +36,7 @@ def open_account(user_id: int, currency: str) -> Response:
 @bp.get("/accounts/<id:account_id>")
 @authenticated
 def get_account(account_id: int) -> Response:
-    with new_session() as session:
+    with statement_session() as session:
         account = accounts.get_visible_account(session, account_id, current_user().id)
         return json_response(account_json(session, account))
 
@@ -46,7 +46,7 @@ def get_account(account_id: int) -> Response:
 def list_postings(account_id: int) -> Response:
     query = parse_query(PageQuery)
     after_id = decode_cursor(query.cursor, query.sort)
-    with new_session() as session:
+    with statement_session() as session:
         account = accounts.get_visible_account(session, account_id, current_user().id)
         decimals = get_currency(session, account.currency).decimals
         rows = accounts.list_postings(
@@ -66,7 +66,7 @@ def deposit(account_id: int) -> Response:
     require_superuser()
     fields = parse_body(DepositCreate)
     key = idempotency_key()
-    accepted = in_transaction(
+    accepted = in_statements(
         lambda session: submit_deposit(session, account_id, fields.amount, key)
     )
     return accepted_response(accepted)

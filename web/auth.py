@@ -14,7 +14,7 @@ from typing import ParamSpec, TypeVar
 
 from flask import g, request
 
-from common.db import new_session
+from common.db import autocommit_connection, statement_session
 from common.models import SUPERUSER_ID
 from common.users import Principal, authenticate, user_exists
 from web import throttle
@@ -47,8 +47,8 @@ def _check_credentials() -> Principal:
             "too many failed logins; try again later",
             {"Retry-After": str(wait)},
         )
-    with new_session() as session:
-        user = authenticate(session, username, password)
+    with autocommit_connection() as connection:
+        user = authenticate(connection, username, password)
     if user is None:
         throttle.record_failure(username, address)
         raise _unauthorized("wrong username or password")
@@ -80,7 +80,7 @@ def authorize_path_user(user_id: int, *, write: bool) -> None:
         if write:
             raise ApiError("forbidden", "the superuser moves money only by deposits")
         if user_id != SUPERUSER_ID:
-            with new_session() as session:
+            with statement_session() as session:
                 if not user_exists(session, user_id):
                     raise ApiError("user_not_found", f"no user {user_id}")
         return

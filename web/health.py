@@ -4,7 +4,7 @@ from flask import Blueprint, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from common.db import new_session
+from common.db import statement_session
 from web import throttle
 from web.render import json_response
 
@@ -14,7 +14,7 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 def health() -> Response:
     try:
-        with new_session() as session:
+        with statement_session() as session:
             session.execute(text("SELECT 1"))
         database = "ok"
     except SQLAlchemyError:

@@ -10,11 +10,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Response, json, request
-from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from common.currencies import get_currency
-from common.models import Account, Posting, Transfer
+from common.db import Db
+from common.models import Account, Posting
 from common.money import format_amount
 from web.problems import ApiError
 
@@ -34,8 +34,8 @@ def json_response(
     return response
 
 
-def _decimals(session: Session, currency: str) -> int:
-    return get_currency(session, currency).decimals
+def _decimals(db: Db, currency: str) -> int:
+    return get_currency(db, currency).decimals
 
 
 def account_json(session: Session, account: Account) -> dict[str, Any]:
@@ -49,8 +49,9 @@ def account_json(session: Session, account: Account) -> dict[str, Any]:
     }
 
 
-def transfer_json(session: Session, transfer: Transfer | Row[Any]) -> dict[str, Any]:
-    decimals = _decimals(session, transfer.currency)
+def transfer_json(db: Db, transfer: Any) -> dict[str, Any]:
+    """A transfer's resource, from its ORM object or its row."""
+    decimals = _decimals(db, transfer.currency)
     return {
         "id": transfer.id,
         "status": transfer.status,

@@ -41,20 +41,24 @@ def _keys(username: str, address: str) -> tuple[str, str]:
 
 def retry_after(username: str, address: str) -> int | None:
     """Seconds until another attempt is allowed, or None when not throttled."""
-    user_key, address_key = _keys(username, address)
+    keys = _keys(username, address)
+    limits = (MAX_FAILURES_PER_USERNAME, MAX_FAILURES_PER_ADDRESS)
     try:
-        pipe = _redis().pipeline(transaction=False)
-        pipe.get(user_key).get(address_key).ttl(user_key).ttl(address_key)
-        user_count, address_count, user_ttl, address_ttl = pipe.execute()
+        client = _redis()
+        # One round trip on every authenticated request; the TTLs are read only when
+        # a counter is over its limit.
+        counts = client.mget(keys)
+        over = [
+            key
+            for key, count, limit in zip(keys, counts, limits, strict=True)
+            if count is not None and int(count) >= limit
+        ]
+        if not over:
+            return None
+        return max(max(int(client.ttl(key)), 1) for key in over)
     except redis.RedisError as error:
         log.warning("login throttle unavailable: %s", error)
         return None
-    waits = []
-    if user_count is not None and int(user_count) >= MAX_FAILURES_PER_USERNAME:
-        waits.append(max(int(user_ttl), 1))
-    if address_count is not None and int(address_count) >= MAX_FAILURES_PER_ADDRESS:
-        waits.append(max(int(address_ttl), 1))
-    return max(waits) if waits else None
 
 
 def record_failure(username: str, address: str) -> None:

@@ -7,7 +7,7 @@ from flask import Blueprint, Response
 from sqlalchemy.orm import Session
 
 from common import transfers
-from common.db import in_transaction, new_session
+from common.db import autocommit_connection, in_statements, in_transaction, statement_session
 from common.errors import RemitError
 from common.models import SUPERUSER_ID, TransferStatus
 from common.notify import listener
@@ -49,7 +49,8 @@ def accepted_response(accepted: transfers.Accepted) -> Response:
         # A replay of a still-pending transfer rings again: if the first doorbell was
         # lost, the client's retry is the fastest way to get it settled.
         doorbells.ring_soon(transfer.currency, [transfer.id])
-    with new_session() as session:
+    # A session checks out a connection only if the currency is not cached yet.
+    with statement_session() as session:
         body = transfer_json(session, transfer)
     location = f"/users/{transfer.from_user_id}/transfers/{transfer.id}"
     return json_response(body, 202, {"Location": location})
@@ -67,7 +68,7 @@ def submit(user_id: int) -> Response:
         comment=fields.comment,
         idempotency_key=idempotency_key(),
     )
-    accepted = in_transaction(lambda session: transfers.submit_transfer(session, user_id, request))
+    accepted = in_statements(lambda session: transfers.submit_transfer(session, user_id, request))
     return accepted_response(accepted)
 
 
@@ -150,9 +151,9 @@ def get(user_id: int, transfer_id: int) -> Response:
 
 
 def _read_visible(transfer_id: int, user_id: int) -> dict[str, Any]:
-    with new_session() as session:
-        transfer = transfers.get_visible_transfer(session, transfer_id, user_id)
-        return transfer_json(session, transfer)
+    with autocommit_connection() as connection:
+        transfer = transfers.get_visible_transfer(connection, transfer_id, user_id)
+        return transfer_json(connection, transfer)
 
 
 @bp.get("/users/<id:user_id>/transfers")
@@ -166,7 +167,7 @@ def list_(user_id: int) -> Response:
         payee_id=query.payee,
         status=TransferStatus(query.status) if query.status else None,
     )
-    with new_session() as session:
+    with statement_session() as session:
         rows = transfers.list_transfers(
             session,
             user_id,
