@@ -83,3 +83,20 @@ def test_a_steady_stream_rings_once_per_interval() -> None:
     assert 2 <= len(published) <= 8
     gaps = [b - a for a, b in itertools.pairwise(published)]
     assert all(gap >= 0.09 for gap in gaps)
+
+
+def test_the_api_publishes_nothing_while_a_settler_is_busy(redis_client) -> None:
+    assert not marks.leave_if_busy("GBP")  # nobody settles GBP: the API must publish
+    marks.clear("GBP")  # a settler took the lock and is about to claim: busy
+    assert 0 < redis_client.ttl("remit:settling:GBP") <= marks.BUSY_TTL_S  # a dead one expires
+    assert marks.leave_if_busy("GBP")  # the API leaves its mark and publishes nothing
+    assert marks.take("GBP")  # the settler's last look sees the mark: it claims again
+    marks.clear("GBP")
+    assert not marks.take("GBP")  # nothing new: it leaves, and says so first
+    assert not marks.leave_if_busy("GBP")  # so the next doorbell is published
+
+
+def test_a_settler_that_fails_is_no_longer_busy(redis_client) -> None:
+    marks.clear("JPY")
+    marks.not_busy("JPY")
+    assert not marks.leave_if_busy("JPY")

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Blueprint, Response
@@ -11,6 +10,7 @@ from common.db import autocommit_connection, in_statements, in_transaction, stat
 from common.errors import RemitError
 from common.models import SUPERUSER_ID, TransferStatus
 from common.notify import listener
+from web.access_log import log_on_access
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
     BatchCreate,
@@ -28,8 +28,6 @@ from web.problems import ApiError, problem_body
 from web.render import decode_cursor, json_response, page_response, transfer_json
 from worker.tasks import doorbells
 
-log = logging.getLogger(__name__)
-
 bp = Blueprint("transfers", __name__)
 
 
@@ -39,12 +37,9 @@ def accepted_response(accepted: transfers.Accepted) -> Response:
     if accepted.created:
         kind = "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
         TRANSFERS_ACCEPTED.labels(kind).inc()
-        log.info(
-            "%s %d accepted",
-            kind,
-            transfer.id,
-            extra={"transfer_id": transfer.id, "currency": transfer.currency},
-        )
+        # Said by the request's access line: a second line per payment cost the API a
+        # twentieth of its CPU.
+        log_on_access(transfer_id=transfer.id, currency=transfer.currency, accepted=kind)
     if accepted.created or transfer.status == TransferStatus.PENDING:
         # A replay of a still-pending transfer rings again: if the first doorbell was
         # lost, the client's retry is the fastest way to get it settled.
@@ -85,7 +80,7 @@ def submit_batch(user_id: int) -> Response:
         doorbells.ring_soon(currency, ids)
     if created:
         TRANSFERS_ACCEPTED.labels("transfer").inc(len(created))
-        log.info("batch of %d transfers accepted", len(created), extra={"transfer_ids": created})
+        log_on_access(transfer_ids=created, accepted="transfer")
     return json_response({"results": results}, 202)
 
 

@@ -92,6 +92,7 @@ def settle(
     try:
         return _settle_until_done(currency, transfer_ids)
     except Exception as error:
+        marks.not_busy(currency)
         if is_outage(error):
             log.warning("database unavailable while settling %s: %s", currency, error)
             raise DatabaseOutage(str(error)) from error
@@ -101,7 +102,8 @@ def settle(
 
 
 class DoorbellMarks:
-    """Who rang while the settler was busy, so that it looks once more before leaving.
+    """Who rang while the settler was busy, so that it looks once more before leaving;
+    and whether a settler is busy, so that the API need not publish a doorbell at all.
 
     A doorbell that finds the currency's settlement lock taken just returns, trusting
     the holder to settle its transfer. The holder's last claim may have run before that
@@ -109,35 +111,81 @@ class DoorbellMarks:
     lock, the holder clears the mark once it holds the lock and before it claims, and
     after a claim that found nothing it leaves only if no new mark appeared meanwhile.
     (It used to ask PostgreSQL "anything pending?", which under load walked the pending
-    index's dead entries: the most expensive statement of the whole system.) If Redis
-    loses a mark, beat's sweep rings for the transfer a few seconds later.
+    index's dead entries: the most expensive statement of the whole system.)
+
+    The API goes one step further (`leave_if_busy`): it leaves its mark and, if a
+    settler says it is busy, publishes nothing, since that settler will see the mark.
+    The settler says "busy" when it takes the lock and unsays it *before* its last look
+    at the marks; the API leaves its mark *before* it reads "busy". So if the API saw
+    "busy", the settler's last look comes after the mark. Under load a settler is
+    always running, and a Celery publish per doorbell cost the API a tenth of its CPU.
+    "Busy" expires on its own, so a settler that died leaves it for seconds at most; if
+    Redis loses a mark, beat's sweep rings for the transfer a few seconds later.
     """
+
+    # A settler refreshes it with every batch; longer than any batch takes.
+    BUSY_TTL_S = 5
 
     def _key(self, currency: str) -> str:
         return f"remit:doorbell:{currency}"
 
+    def _busy_key(self, currency: str) -> str:
+        return f"remit:settling:{currency}"
+
     def _redis(self) -> Any:
         return shared_redis("doorbells", 1)
 
+    def _mark_ttl_s(self) -> int:
+        return max(60, settings.visibility_timeout_s)
+
     def leave(self, currency: str) -> None:
         try:
-            self._redis().set(self._key(currency), 1, ex=max(60, settings.visibility_timeout_s))
+            self._redis().set(self._key(currency), 1, ex=self._mark_ttl_s())
         except RedisError as error:
             log.warning("doorbell mark not left (%s); the sweeper covers it", error)
 
-    def clear(self, currency: str) -> None:
+    def leave_if_busy(self, currency: str) -> bool:
+        """Leave a mark; True if a settler of `currency` is busy and will see it."""
         try:
-            self._redis().delete(self._key(currency))
+            pipe = self._redis().pipeline(transaction=False)
+            pipe.set(self._key(currency), 1, ex=self._mark_ttl_s())
+            pipe.exists(self._busy_key(currency))
+            _, busy = pipe.execute()
+        except RedisError as error:
+            log.warning("doorbell mark not left (%s); publishing instead", error)
+            return False
+        return bool(busy)
+
+    def clear(self, currency: str) -> None:
+        """The settler holds the lock and is about to claim: earlier marks are covered,
+        and it is busy."""
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            pipe.delete(self._key(currency))
+            pipe.set(self._busy_key(currency), 1, ex=self.BUSY_TTL_S)
+            pipe.execute()
         except RedisError as error:
             log.warning("doorbell mark not cleared (%s)", error)
 
     def take(self, currency: str) -> bool:
-        """Whether someone rang since the last clear (and clear it)."""
+        """The settler's last look: no longer busy, then whether someone rang since the
+        last clear (and clear it). If so, it claims again, busy again."""
         try:
-            return self._redis().getdel(self._key(currency)) is not None
+            pipe = self._redis().pipeline(transaction=False)
+            pipe.delete(self._busy_key(currency))
+            pipe.getdel(self._key(currency))
+            _, mark = pipe.execute()
+            return mark is not None
         except RedisError as error:
             log.warning("doorbell mark unreadable (%s); the sweeper covers it", error)
             return False
+
+    def not_busy(self, currency: str) -> None:
+        """A settler leaving without its last look (an error): let the API publish."""
+        try:
+            self._redis().delete(self._busy_key(currency))
+        except RedisError as error:
+            log.warning("settler busy flag not cleared (%s); it expires", error)
 
 
 marks = DoorbellMarks()
@@ -303,6 +351,14 @@ def ring(currency: str, transfer_ids: list[int] | None = None) -> bool:
     return True
 
 
+def ring_unless_busy(currency: str, transfer_ids: list[int] | None = None) -> bool:
+    """The API's doorbell: a mark for the settler that is running, or a Celery message
+    when none is (see DoorbellMarks)."""
+    if marks.leave_if_busy(currency):
+        return True
+    return ring(currency, transfer_ids)
+
+
 class Doorbells:
     """Coalesces one process's doorbells: at most one per currency every `interval_s`,
     rung from a background thread.
@@ -326,7 +382,7 @@ class Doorbells:
         delay_s: float = 0.002,
         interval_s: float = 0.02,
     ) -> None:
-        self._publish = publish or ring
+        self._publish = publish or ring_unless_busy
         self._delay_s = delay_s
         self._interval_s = interval_s
         self._lock = threading.Lock()
