@@ -139,9 +139,14 @@ def execute_direct(db: Db, statement: ClauseElement, params: dict[str, Any]) -> 
         broken = driver.broken or driver.closed
         if broken and pooled is not None:
             pooled.invalidate(error)
-        raise DBAPIError.instance(
-            None, None, error, psycopg.Error, hide_parameters=True, connection_invalidated=broken
-        ) from error
+        raise _as_sqlalchemy_error(error, broken) from error
+
+
+def _as_sqlalchemy_error(error: psycopg.Error, broken: bool) -> DBAPIError:
+    """psycopg's error as SQLAlchemy would have raised it (OperationalError, ...)."""
+    return DBAPIError.instance(
+        None, None, error, psycopg.Error, hide_parameters=True, connection_invalidated=broken
+    )
 
 
 @contextmanager
@@ -149,7 +154,11 @@ def autocommit_connection() -> Iterator[psycopg.Connection[Any]]:
     """A pooled psycopg connection on which every statement is its own transaction:
     no BEGIN, COMMIT or ROLLBACK round trips, and no session to set up. For work whose
     statements are each correct alone (a lookup, an INSERT ... ON CONFLICT)."""
-    pooled = get_engine().raw_connection()
+    try:
+        pooled = get_engine().raw_connection()
+    except psycopg.Error as error:
+        # The pool could not connect: unlike Engine.connect(), it does not translate.
+        raise _as_sqlalchemy_error(error, broken=True) from error
     driver: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
     try:
         driver.autocommit = True
