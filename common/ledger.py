@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from common.db import execute_direct
 from common.models import AccountKind, PostingLeg, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -143,17 +144,23 @@ class BatchResult:
 _DUE = "status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
 
 
+_CLAIM = text(
+    "SELECT id, from_account_id, to_account_id, amount, commission, request_id, "
+    "extract(epoch FROM clock_timestamp() - created_at)::float8 "
+    f"FROM transfers WHERE currency = :currency AND {_DUE} "
+    "ORDER BY id LIMIT :limit FOR NO KEY UPDATE SKIP LOCKED"
+)
+
+
 def _claim(session: Session, currency: str, limit: int) -> list[PendingTransfer]:
-    rows = session.execute(
-        text(
-            "SELECT id, from_account_id, to_account_id, amount, commission, request_id, "
-            "extract(epoch FROM clock_timestamp() - created_at)::float8 "
-            f"FROM transfers WHERE currency = :currency AND {_DUE} "
-            "ORDER BY id LIMIT :limit FOR NO KEY UPDATE SKIP LOCKED"
-        ),
-        {"currency": currency, "limit": limit},
-    )
+    rows = execute_direct(session, _CLAIM, {"currency": currency, "limit": limit})
     return [PendingTransfer(*row) for row in rows]
+
+
+_LOCK_ACCOUNTS = text(
+    "SELECT id, kind, balance FROM accounts WHERE id = ANY(CAST(:ids AS bigint[])) "
+    "ORDER BY id FOR NO KEY UPDATE"
+)
 
 
 def _lock_accounts(session: Session, account_ids: Iterable[int]) -> dict[int, AccountState]:
@@ -161,25 +168,37 @@ def _lock_accounts(session: Session, account_ids: Iterable[int]) -> dict[int, Ac
     # NO KEY UPDATE, not UPDATE: a new transfer's foreign-key check takes KEY SHARE
     # on its accounts, which FOR UPDATE would block (and deadlock with, since the
     # web locks from/to in request order while settlement locks in id order).
-    rows = session.execute(
-        text(
-            "SELECT id, kind, balance FROM accounts WHERE id = ANY(CAST(:ids AS bigint[])) "
-            "ORDER BY id FOR NO KEY UPDATE"
-        ),
-        {"ids": sorted(set(account_ids))},
-    )
+    rows = execute_direct(session, _LOCK_ACCOUNTS, {"ids": sorted(set(account_ids))})
     return {row.id: AccountState(row.id, row.kind, row.balance) for row in rows}
+
+
+# The three writes of a batch, each one statement whatever the batch's size.
+_INSERT_POSTINGS = text(
+    "INSERT INTO postings (transfer_id, account_id, leg, amount, balance_after) "
+    "SELECT * FROM unnest(CAST(:transfer_ids AS bigint[]), "
+    "CAST(:account_ids AS bigint[]), CAST(:legs AS text[]), "
+    "CAST(:amounts AS bigint[]), CAST(:balances AS bigint[]))"
+)
+_UPDATE_BALANCES = text(
+    "UPDATE accounts SET balance = v.balance FROM unnest("
+    "CAST(:ids AS bigint[]), CAST(:balances AS bigint[])) AS v(id, balance) "
+    "WHERE accounts.id = v.id"
+)
+_DECIDE = text(
+    "UPDATE transfers SET status = v.status, reason = v.reason, "
+    "settled_at = CASE WHEN v.status = 'settled' THEN statement_timestamp() END, "
+    "attempts = attempts + 1, last_error = NULL "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), "
+    "CAST(:reasons AS text[])) AS v(id, status, reason) "
+    "WHERE transfers.id = v.id AND transfers.status = 'pending'"
+)
 
 
 def _apply(session: Session, plan: Plan) -> None:
     if plan.postings:
-        session.execute(
-            text(
-                "INSERT INTO postings (transfer_id, account_id, leg, amount, balance_after) "
-                "SELECT * FROM unnest(CAST(:transfer_ids AS bigint[]), "
-                "CAST(:account_ids AS bigint[]), CAST(:legs AS text[]), "
-                "CAST(:amounts AS bigint[]), CAST(:balances AS bigint[]))"
-            ),
+        execute_direct(
+            session,
+            _INSERT_POSTINGS,
             {
                 "transfer_ids": [p.transfer_id for p in plan.postings],
                 "account_ids": [p.account_id for p in plan.postings],
@@ -189,23 +208,14 @@ def _apply(session: Session, plan: Plan) -> None:
             },
         )
     if plan.balances:
-        session.execute(
-            text(
-                "UPDATE accounts SET balance = v.balance FROM unnest("
-                "CAST(:ids AS bigint[]), CAST(:balances AS bigint[])) AS v(id, balance) "
-                "WHERE accounts.id = v.id"
-            ),
+        execute_direct(
+            session,
+            _UPDATE_BALANCES,
             {"ids": list(plan.balances), "balances": list(plan.balances.values())},
         )
-    session.execute(
-        text(
-            "UPDATE transfers SET status = v.status, reason = v.reason, "
-            "settled_at = CASE WHEN v.status = 'settled' THEN statement_timestamp() END, "
-            "attempts = attempts + 1, last_error = NULL "
-            "FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), "
-            "CAST(:reasons AS text[])) AS v(id, status, reason) "
-            "WHERE transfers.id = v.id AND transfers.status = 'pending'"
-        ),
+    execute_direct(
+        session,
+        _DECIDE,
         {
             "ids": [d.transfer_id for d in plan.decisions],
             "statuses": [d.status.value for d in plan.decisions],
@@ -254,14 +264,13 @@ def settle_batch(
     )
 
 
+_SETTLEMENT_LOCK = text("SELECT pg_try_advisory_xact_lock(:cls, hashtext(:currency))")
+
+
 def _try_settlement_lock(session: Session, currency: str) -> bool:
     # Held until the transaction ends; one settler per currency at a time.
-    return bool(
-        session.scalar(
-            text("SELECT pg_try_advisory_xact_lock(:cls, hashtext(:currency))"),
-            {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency},
-        )
-    )
+    params = {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency}
+    return bool(execute_direct(session, _SETTLEMENT_LOCK, params).fetchone()[0])
 
 
 SETTLEMENT_ERROR = "settlement_error"
