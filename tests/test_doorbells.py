@@ -100,3 +100,17 @@ def test_a_settler_that_fails_is_no_longer_busy(redis_client) -> None:
     marks.clear("JPY")
     marks.not_busy("JPY")
     assert not marks.leave_if_busy("JPY")
+
+
+def test_kombu_reuses_one_redis_client_per_channel_and_pool(redis_client) -> None:
+    from worker.app import app
+
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.ping()
+        channel._pool = None  # as after a reconnect: a new pool gets a new client
+        with channel.conn_or_acquire() as third:
+            assert third is not first
+            assert third.ping()
