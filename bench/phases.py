@@ -16,6 +16,7 @@ import redis
 
 from bench import client, data, loadgen, stats, ui
 from bench.config import tool_path
+from common.settings import DEFAULT_SETTLE_BATCH_SIZE
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -273,7 +274,7 @@ def settlement(bench: Bench) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "settled_per_s": round(decided / seconds, 1),
         "server_side_per_s": round(decided / float(span), 1) if span else None,
-        "batch_size": int(bench.env.get("SETTLE_BATCH_SIZE") or 500),
+        "batch_size": int(bench.env.get("SETTLE_BATCH_SIZE") or DEFAULT_SETTLE_BATCH_SIZE),
         "pending_over_time": series,
         "backlog_insert": "COPY of pending rows as the API inserts them (see bench/data.py)",
     }

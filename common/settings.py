@@ -14,6 +14,9 @@ from functools import cache
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/remit"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Transfers per settlement transaction: 1000 settled a backlog fastest on 2 cores
+# (bench/README.md, "Reproducing and tuning").
+DEFAULT_SETTLE_BATCH_SIZE = 1000
 # Only ever used when REMIT_ENV=development; production refuses to start without a real one.
 DEVELOPMENT_SUPERUSER_PASSWORD = "remit-development-only"  # noqa: S105
 # .env.example's placeholders start so: copied unedited, they are refused in production.
@@ -148,7 +151,7 @@ def load_settings() -> Settings:
         flower_port=_int("FLOWER_PORT", 5555),
         web_concurrency=_int("WEB_CONCURRENCY", cores),
         worker_concurrency=_int("WORKER_CONCURRENCY", cores),
-        settle_batch_size=_int("SETTLE_BATCH_SIZE", 500),
+        settle_batch_size=_int("SETTLE_BATCH_SIZE", DEFAULT_SETTLE_BATCH_SIZE),
         settle_max_retries=_int("SETTLE_MAX_RETRIES", 8),
         settle_max_attempts=_int("SETTLE_MAX_ATTEMPTS", 5),
         failed_retry_interval_s=_seconds("FAILED_RETRY_INTERVAL", 300.0),
