@@ -7,6 +7,7 @@ import threading
 import time
 
 from tests.conftest import Api
+from worker.app import app
 from worker.tasks import Doorbells, marks
 
 
@@ -103,8 +104,6 @@ def test_a_settler_that_fails_is_no_longer_busy(redis_client) -> None:
 
 
 def test_kombu_reuses_one_redis_client_per_channel_and_pool(redis_client) -> None:
-    from worker.app import app
-
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
