@@ -341,7 +341,8 @@ def list_transfers(
 ) -> Sequence[Row[Any]]:
     """Transfers from or to the user's accounts, one page in id order."""
     query = transfers_page(user_id, filters, descending=descending, after_id=after_id, limit=limit)
-    return session.execute(query).all()
+    # On the connection: a Core query executed by the Session goes through ORM loading.
+    return session.connection().execute(query).all()
 
 
 def transfers_page(
