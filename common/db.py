@@ -176,7 +176,11 @@ def autocommit_connection() -> Iterator[psycopg.Connection[Any]]:
 
 @cache
 def compiled(statement: ClauseElement) -> str:
-    """A Core statement as SQL text with psycopg's %(name)s parameters, compiled once."""
+    """A Core statement as SQL text with psycopg's %(name)s parameters, compiled once.
+
+    Only for statements built once at import time: the cache keeps every statement
+    object it is given, so one built per request would grow it without end.
+    """
     return str(statement.compile(dialect=get_engine().dialect))
 
 
