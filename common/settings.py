@@ -46,9 +46,12 @@ def _seconds(name: str, default: float) -> float:
     if not raw:
         return default
     try:
-        return float(raw)
+        seconds = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not seconds >= 0:  # also refuses nan
+        raise ConfigurationError(f"{name} must be 0 or more seconds, got {raw!r}")
+    return seconds
 
 
 def normalize_database_url(url: str) -> str:
@@ -72,6 +75,9 @@ class Settings:
     worker_concurrency: int
     # Settlement tuning.
     settle_batch_size: int
+    # After a batch of fewer than settle_batch_size / 20 transfers, wait this long
+    # before claiming again, to gather the next one.
+    settle_gather_s: float
     settle_max_retries: int
     # A transfer whose settlement attempts fail this many times becomes `failed`;
     # beat reopens failed transfers every failed_retry_interval_s until
@@ -152,6 +158,7 @@ def load_settings() -> Settings:
         web_concurrency=_int("WEB_CONCURRENCY", cores),
         worker_concurrency=_int("WORKER_CONCURRENCY", cores),
         settle_batch_size=_int("SETTLE_BATCH_SIZE", DEFAULT_SETTLE_BATCH_SIZE),
+        settle_gather_s=_seconds("SETTLE_GATHER", 0.015),
         settle_max_retries=_int("SETTLE_MAX_RETRIES", 8),
         settle_max_attempts=_int("SETTLE_MAX_ATTEMPTS", 5),
         failed_retry_interval_s=_seconds("FAILED_RETRY_INTERVAL", 300.0),

@@ -104,6 +104,13 @@ def test_only_development_has_a_default_superuser_password(monkeypatch, environm
         load_settings().require_superuser_password()
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_seconds_settings_refuse_what_is_not_a_duration(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("SETTLE_GATHER", value)
+    with pytest.raises(ConfigurationError, match="SETTLE_GATHER must be"):
+        load_settings()
+
+
 PRODUCTION_WITHOUT_SECRETS = {
     "REMIT_ENV": "production",
     "SUPERUSER_PASSWORD": None,

@@ -225,6 +225,13 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
         limit = min(settings.settle_batch_size, limit * 2)
         if result.claimed == 0 and not marks.take(currency):
             break
+        if 0 < result.claimed < settings.settle_batch_size // 20:
+            # A small batch: let a few more transfers arrive before the next claim. At
+            # a steady trickle every batch would otherwise be a transfer or two, and a
+            # batch's fixed cost (its transaction, lock, claim and Redis round trips)
+            # would be most of the settler's work (bench d: 60 % less worker CPU, a
+            # lower p99). No lock is held while it waits.
+            time.sleep(settings.settle_gather_s)
     else:
         ring(currency)
     if settled or rejected:
