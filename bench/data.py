@@ -21,10 +21,10 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 import psycopg
 
+from common.currencies import CurrencyInfo
 from common.money import commission_for
 
 CHUNK = 20_000
@@ -36,15 +36,6 @@ class BenchUser:
     id: int
     username: str
     accounts: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CurrencyRow:
-    code: str
-    decimals: int
-    rate: Decimal
-    commission_account_id: int
-    external_account_id: int
 
 
 @dataclass(frozen=True)
@@ -73,12 +64,12 @@ class Loaded:
 Progress = Callable[[int], object]
 
 
-def currencies(conn: psycopg.Connection) -> dict[str, CurrencyRow]:
+def currencies(conn: psycopg.Connection) -> dict[str, CurrencyInfo]:
     rows = conn.execute(
-        "SELECT code, decimals, commission_rate, commission_account_id, external_account_id "
-        "FROM currencies ORDER BY code"
+        "SELECT code, name, decimals, commission_rate, commission_account_id, "
+        "external_account_id FROM currencies ORDER BY code"
     ).fetchall()
-    return {row[0]: CurrencyRow(*row) for row in rows}
+    return {row[0]: CurrencyInfo(*row) for row in rows}
 
 
 def create_users(conn: psycopg.Connection, count: int, password_hash: str) -> list[BenchUser]:
@@ -204,7 +195,7 @@ def insert_settled(
 
 
 def funding_rows(
-    users: Sequence[BenchUser], table: dict[str, CurrencyRow], codes: Sequence[str], amount: int
+    users: Sequence[BenchUser], table: dict[str, CurrencyInfo], codes: Sequence[str], amount: int
 ) -> list[Row]:
     """A deposit from the external account into every user's account of each currency."""
     return [
@@ -225,7 +216,7 @@ def funding_rows(
 
 def random_rows(
     users: Sequence[BenchUser],
-    table: dict[str, CurrencyRow],
+    table: dict[str, CurrencyInfo],
     codes: Sequence[str],
     count: int,
     rng: random.Random,
@@ -246,7 +237,7 @@ def random_rows(
             users[payee].id,
             code,
             amount,
-            commission_for(amount, currency.rate),
+            commission_for(amount, currency.commission_rate),
             users[payer].id,
         )
 

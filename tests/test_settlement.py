@@ -16,7 +16,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -26,6 +25,7 @@ from celery.signals import task_postrun
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from common.currencies import CurrencyInfo, all_currencies
 from common.db import get_engine, retrying, transaction
 from common.ledger import SETTLEMENT_LOCK_CLASS, settle_batch
 from common.money import format_amount
@@ -36,24 +36,9 @@ from worker.tasks import settle, sweep
 # --- helpers ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CurrencyRow:
-    code: str
-    decimals: int
-    rate: Decimal
-    commission_account_id: int
-    external_account_id: int
-
-
-def currencies() -> dict[str, CurrencyRow]:
+def currencies() -> dict[str, CurrencyInfo]:
     with transaction() as session:
-        rows = session.execute(
-            text(
-                "SELECT code, decimals, commission_rate, commission_account_id, "
-                "external_account_id FROM currencies"
-            )
-        ).all()
-    return {row[0]: CurrencyRow(*row) for row in rows}
+        return {currency.code: currency for currency in all_currencies(session)}
 
 
 def fetch(sql: str, **params: Any) -> list[Any]:
@@ -160,7 +145,7 @@ def deliver(settlement_worker: Any) -> Iterator[Callable[..., None]]:
 
 
 @pytest.fixture(scope="module")
-def money() -> dict[str, CurrencyRow]:
+def money() -> dict[str, CurrencyInfo]:
     return currencies()
 
 
@@ -168,7 +153,7 @@ def money() -> dict[str, CurrencyRow]:
 
 
 def test_deposit_then_transfers_settle_with_exact_balances_and_postings(
-    api: Api, money: dict[str, CurrencyRow]
+    api: Api, money: dict[str, CurrencyInfo]
 ) -> None:
     usd, eur = money["USD"], money["EUR"]
     alice, bob = api.register(), api.register()
@@ -243,7 +228,7 @@ def test_insufficient_funds_is_rejected_and_moves_nothing(api: Api) -> None:
 
 
 def test_the_same_doorbell_delivered_again_and_again_settles_once(
-    api: Api, money: dict[str, CurrencyRow], deliver: Callable[..., None]
+    api: Api, money: dict[str, CurrencyInfo], deliver: Callable[..., None]
 ) -> None:
     alice, bob = api.funded("50.00"), api.register()
     source, target = alice.accounts["USD"], bob.accounts["USD"]
@@ -299,7 +284,7 @@ def test_concurrent_doorbells_for_new_transfers_settle_each_exactly_once(
 
 
 def test_a_doorbell_for_final_transfers_changes_nothing(
-    api: Api, money: dict[str, CurrencyRow], deliver: Callable[..., None]
+    api: Api, money: dict[str, CurrencyInfo], deliver: Callable[..., None]
 ) -> None:
     alice, bob = api.funded("5.00", "EUR"), api.register()
     source, target = alice.accounts["EUR"], bob.accounts["EUR"]
@@ -371,7 +356,7 @@ def test_unique_leg_constraint_rejects_a_duplicate_posting(
 
 
 def test_check_constraint_refuses_a_negative_user_balance(
-    api: Api, money: dict[str, CurrencyRow], rollback_connection: Connection
+    api: Api, money: dict[str, CurrencyInfo], rollback_connection: Connection
 ) -> None:
     alice = api.register()
     for account_id in (alice.accounts["USD"], money["USD"].commission_account_id):
@@ -396,7 +381,7 @@ def test_check_constraint_refuses_a_negative_user_balance(
 
 
 def test_external_account_may_go_negative(
-    money: dict[str, CurrencyRow], rollback_connection: Connection
+    money: dict[str, CurrencyInfo], rollback_connection: Connection
 ) -> None:
     external = money["CNY"].external_account_id
     rollback_connection.execute(
@@ -414,7 +399,7 @@ def test_external_account_may_go_negative(
 
 
 def test_sweep_finds_a_transfer_that_never_got_a_doorbell(
-    api: Api, money: dict[str, CurrencyRow]
+    api: Api, money: dict[str, CurrencyInfo]
 ) -> None:
     alice, bob = api.funded("30.00", "CNY"), api.register()
     transfer_id = submit_without_doorbell(alice, alice.accounts["CNY"], bob.accounts["CNY"], "10")
@@ -447,7 +432,7 @@ def test_sweep_via_celery_apply_rings_for_old_pending_transfers(api: Api) -> Non
 
 
 def test_settlement_lock_holds_settlers_off_then_applies_in_id_order(
-    api: Api, money: dict[str, CurrencyRow], deliver: Callable[..., None]
+    api: Api, money: dict[str, CurrencyInfo], deliver: Callable[..., None]
 ) -> None:
     usd = money["USD"]
     alice, bob = api.funded("10.00"), api.register()
@@ -542,7 +527,7 @@ def _assert_ledger_invariants() -> None:
 
 @pytest.mark.parametrize("seed", [20261127, 7301])
 def test_money_is_conserved_after_a_random_workload(
-    api: Api, money: dict[str, CurrencyRow], seed: int
+    api: Api, money: dict[str, CurrencyInfo], seed: int
 ) -> None:
     rnd = random.Random(seed)
     users = [api.register() for _ in range(4)]
@@ -579,7 +564,7 @@ def test_money_is_conserved_after_a_random_workload(
         assert response.status_code == 202, response.get_json()
         body = response.get_json()
         same_user = owner.get(target) == owner[source]
-        commission = 0 if same_user else ceil_commission(minor, row.rate)
+        commission = 0 if same_user else ceil_commission(minor, row.commission_rate)
         assert body["commission"] == format_amount(commission, row.decimals)
         submitted.append((body["id"], "transfer", currency, source, target, minor, commission))
 
