@@ -3,8 +3,10 @@ are parsed, every service runs a real `./run.sh` command, and every image is pin
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,26 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     assert re.search(r"^USER remit$", dockerfile, re.MULTILINE)
     assert "HEALTHCHECK" in dockerfile
     assert "pip install --no-compile -r requirements.txt" in dockerfile
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [({"WEB_THREADS": "7"}, "7"), ({"WEB_THREADS": "7", "DB_POOL_SIZE": "3"}, "3")],
+    ids=["one per thread", "explicit size wins"],
+)
+def test_gunicorn_keeps_a_pooled_connection_per_thread(
+    environment: dict[str, str], expected: str, tmp_path: Path
+) -> None:
+    # A smaller pool closes and reopens connections under load (a backend per burst).
+    script = "import os, web.gunicorn_conf; print(os.environ['DB_POOL_SIZE'])"
+    env = {k: v for k, v in os.environ.items() if k not in {"DB_POOL_SIZE", "WEB_THREADS"}}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        # Its own metrics folder, or the config makes a temporary one and leaves it.
+        env={**env, **environment, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == expected
