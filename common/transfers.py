@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-import psycopg
 from sqlalchemy import Row, Select, and_, bindparam, cast, func, literal_column, select, text, union
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
@@ -20,7 +19,6 @@ from sqlalchemy.orm import Session
 from common.currencies import CurrencyInfo, get_currency
 from common.db import Db, execute_direct
 from common.errors import Invalid, NotFound, RemitError
-from common.group_commit import GroupCommit
 from common.logs import request_id as current_request_id
 from common.models import SUPERUSER_ID, Transfer, TransferStatus
 from common.money import InvalidAmount, commission_for, parse_amount
@@ -204,14 +202,6 @@ _INSERT_MANY = (
     .returning(*TRANSFERS.c)
 )
 _BY_ID = select(*TRANSFERS.c).where(TRANSFERS.c.id == bindparam("id"))
-# The API's payments, on autocommit connections: concurrent requests of one process
-# share statements (and commits; see common.group_commit).
-_GROUP = GroupCommit(
-    _INSERT_ONE,
-    _INSERT_MANY.on_conflict_do_nothing(index_elements=["requested_by", "idempotency_key"]),
-    _ROW_COLUMNS,
-    ("requested_by", "idempotency_key"),
-)
 
 
 def _record(db: Db, row: dict[str, Any]) -> Accepted:
@@ -220,11 +210,7 @@ def _record(db: Db, row: dict[str, Any]) -> Accepted:
     # nothing: of twenty simultaneous requests with one key, one row wins and the
     # others read it back below.
     # Core, not ORM: the row comes back as a plain Row, which is all the response needs.
-    if isinstance(db, psycopg.Connection) and db.autocommit:
-        transfer = _GROUP.insert(db, row)
-    else:
-        # In a caller's transaction: its rows must commit with it, not with others.
-        transfer = execute_direct(db, _INSERT_ONE, row).fetchone()
+    transfer = execute_direct(db, _INSERT_ONE, row).fetchone()
     if transfer is not None:
         return Accepted(transfer, created=True)
     assert row["idempotency_key"] is not None
