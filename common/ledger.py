@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -135,6 +136,8 @@ class BatchResult:
     settled_ids: tuple[int, ...] = ()
     final_ids: tuple[int, ...] = ()
     decisions: tuple[Decision, ...] = ()
+    # When the batch's settled transfers were settled (their settled_at).
+    settled_at: datetime | None = None
     # transfer id -> the request id it was accepted under, for the settlement log.
     request_ids: dict[int, str | None] = field(default_factory=dict)
     ages_s: dict[int, float] = field(default_factory=dict)
@@ -186,18 +189,22 @@ _APPLY = text(
     " UPDATE accounts SET balance = v.balance FROM unnest("
     " CAST(:account_ids AS bigint[]), CAST(:account_balances AS bigint[])) AS v(id, balance)"
     " WHERE accounts.id = v.id"
+    "), decided AS ("
+    " UPDATE transfers SET status = v.status, reason = v.reason,"
+    " settled_at = CASE WHEN v.status = 'settled' THEN statement_timestamp() END,"
+    " attempts = attempts + 1, last_error = NULL"
+    " FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:statuses AS text[]),"
+    " CAST(:reasons AS text[])) AS v(id, status, reason)"
+    " WHERE transfers.id = v.id AND transfers.status = 'pending'"
     ") "
-    "UPDATE transfers SET status = v.status, reason = v.reason, "
-    "settled_at = CASE WHEN v.status = 'settled' THEN statement_timestamp() END, "
-    "attempts = attempts + 1, last_error = NULL "
-    "FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:statuses AS text[]), "
-    "CAST(:reasons AS text[])) AS v(id, status, reason) "
-    "WHERE transfers.id = v.id AND transfers.status = 'pending'"
+    # The settled_at of every transfer settled here, for the announcement.
+    "SELECT statement_timestamp() AS settled_at"
 )
 
 
-def _apply(session: Session, plan: Plan) -> None:
-    execute_direct(
+def _apply(session: Session, plan: Plan) -> datetime:
+    """Write the plan; returns the settled_at of the transfers it settled."""
+    cursor = execute_direct(
         session,
         _APPLY,
         {
@@ -213,6 +220,8 @@ def _apply(session: Session, plan: Plan) -> None:
             "reasons": [d.reason for d in plan.decisions],
         },
     )
+    settled_at: datetime = cursor.fetchone().settled_at
+    return settled_at
 
 
 def settle_batch(
@@ -240,7 +249,7 @@ def settle_batch(
         account_ids.update((transfer.from_account_id, transfer.to_account_id))
     accounts = _lock_accounts(session, account_ids)
     plan = plan_batch(transfers, accounts, commission_account_id)
-    _apply(session, plan)
+    settled_at = _apply(session, plan)
     settled = tuple(d.transfer_id for d in plan.decisions if d.status == TransferStatus.SETTLED)
     return BatchResult(
         currency,
@@ -250,6 +259,7 @@ def settle_batch(
         settled_ids=settled,
         final_ids=tuple(d.transfer_id for d in plan.decisions),
         decisions=tuple(plan.decisions),
+        settled_at=settled_at,
         request_ids={t.id: t.request_id for t in transfers},
         ages_s={t.id: t.age_s for t in transfers},
     )

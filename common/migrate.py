@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from common.models import SUPERUSER_ID
 from common.passwords import hash_password, needs_rehash, verify_password
 from common.settings import ConfigurationError, get_settings, normalize_database_url
+from common.users import announce_credentials_changed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +64,8 @@ def set_superuser_password(database_url: str, password: str) -> None:
             )
     finally:
         engine.dispose()
+    # Committed: running web processes forget the logins they remember.
+    announce_credentials_changed()
 
 
 def migrate(database_url: str | None = None) -> None:

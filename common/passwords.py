@@ -61,25 +61,31 @@ def burn_verification(password: str) -> None:
     _verify_slow(_DUMMY_HASH, password)
 
 
+def fingerprint(*parts: str) -> bytes:
+    """An HMAC of credentials, to key what is remembered about them: no cache holds a
+    password, and the process's key (SECRET_KEY) is needed to tell what an entry is for."""
+    # Each part behind its length: no choice of parts can spell another's message.
+    message = b"".join(
+        len(raw).to_bytes(4, "big") + raw
+        for raw in (part.encode("utf-8", "surrogatepass") for part in parts)
+    )
+    return hmac.digest(get_settings().secret_key, message, hashlib.sha256)
+
+
 class VerificationCache:
     def __init__(self, ttl_seconds: float, maxsize: int = 100_000) -> None:
         self._entries: TTLCache[bytes, bool] = TTLCache(maxsize=maxsize, ttl=ttl_seconds)
         self._lock = threading.Lock()
-        self._key = get_settings().secret_key
-
-    def _fingerprint(self, user_id: int, password: str, stored_hash: str) -> bytes:
-        message = b"\0".join((str(user_id).encode(), password.encode(), stored_hash.encode()))
-        return hmac.digest(self._key, message, hashlib.sha256)
 
     def verify(self, user_id: int, password: str, stored_hash: str) -> bool:
-        fingerprint = self._fingerprint(user_id, password, stored_hash)
+        key = fingerprint(str(user_id), password, stored_hash)
         with self._lock:
-            if self._entries.get(fingerprint):
+            if self._entries.get(key):
                 return True
         if not _verify_slow(stored_hash, password):
             return False
         with self._lock:
-            self._entries[fingerprint] = True
+            self._entries[key] = True
         return True
 
     def clear(self) -> None:

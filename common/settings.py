@@ -91,6 +91,7 @@ class Settings:
     # Celery: redelivery of unacknowledged messages after a crashed worker.
     visibility_timeout_s: int
     auth_cache_ttl_s: float
+    login_cache_ttl_s: float
 
     @property
     def is_production(self) -> bool:
@@ -167,6 +168,7 @@ def load_settings() -> Settings:
         sweep_interval_s=_seconds("SWEEP_INTERVAL", 5.0),
         visibility_timeout_s=_int("VISIBILITY_TIMEOUT", 300),
         auth_cache_ttl_s=_seconds("AUTH_CACHE_TTL", 3600.0),
+        login_cache_ttl_s=_seconds("LOGIN_CACHE_TTL", 10.0),
     )
 
 

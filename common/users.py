@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
+from common import notify
 from common.currencies import all_currencies
 from common.db import Db, execute_direct
 from common.errors import Conflict
 from common.models import Account, AccountKind, User
-from common.passwords import burn_verification, hash_password, verify_password
+from common.passwords import burn_verification, fingerprint, hash_password, verify_password
+from common.settings import get_settings
 
 
 def register(session: Session, username: str, password: str, full_name: str) -> User:
@@ -55,10 +58,59 @@ _BY_USERNAME = text(
 )
 
 
+# Credentials that logged in a moment ago, so that a client's next requests need no
+# query to find its user (bench/README.md, "Where one POST's time goes"). Keyed by the
+# username and password as sent: a wrong password never finds an entry, so a failed
+# login costs the same with or without one. A password change publishes
+# CREDENTIALS_CHANNEL, which empties every process's cache; LOGIN_CACHE_TTL bounds
+# what a lost message (or a hash changed by hand in SQL) can cost.
+CREDENTIALS_CHANNEL = "remit:credentials-changed"
+_recent: notify.LiveCache[bytes, Principal] | None = None
+_recent_lock = threading.Lock()
+
+
+def _recent_logins() -> notify.LiveCache[bytes, Principal]:
+    global _recent  # noqa: PLW0603 - one cache per process, built lazily after settings load
+    with _recent_lock:
+        if _recent is None:
+            _recent = notify.LiveCache(get_settings().login_cache_ttl_s)
+        return _recent
+
+
+def _on_link(live: bool) -> None:
+    _recent_logins().on_link(live)
+
+
+def _on_credentials_changed(data: bytes) -> None:
+    _recent_logins().clear()
+
+
+notify.subscribe(CREDENTIALS_CHANNEL, notify.Subscription(_on_credentials_changed, _on_link))
+
+
+def recent_login(username: str, password: str) -> Principal | None:
+    """The user these credentials logged in as a moment ago, if they did."""
+    return _recent_logins().get(fingerprint(username, password))
+
+
+def forget_logins() -> None:
+    """This process only (tests)."""
+    _recent_logins().clear()
+
+
+def announce_credentials_changed() -> None:
+    """After a committed password change: no process may keep accepting the old one.
+    This one forgets at once; the others as the message reaches them."""
+    forget_logins()
+    notify.publish(CREDENTIALS_CHANNEL, "")
+
+
 def authenticate(db: Db, username: str, password: str) -> Principal | None:
     """The user these credentials name, or None; costs the same whether or not it exists."""
     # No username holds NUL, and PostgreSQL text cannot even be compared with one.
     lookup = 0 < len(username) <= 64 and "\x00" not in username
+    # Taken before the lookup: a change announced after it may postdate what we read.
+    generation = _recent_logins().generation()
     user = None
     if lookup:
         user = execute_direct(db, _BY_USERNAME, {"username": username}).fetchone()
@@ -67,7 +119,9 @@ def authenticate(db: Db, username: str, password: str) -> Principal | None:
         return None
     if not verify_password(user.id, password, user.password_hash):
         return None
-    return Principal(user.id, user.username)
+    principal = Principal(user.id, user.username)
+    _recent_logins().put(fingerprint(username, password), principal, generation)
+    return principal
 
 
 def user_exists(session: Session, user_id: int) -> bool:

@@ -20,8 +20,8 @@ from web import throttle
 
 @pytest.mark.parametrize(
     "factory",
-    [throttle._redis, notify._publisher, metrics._redis, notify.listener],
-    ids=["throttle", "notify", "metrics", "listener"],
+    [throttle._redis, notify._publisher, metrics._redis, notify.subscriber],
+    ids=["throttle", "notify", "metrics", "subscriber"],
 )
 def test_racing_threads_get_one_client(factory: Callable[[], Any]) -> None:
     forget_clients()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
+from common import notify
 from common.db import new_session
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import Api
@@ -99,3 +102,89 @@ def test_bad_wait_is_invalid_query(api: Api, wait: str) -> None:
     response = api.client.get(f"/users/{alice.id}/transfers/1?wait={wait}", headers=alice.auth)
     assert response.status_code == 400
     assert response.get_json()["code"] == "invalid_query"
+
+
+def _wait_in_thread(app: Any, member: Any, transfer_id: int, wait: float) -> tuple[Any, dict]:
+    result: dict[str, Any] = {}
+
+    def poll() -> None:
+        started = time.monotonic()
+        response = app.test_client().get(
+            f"/users/{member.id}/transfers/{transfer_id}?wait={wait}", headers=member.auth
+        )
+        result["elapsed"] = time.monotonic() - started
+        result["body"] = response.get_json()
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive(), "the request should be held while the transfer is pending"
+    return waiter, result
+
+
+@pytest.mark.parametrize(
+    ("amount", "status", "reason"),
+    [("1.00", "settled", None), ("50.00", "rejected", "insufficient_funds")],
+)
+def test_a_woken_wait_answers_exactly_what_a_read_says(
+    api: Api, app: Any, amount: str, status: str, reason: str | None
+) -> None:
+    # The woken request answers from the settlement's announcement, not from a read:
+    # the answer must be the very transfer a read gives, to the microsecond.
+    alice, bob = api.funded("10.00", "EUR"), api.register()
+    release = _hold_settlement_lock("EUR")
+    try:
+        body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], amount).get_json()
+        waiter, result = _wait_in_thread(app, alice, body["id"], 20)
+    finally:
+        release()
+    ring("EUR")
+    waiter.join(timeout=15)
+    assert not waiter.is_alive()
+    assert result["elapsed"] < 10
+    assert result["body"]["status"] == status
+    assert result["body"]["reason"] == reason
+    assert (result["body"]["settled_at"] is None) == (status != "settled")
+    assert result["body"] == api.get_transfer(alice, body["id"])
+
+
+def test_an_announcement_of_ids_alone_makes_the_wait_read_again(api: Api, app: Any) -> None:
+    alice, bob = api.funded("10.00", "CNY"), api.register()
+    release = _hold_settlement_lock("CNY")
+    try:
+        body = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00").get_json()
+        waiter, result = _wait_in_thread(app, alice, body["id"], 20)
+        # As for a transfer marked failed: the message names it, the database says how.
+        notify.announce_final([body["id"]])
+        waiter.join(timeout=5)
+        assert not waiter.is_alive(), "the announcement should have woken the request"
+        # Still pending in the database (its settler waits for the lock): so it says.
+        assert result["body"]["status"] == "pending"
+        assert result["elapsed"] < 5
+    finally:
+        release()
+    ring("CNY")
+    assert api.wait_final(alice, body["id"])["status"] == "settled"
+
+
+def test_announcements_are_parsed_both_ways() -> None:
+    at = datetime(2026, 11, 27, 9, 30, 1, 123456, tzinfo=UTC)
+    assert notify._parse_announcement(b"7,8,x") == {7: None, 8: None}
+    waiters = notify.SettlementWaiters()
+    settled, rejected, other = waiters.register(1), waiters.register(2), waiters.register(3)
+    waiters.wake(
+        json.dumps(
+            {
+                "settled_at": at.isoformat(),
+                "final": [[1, "settled", None], [2, "rejected", "insufficient_funds"]],
+            }
+        ).encode()
+    )
+    assert settled.wait(0)
+    assert settled.final == notify.Final("settled", None, at)
+    assert rejected.wait(0)
+    assert rejected.final == notify.Final("rejected", "insufficient_funds", None)
+    assert not other.wait(0)
+    waiters.wake(b"3")
+    assert other.wait(0)
+    assert other.final is None

@@ -16,7 +16,7 @@ from flask import g, request
 
 from common.db import autocommit_connection, statement_session
 from common.models import SUPERUSER_ID
-from common.users import Principal, authenticate, user_exists
+from common.users import Principal, authenticate, recent_login, user_exists
 from web import throttle
 from web.problems import ApiError
 
@@ -47,8 +47,10 @@ def _check_credentials() -> Principal:
             "too many failed logins; try again later",
             {"Retry-After": str(wait)},
         )
-    with autocommit_connection() as connection:
-        user = authenticate(connection, username, password)
+    user = recent_login(username, password)
+    if user is None:
+        with autocommit_connection() as connection:
+            user = authenticate(connection, username, password)
     if user is None:
         throttle.record_failure(username, address)
         raise _unauthorized("wrong username or password")

@@ -8,6 +8,14 @@ request, so a reset on success would let an attacker guess in the gaps between t
 real user's requests. The window starts at the first failure and is not extended.
 (flask-limiter counts requests per route; failed logins across every route are what
 matter here, which these two counters say directly.)
+
+Reading the counters on every request was a POST's largest wait (a Redis round trip
+per request; bench/README.md). So each process remembers which counters it saw under
+their limits, and every failure is published (`FAILURES_CHANNEL`): each process drops
+what it remembered of that counter as the message arrives, and reads Redis again on
+that counter's next request. Only "under the limit" is remembered, only while the
+process's subscriber is connected, and for at most `VIEW_MAX_AGE_S`, which bounds
+what a lost message can cost. A throttled answer is always read from Redis.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 
 import redis
 
+from common import notify
 from common.redis_clients import shared_redis
 
 log = logging.getLogger(__name__)
@@ -26,6 +35,11 @@ WINDOW_S = int(os.environ.get("LOGIN_THROTTLE_WINDOW", "300"))
 MAX_FAILURES_PER_USERNAME = int(os.environ.get("LOGIN_FAILURES_PER_USERNAME", "10"))
 MAX_FAILURES_PER_ADDRESS = int(os.environ.get("LOGIN_FAILURES_PER_ADDRESS", "100"))
 KEY_PREFIX = "remit:login-failures:"
+FAILURES_CHANNEL = "remit:login-failures"
+# How long a counter seen under its limit is believed without a message saying
+# otherwise. At 32 active users this is a read per user and process every 2 s instead
+# of one per request.
+VIEW_MAX_AGE_S = 2.0
 
 
 def _redis() -> redis.Redis:
@@ -39,14 +53,27 @@ def _keys(username: str, address: str) -> tuple[str, str]:
     return (KEY_PREFIX + "user:" + digest, KEY_PREFIX + "addr:" + address)
 
 
+# Counters seen under their limits (key -> True), dropped by failure messages.
+view: notify.LiveCache[str, bool] = notify.LiveCache(VIEW_MAX_AGE_S)
+
+
+def _on_failures(data: bytes) -> None:
+    view.forget(data.decode().split())
+
+
+notify.subscribe(FAILURES_CHANNEL, notify.Subscription(_on_failures, view.on_link))
+
+
 def retry_after(username: str, address: str) -> int | None:
     """Seconds until another attempt is allowed, or None when not throttled."""
     keys = _keys(username, address)
+    if all(view.get(key) for key in keys):
+        return None
+    generation = view.generation()
     limits = (MAX_FAILURES_PER_USERNAME, MAX_FAILURES_PER_ADDRESS)
     try:
         client = _redis()
-        # One round trip on every authenticated request; the TTLs are read only when
-        # a counter is over its limit.
+        # The TTLs are read only when a counter is over its limit.
         counts = client.mget(keys)
         over = [
             key
@@ -54,6 +81,8 @@ def retry_after(username: str, address: str) -> int | None:
             if count is not None and int(count) >= limit
         ]
         if not over:
+            for key in keys:
+                view.put(key, True, generation)
             return None
         return max(max(int(client.ttl(key)), 1) for key in over)
     except redis.RedisError as error:
@@ -62,14 +91,21 @@ def retry_after(username: str, address: str) -> int | None:
 
 
 def record_failure(username: str, address: str) -> None:
+    keys = _keys(username, address)
     try:
         pipe = _redis().pipeline(transaction=False)
-        for key in _keys(username, address):
+        for key in keys:
             # The window starts at the first failure and is not extended by later ones.
             pipe.incr(key).expire(key, WINDOW_S, nx=True)
+        # After the increments, in the same round trip: every process then reads the
+        # new counts on these keys' next request.
+        pipe.publish(FAILURES_CHANNEL, " ".join(keys))
         pipe.execute()
     except redis.RedisError as error:
         log.warning("login throttle unavailable: %s", error)
+    finally:
+        # This process's own view is dropped at once, not when its message comes back.
+        view.forget(keys)
 
 
 def ping() -> bool:

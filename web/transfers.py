@@ -25,7 +25,7 @@ from web.fields import (
 )
 from web.metrics import TRANSFERS_ACCEPTED
 from web.problems import ApiError, problem_body
-from web.render import decode_cursor, json_response, page_response, transfer_json
+from web.render import decode_cursor, json_response, page_response, timestamp, transfer_json
 from worker.tasks import doorbells
 
 bp = Blueprint("transfers", __name__)
@@ -134,14 +134,21 @@ def get(user_id: int, transfer_id: int) -> Response:
         return json_response(_read_visible(transfer_id, user_id))
     # Long poll: listen first, then read, so that a settlement announced between the
     # read and the wait is not missed. No database connection is held while waiting.
-    waiter = listener()
-    event = waiter.register(transfer_id)
+    waiters = listener()
+    waiter = waiters.register(transfer_id)
     try:
         body = _read_visible(transfer_id, user_id)
-        if body["status"] == TransferStatus.PENDING and event.wait(float(wait)):
-            body = _read_visible(transfer_id, user_id)
+        if body["status"] == TransferStatus.PENDING and waiter.wait(float(wait)):
+            final = waiter.final
+            if final is None:
+                body = _read_visible(transfer_id, user_id)
+            else:
+                # What the settlement committed: the rest of the transfer never changes.
+                body["status"] = final.status
+                body["reason"] = final.reason
+                body["settled_at"] = timestamp(final.settled_at)
     finally:
-        waiter.unregister(transfer_id, event)
+        waiters.unregister(transfer_id, waiter)
     return json_response(body)
 
 

@@ -28,7 +28,7 @@ from common.ledger import (
 )
 from common.logs import request_id as log_context
 from common.metrics import record_outcomes
-from common.notify import announce_final
+from common.notify import announce_decided, announce_final
 from common.redis_clients import shared_redis
 from common.settings import get_settings
 from worker.app import app
@@ -213,8 +213,12 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
             continue
         if result.claimed is None:
             break
-        # After commit: long-polling clients re-read the transfer from the database.
-        announce_final(result.final_ids)
+        # After commit: long-polling clients answer with what the batch decided.
+        if result.settled_at is not None:
+            announce_decided(
+                ((d.transfer_id, d.status.value, d.reason) for d in result.decisions),
+                result.settled_at,
+            )
         _log_decisions(result)
         record_outcomes(
             (d.status, d.reason, result.ages_s.get(d.transfer_id, 0.0)) for d in result.decisions
