@@ -87,20 +87,33 @@ def test_a_steady_stream_rings_once_per_interval() -> None:
 
 
 def test_the_api_publishes_nothing_while_a_settler_is_busy(redis_client) -> None:
-    assert not marks.leave_if_busy("GBP")  # nobody settles GBP: the API must publish
-    marks.clear("GBP")  # a settler took the lock and is about to claim: busy
+    assert not marks.leave_unless_covered("GBP")  # nobody settles GBP: the API must publish
+    marks.leave("GBP")  # that doorbell starts: no longer queued
+    marks.clear("GBP")  # it took the lock and is about to claim: busy
     assert 0 < redis_client.ttl("remit:settling:GBP") <= marks.BUSY_TTL_S  # a dead one expires
-    assert marks.leave_if_busy("GBP")  # the API leaves its mark and publishes nothing
+    assert marks.leave_unless_covered("GBP")  # the API leaves its mark and publishes nothing
     assert marks.take("GBP")  # the settler's last look sees the mark: it claims again
     marks.clear("GBP")
     assert not marks.take("GBP")  # nothing new: it leaves, and says so first
-    assert not marks.leave_if_busy("GBP")  # so the next doorbell is published
+    assert not marks.leave_unless_covered("GBP")  # so the next doorbell is published
+
+
+def test_the_api_publishes_nothing_while_its_doorbell_is_queued(redis_client) -> None:
+    assert not marks.leave_unless_covered("CHF")  # publish, and say "queued" first
+    assert 0 < redis_client.ttl("remit:doorbell-queued:CHF") <= marks.QUEUED_TTL_S
+    # Until that doorbell starts, every ring is covered by it (and leaves its mark).
+    assert marks.leave_unless_covered("CHF")
+    assert marks.leave_unless_covered("CHF")
+    marks.leave("CHF")  # the doorbell starts: rings after this are not covered by it
+    assert not marks.leave_unless_covered("CHF")
+    marks.not_queued("CHF")  # that publish failed: the next ring publishes again
+    assert not marks.leave_unless_covered("CHF")
 
 
 def test_a_settler_that_fails_is_no_longer_busy(redis_client) -> None:
     marks.clear("JPY")
     marks.not_busy("JPY")
-    assert not marks.leave_if_busy("JPY")
+    assert not marks.leave_unless_covered("JPY")
 
 
 def test_kombu_reuses_one_redis_client_per_channel_and_pool(redis_client) -> None:

@@ -113,7 +113,7 @@ class DoorbellMarks:
     (It used to ask PostgreSQL "anything pending?", which under load walked the pending
     index's dead entries: the most expensive statement of the whole system.)
 
-    The API goes one step further (`leave_if_busy`): it leaves its mark and, if a
+    The API goes one step further (`leave_unless_covered`): it leaves its mark and, if a
     settler says it is busy, publishes nothing, since that settler will see the mark.
     The settler says "busy" when it takes the lock and unsays it *before* its last look
     at the marks; the API leaves its mark *before* it reads "busy". So if the API saw
@@ -121,10 +121,29 @@ class DoorbellMarks:
     always running, and a Celery publish per doorbell cost the API a tenth of its CPU.
     "Busy" expires on its own, so a settler that died leaves it for seconds at most; if
     Redis loses a mark, beat's sweep rings for the transfer a few seconds later.
+
+    Nor does the API publish while a doorbell it published is still queued: the API
+    says "queued" *before* publishing, and a doorbell unsays it when it starts, after
+    leaving its own mark and before it takes the lock and claims. So a transfer that
+    committed before the API read "queued" is claimed by that doorbell (or, if another
+    settler holds the lock, by the holder, which sees the doorbell's mark). Without it,
+    whenever no settler ran, every web process published a doorbell per interval
+    (`Doorbells`), each costing the API a Celery publish: a tenth of the API's CPU in
+    bench phase c, which pauses the settlers. "Queued" expires after QUEUED_TTL_S, so a
+    doorbell lost in the broker costs at most that.
     """
 
     # A settler refreshes it with every batch; longer than any batch takes.
     BUSY_TTL_S = 5
+    QUEUED_TTL_S = 5
+    # The API's ring, atomic: leave the mark; then 1 (covered) if a settler is busy or
+    # a doorbell is queued, else say "queued" and 0: the caller publishes one.
+    _RING = """
+    redis.call('SET', KEYS[1], 1, 'EX', ARGV[1])
+    if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+    if redis.call('SET', KEYS[3], 1, 'NX', 'EX', ARGV[2]) then return 0 end
+    return 1
+    """
 
     def _key(self, currency: str) -> str:
         return f"remit:doorbell:{currency}"
@@ -135,26 +154,41 @@ class DoorbellMarks:
     def _redis(self) -> Any:
         return shared_redis("doorbells", 1)
 
+    def _queued_key(self, currency: str) -> str:
+        return f"remit:doorbell-queued:{currency}"
+
     def _mark_ttl_s(self) -> int:
         return max(60, settings.visibility_timeout_s)
 
     def leave(self, currency: str) -> None:
-        try:
-            self._redis().set(self._key(currency), 1, ex=self._mark_ttl_s())
-        except RedisError as error:
-            log.warning("doorbell mark not left (%s); the sweeper covers it", error)
-
-    def leave_if_busy(self, currency: str) -> bool:
-        """Leave a mark; True if a settler of `currency` is busy and will see it."""
+        """A doorbell starts: its mark, then no longer queued (see the class)."""
         try:
             pipe = self._redis().pipeline(transaction=False)
             pipe.set(self._key(currency), 1, ex=self._mark_ttl_s())
-            pipe.exists(self._busy_key(currency))
-            _, busy = pipe.execute()
+            pipe.delete(self._queued_key(currency))
+            pipe.execute()
+        except RedisError as error:
+            log.warning("doorbell mark not left (%s); the sweeper covers it", error)
+
+    def leave_unless_covered(self, currency: str) -> bool:
+        """Leave a mark; True if a busy settler or a queued doorbell will see it, else
+        False, having said "queued": the caller publishes a doorbell."""
+        keys = (self._key(currency), self._busy_key(currency), self._queued_key(currency))
+        try:
+            covered = self._redis().eval(
+                self._RING, len(keys), *keys, self._mark_ttl_s(), self.QUEUED_TTL_S
+            )
         except RedisError as error:
             log.warning("doorbell mark not left (%s); publishing instead", error)
             return False
-        return bool(busy)
+        return bool(covered)
+
+    def not_queued(self, currency: str) -> None:
+        """The doorbell said "queued" was not published after all."""
+        try:
+            self._redis().delete(self._queued_key(currency))
+        except RedisError as error:
+            log.warning("doorbell queued flag not cleared (%s); it expires", error)
 
     def clear(self, currency: str) -> None:
         """The settler holds the lock and is about to claim: earlier marks are covered,
@@ -363,11 +397,14 @@ def ring(currency: str, transfer_ids: list[int] | None = None) -> bool:
 
 
 def ring_unless_busy(currency: str, transfer_ids: list[int] | None = None) -> bool:
-    """The API's doorbell: a mark for the settler that is running, or a Celery message
-    when none is (see DoorbellMarks)."""
-    if marks.leave_if_busy(currency):
+    """The API's doorbell: a mark for the settler that is running or the doorbell that
+    is queued, or a Celery message when neither is (see DoorbellMarks)."""
+    if marks.leave_unless_covered(currency):
         return True
-    return ring(currency, transfer_ids)
+    if ring(currency, transfer_ids):
+        return True
+    marks.not_queued(currency)
+    return False
 
 
 class Doorbells:
