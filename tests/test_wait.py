@@ -36,25 +36,33 @@ def _hold_settlement_lock(currency: str):
     return release
 
 
+def _wait_in_thread(
+    app: Any, member: Any, transfer_id: int, wait: float, held_s: float = 0.5
+) -> tuple[Any, dict]:
+    """A long poll in a thread, checked to be held for `held_s`."""
+    result: dict[str, Any] = {}
+
+    def poll() -> None:
+        started = time.monotonic()
+        response = app.test_client().get(
+            f"/users/{member.id}/transfers/{transfer_id}?wait={wait}", headers=member.auth
+        )
+        result["elapsed"] = time.monotonic() - started
+        result["body"] = response.get_json()
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    time.sleep(held_s)
+    assert waiter.is_alive(), "the request should be held while the transfer is pending"
+    return waiter, result
+
+
 def test_wait_is_woken_by_the_settlement_not_by_its_timeout(api: Api, app: Any) -> None:
     alice, bob = api.funded("10.00", "EUR"), api.register()
     release = _hold_settlement_lock("EUR")
     try:
         body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()
-        result: dict[str, Any] = {}
-
-        def poll() -> None:
-            started = time.monotonic()
-            response = app.test_client().get(
-                f"/users/{alice.id}/transfers/{body['id']}?wait=20", headers=alice.auth
-            )
-            result["elapsed"] = time.monotonic() - started
-            result["body"] = response.get_json()
-
-        waiter = threading.Thread(target=poll)
-        waiter.start()
-        time.sleep(1.0)
-        assert waiter.is_alive(), "the request should be held while the transfer is pending"
+        waiter, result = _wait_in_thread(app, alice, body["id"], 20, held_s=1.0)
     finally:
         release()
     released_at = time.monotonic()
@@ -102,24 +110,6 @@ def test_bad_wait_is_invalid_query(api: Api, wait: str) -> None:
     response = api.client.get(f"/users/{alice.id}/transfers/1?wait={wait}", headers=alice.auth)
     assert response.status_code == 400
     assert response.get_json()["code"] == "invalid_query"
-
-
-def _wait_in_thread(app: Any, member: Any, transfer_id: int, wait: float) -> tuple[Any, dict]:
-    result: dict[str, Any] = {}
-
-    def poll() -> None:
-        started = time.monotonic()
-        response = app.test_client().get(
-            f"/users/{member.id}/transfers/{transfer_id}?wait={wait}", headers=member.auth
-        )
-        result["elapsed"] = time.monotonic() - started
-        result["body"] = response.get_json()
-
-    waiter = threading.Thread(target=poll)
-    waiter.start()
-    time.sleep(0.5)
-    assert waiter.is_alive(), "the request should be held while the transfer is pending"
-    return waiter, result
 
 
 @pytest.mark.parametrize(
