@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -112,7 +111,16 @@ class Subscriber:
         self._channels = dict(channels)
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
+        self._stopping = threading.Event()
+        self._pubsub: redis.client.PubSub | None = None
         self._thread: threading.Thread | None = None
+
+    def stop(self) -> None:
+        """End the thread (tests: a process's own subscriber lives as long as it)."""
+        self._stopping.set()
+        pubsub = self._pubsub
+        if pubsub is not None:
+            pubsub.close()
 
     def ensure_running(self) -> None:
         with self._lock:
@@ -132,17 +140,24 @@ class Subscriber:
         return self._subscribed.wait(timeout_s)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 self._listen()
-            except redis.RedisError as error:
-                log.warning("pub/sub listener reconnecting after: %s", error)
-            self._set_live(False)
-            time.sleep(1)
+            except Exception as error:
+                if self._stopping.is_set():
+                    break
+                if isinstance(error, redis.RedisError):
+                    log.warning("pub/sub listener reconnecting after: %s", error)
+                else:
+                    log.exception("pub/sub listener failed; reconnecting")
+            finally:
+                # Whatever happened, the caches must hear that messages may be missed.
+                self._set_live(False)
+            self._stopping.wait(1)
 
     def _listen(self) -> None:
         client = redis.Redis.from_url(self._redis_url, socket_connect_timeout=2)
-        pubsub = client.pubsub()
+        pubsub = self._pubsub = client.pubsub()
         try:
             pubsub.subscribe(*self._channels)
             unconfirmed = set(self._channels)

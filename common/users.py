@@ -71,6 +71,8 @@ _recent_lock = threading.Lock()
 
 def _recent_logins() -> notify.LiveCache[bytes, Principal]:
     global _recent  # noqa: PLW0603 - one cache per process, built lazily after settings load
+    if _recent is not None:  # every authenticated request: no lock once built
+        return _recent
     with _recent_lock:
         if _recent is None:
             _recent = notify.LiveCache(get_settings().login_cache_ttl_s)

@@ -125,10 +125,16 @@ def test_a_message_reaches_a_subscriber_and_its_link_is_told(subscribed) -> None
         get_settings().redis_url, {channel: notify.Subscription(heard.append, links.append)}
     )
     assert other.wait_subscribed(5)
-    assert links == [True]
-    assert other.live()
-    notify.publish(channel, "hello")
-    assert eventually(lambda: heard == [b"hello"])
+    try:
+        assert links == [True]
+        assert other.live()
+        notify.publish(channel, "hello")
+        assert eventually(lambda: heard == [b"hello"])
+    finally:
+        other.stop()
+    # Stopped: its caches are told, and it listens no more.
+    assert eventually(lambda: links == [True, False])
+    assert eventually(lambda: not other.live())
 
 
 def test_a_failing_handler_does_not_stop_the_subscriber() -> None:
@@ -142,10 +148,27 @@ def test_a_failing_handler_does_not_stop_the_subscriber() -> None:
     channel = "remit:test:" + os.urandom(4).hex()
     other = notify.Subscriber(get_settings().redis_url, {channel: notify.Subscription(fussy)})
     assert other.wait_subscribed(5)
-    notify.publish(channel, "bad")
-    notify.publish(channel, "good")
-    assert eventually(lambda: heard == [b"good"])
-    assert other.live()
+    try:
+        notify.publish(channel, "bad")
+        notify.publish(channel, "good")
+        assert eventually(lambda: heard == [b"good"])
+        assert other.live()
+    finally:
+        other.stop()
+
+
+def test_a_listener_that_cannot_even_connect_tells_its_caches() -> None:
+    links: list[bool] = []
+    # Not a Redis URL: redis-py raises ValueError, not a RedisError, every time.
+    broken = notify.Subscriber(
+        "nonsense://nowhere", {"c": notify.Subscription(lambda data: None, links.append)}
+    )
+    broken.ensure_running()
+    try:
+        assert eventually(lambda: links[:1] == [False])
+        assert not broken.live()
+    finally:
+        broken.stop()
 
 
 def test_subscribing_after_the_subscriber_started_is_refused(subscribed) -> None:
