@@ -89,21 +89,15 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
 
 @pytest.mark.parametrize(
     ("environment", "expected"),
-    [
-        ({}, "16"),
-        ({"WEB_ACTIVE_REQUESTS": "7"}, "7"),
-        ({"WEB_ACTIVE_REQUESTS": "7", "DB_POOL_SIZE": "3"}, "3"),
-    ],
-    ids=["default", "one per running request", "explicit size wins"],
+    [({"WEB_THREADS": "7"}, "7"), ({"WEB_THREADS": "7", "DB_POOL_SIZE": "3"}, "3")],
+    ids=["one per thread", "explicit size wins"],
 )
-def test_gunicorn_keeps_a_pooled_connection_per_running_request(
+def test_gunicorn_keeps_a_pooled_connection_per_thread(
     environment: dict[str, str], expected: str, tmp_path: Path
 ) -> None:
-    # A smaller pool closes and reopens connections under load (a backend per burst);
-    # threads that hold a waiting long poll hold no connection (web.admission).
+    # A smaller pool closes and reopens connections under load (a backend per burst).
     script = "import os, web.gunicorn_conf; print(os.environ['DB_POOL_SIZE'])"
-    knobs = {"DB_POOL_SIZE", "WEB_THREADS", "WEB_ACTIVE_REQUESTS"}
-    env = {k: v for k, v in os.environ.items() if k not in knobs}
+    env = {k: v for k, v in os.environ.items() if k not in {"DB_POOL_SIZE", "WEB_THREADS"}}
     result = subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT,

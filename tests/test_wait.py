@@ -15,7 +15,6 @@ from common import notify
 from common.db import new_session
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import Api
-from web.admission import admission
 from worker.tasks import ring
 
 
@@ -179,29 +178,3 @@ def test_announcements_are_parsed_both_ways() -> None:
     waiters.wake(b"3")
     assert other.wait(0)
     assert other.final is None
-
-
-def test_long_polls_beyond_the_active_slots_do_not_block_payments(api: Api, app: Any) -> None:
-    # More long polls wait than a process runs requests at once (web.admission): they
-    # hold threads but not slots, so a payment is still accepted at once.
-    alice, bob = api.funded("100.00", "EUR"), api.register()
-    release = _hold_settlement_lock("EUR")
-    polls = []
-    try:
-        ids = [
-            api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()["id"]
-            for _ in range(admission.slots + 4)
-        ]
-        polls = [_wait_in_thread(app, alice, i, 20, held_s=0) for i in ids]
-        time.sleep(1.0)
-        assert all(waiter.is_alive() for waiter, _ in polls)
-        started = time.monotonic()
-        response = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00")
-        assert response.status_code == 202
-        assert time.monotonic() - started < 5
-    finally:
-        release()
-    ring("EUR")
-    for waiter, result in polls:
-        waiter.join(timeout=15)
-        assert result["body"]["status"] == "settled"

@@ -7,7 +7,6 @@ from werkzeug.routing import IntegerConverter, Map
 
 from web import accounts, currencies, health, metrics, transfers, users
 from web.access_log import install_request_log
-from web.admission import admission
 from web.openapi import install_docs
 from web.problems import install_error_handlers
 
@@ -33,5 +32,4 @@ def create_app() -> Flask:
     install_docs(app)
     install_error_handlers(app)
     install_request_log(app)
-    app.wsgi_app = admission.wrap(app.wsgi_app)  # type: ignore[method-assign]
     return app

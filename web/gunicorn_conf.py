@@ -21,7 +21,6 @@ from prometheus_client import multiprocess
 from common.db import dispose_engine
 from common.logs import configure_logging
 from common.settings import ConfigurationError, get_settings
-from web.admission import active_requests
 
 try:
     _settings = get_settings()
@@ -33,17 +32,15 @@ except ConfigurationError as error:
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
 # Threads let one process overlap requests that wait on PostgreSQL or Redis, and hold
-# long polls (?wait=) without blocking the rest. Of these threads, only
-# WEB_ACTIVE_REQUESTS run requests at once; the others wait for a slot or hold a long
-# poll (web.admission).
+# long polls (?wait=) without blocking the rest.
 worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", "64"))
-# Each running request may hold a database connection. A pool smaller than that closes
+threads = int(os.environ.get("WEB_THREADS", "16"))
+# Each thread may hold a database connection at once. A pool smaller than that closes
 # the connections beyond its size as they come back and opens new ones at the next
 # burst: under load every few requests paid for a new PostgreSQL backend, which cost
 # PostgreSQL more CPU than the requests' own statements (1.05 against 0.45 ms per POST
 # in phase c of the benchmark). The engine reads this when first used, after this file.
-os.environ.setdefault("DB_POOL_SIZE", str(active_requests()))
+os.environ.setdefault("DB_POOL_SIZE", str(threads))
 # Load the app once in the master: workers fork with it ready (and with no
 # database connections, see post_fork).
 preload_app = True

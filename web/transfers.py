@@ -9,9 +9,8 @@ from common import transfers
 from common.db import autocommit_connection, in_statements, in_transaction, statement_session
 from common.errors import RemitError
 from common.models import SUPERUSER_ID, TransferStatus
-from common.notify import Waiter, listener
+from common.notify import listener
 from web.access_log import log_on_access
-from web.admission import admission
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
     BatchCreate,
@@ -139,7 +138,7 @@ def get(user_id: int, transfer_id: int) -> Response:
     waiter = waiters.register(transfer_id)
     try:
         body = _read_visible(transfer_id, user_id)
-        if body["status"] == TransferStatus.PENDING and _wait(waiter, float(wait)):
+        if body["status"] == TransferStatus.PENDING and waiter.wait(float(wait)):
             final = waiter.final
             if final is None:
                 body = _read_visible(transfer_id, user_id)
@@ -151,12 +150,6 @@ def get(user_id: int, transfer_id: int) -> Response:
     finally:
         waiters.unregister(transfer_id, waiter)
     return json_response(body)
-
-
-def _wait(waiter: Waiter, seconds: float) -> bool:
-    # A waiting request holds its thread but not its slot (web.admission).
-    with admission.paused():
-        return waiter.wait(seconds)
 
 
 def _read_visible(transfer_id: int, user_id: int) -> dict[str, Any]:
