@@ -157,19 +157,22 @@ def test_an_announcement_of_ids_alone_makes_the_wait_read_again(api: Api, app: A
     assert api.wait_final(alice, body["id"])["status"] == "settled"
 
 
+def _signed(payload: str, signature: str | None = None) -> bytes:
+    return ((signature or notify._signature(payload)) + payload).encode()
+
+
 def test_announcements_are_parsed_both_ways() -> None:
     at = datetime(2026, 11, 27, 9, 30, 1, 123456, tzinfo=UTC)
     assert notify._parse_announcement(b"7,8,x") == {7: None, 8: None}
     waiters = notify.SettlementWaiters()
     settled, rejected, other = waiters.register(1), waiters.register(2), waiters.register(3)
-    waiters.wake(
-        json.dumps(
-            {
-                "settled_at": at.isoformat(),
-                "final": [[1, "settled", None], [2, "rejected", "insufficient_funds"]],
-            }
-        ).encode()
+    payload = json.dumps(
+        {
+            "settled_at": at.isoformat(),
+            "final": [[1, "settled", None], [2, "rejected", "insufficient_funds"]],
+        }
     )
+    waiters.wake(_signed(payload))
     assert settled.wait(0)
     assert settled.final == notify.Final("settled", None, at)
     assert rejected.wait(0)
@@ -178,3 +181,51 @@ def test_announcements_are_parsed_both_ways() -> None:
     waiters.wake(b"3")
     assert other.wait(0)
     assert other.final is None
+
+
+def test_an_announcement_that_does_not_verify_only_wakes() -> None:
+    # Anyone who can publish on Redis could say "settled": without the signature of a
+    # process holding SECRET_KEY, the woken request reads the transfer instead.
+    payload = json.dumps(
+        {"settled_at": "2026-11-27T09:30:01+00:00", "final": [[5, "settled", None]]}
+    )
+    for forged in (
+        _signed(payload, "0" * 64),
+        _signed(payload.replace("5", "6"), None)[:64] + payload.encode(),
+    ):
+        waiters = notify.SettlementWaiters()
+        waiter = waiters.register(5)
+        waiters.wake(forged)
+        assert waiter.wait(0)
+        assert waiter.final is None
+
+
+def test_a_forged_announcement_does_not_settle_a_long_poll(api: Api, app: Any) -> None:
+    alice, bob = api.funded("10.00", "CNY"), api.register()
+    release = _hold_settlement_lock("CNY")
+    try:
+        body = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00").get_json()
+        waiter, result = _wait_in_thread(app, alice, body["id"], 20)
+        payload = json.dumps(
+            {"settled_at": "2026-11-27T09:30:01+00:00", "final": [[body["id"], "settled", None]]}
+        )
+        notify.publish(notify.CHANNEL, "f" * 64 + payload)
+        waiter.join(timeout=5)
+        assert not waiter.is_alive(), "the announcement should have woken the request"
+        # The database says pending, and so does the answer.
+        assert result["body"]["status"] == "pending"
+        assert result["body"]["settled_at"] is None
+    finally:
+        release()
+    ring("CNY")
+    assert api.wait_final(alice, body["id"])["status"] == "settled"
+
+
+@pytest.mark.parametrize(
+    "garbage", ["0" * 64 + "{not json", "0" * 64 + '{"final": 3}', "0" * 64 + "{}", ""]
+)
+def test_an_unreadable_announcement_wakes_nobody_and_breaks_nothing(garbage: str) -> None:
+    waiters = notify.SettlementWaiters()
+    waiter = waiters.register(5)
+    waiters.wake(garbage.encode())
+    assert not waiter.wait(0)
