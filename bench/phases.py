@@ -487,9 +487,13 @@ def latency(bench: Bench) -> dict[str, Any]:
         (name, _start_profile(bench, name.replace("_", "-"), process.pid))
         for name, process in (("d_worker", bench.worker), ("d_web", bench.web))
     ]
+    # The phase's own cpu_s also counts the drains and the auth warm-up (argon2 for every
+    # user in every web process): the open loop's CPU alone is what an operation costs.
+    cpu_before = bench.meter.sample()
     with ui.bar("d: open-loop submit -> settled", count, "ops") as progress:
         loop = OpenLoop(bench.port, _payers(bench), _payees(bench))
         result = asyncio.run(loop.run(rate, count, progress))
+    result["open_loop_cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
     for name, profile in profiles:
         if profile is not None:
             bench.results["profiles"][name] = profile.stop()
