@@ -157,6 +157,15 @@ class DoorbellMarks:
     def _queued_key(self, currency: str) -> str:
         return f"remit:doorbell-queued:{currency}"
 
+    def _ring_script(self) -> Any:
+        # Registered once per client: EVALSHA sends the digest, not the script, on every
+        # API ring (redis-py loads it again if Redis forgot it).
+        client = self._redis()
+        script = getattr(self, "_script", None)
+        if script is None or script.registered_client is not client:
+            script = self._script = client.register_script(self._RING)
+        return script
+
     def _mark_ttl_s(self) -> int:
         return max(60, settings.visibility_timeout_s)
 
@@ -175,9 +184,7 @@ class DoorbellMarks:
         False, having said "queued": the caller publishes a doorbell."""
         keys = (self._key(currency), self._busy_key(currency), self._queued_key(currency))
         try:
-            covered = self._redis().eval(
-                self._RING, len(keys), *keys, self._mark_ttl_s(), self.QUEUED_TTL_S
-            )
+            covered = self._ring_script()(keys=keys, args=(self._mark_ttl_s(), self.QUEUED_TTL_S))
         except RedisError as error:
             log.warning("doorbell mark not left (%s); publishing instead", error)
             return False
