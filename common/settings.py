@@ -72,6 +72,8 @@ class Settings:
     port: int
     flower_port: int
     web_concurrency: int
+    # Threads per gunicorn worker process (gthread): requests one process serves at once.
+    web_threads: int
     worker_concurrency: int
     # Settlement tuning.
     settle_batch_size: int
@@ -157,6 +159,7 @@ def load_settings() -> Settings:
         port=_int("PORT", 8000),
         flower_port=_int("FLOWER_PORT", 5555),
         web_concurrency=_int("WEB_CONCURRENCY", cores),
+        web_threads=_int("WEB_THREADS", 16),
         worker_concurrency=_int("WORKER_CONCURRENCY", cores),
         settle_batch_size=_int("SETTLE_BATCH_SIZE", DEFAULT_SETTLE_BATCH_SIZE),
         settle_gather_s=_seconds("SETTLE_GATHER", 0.015),

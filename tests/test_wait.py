@@ -16,6 +16,8 @@ from common import notify
 from common.db import new_session
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import Api
+from web import transfers as web_transfers
+from web.transfers import long_poll_slots
 from worker.tasks import ring
 
 
@@ -103,6 +105,41 @@ def test_wait_on_a_final_transfer_answers_at_once(api: Api) -> None:
     )
     assert response.get_json()["status"] == "settled"
     assert time.monotonic() - started < 1
+
+
+def test_long_polls_leave_a_quarter_of_the_threads() -> None:
+    assert [long_poll_slots(threads) for threads in (1, 2, 4, 16, 32)] == [0, 1, 3, 12, 24]
+
+
+def test_a_long_poll_without_a_slot_answers_at_once(
+    api: Api, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(web_transfers, "_long_poll_slots", slots)
+    alice, bob = api.funded("10.00", "EUR"), api.register()
+    release = _hold_settlement_lock("EUR")
+    try:
+        body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()
+        waiter, result = _wait_in_thread(app, alice, body["id"], 20)
+        started = time.monotonic()
+        unheld = api.client.get(
+            f"/users/{alice.id}/transfers/{body['id']}?wait=20", headers=alice.auth
+        )
+        assert time.monotonic() - started < 2
+    finally:
+        release()
+    assert unheld.status_code == 200
+    assert unheld.get_json()["status"] == "pending"
+    assert unheld.headers["Retry-After"] == "1"
+    ring("EUR")
+    waiter.join(timeout=15)
+    assert result["body"]["status"] == "settled"
+    # The held poll gave its slot back; a final transfer is answered with no Retry-After.
+    assert slots.acquire(blocking=False)
+    final = api.client.get(f"/users/{alice.id}/transfers/{body['id']}?wait=5", headers=alice.auth)
+    assert final.get_json()["status"] == "settled"
+    assert "Retry-After" not in final.headers
+    slots.release()
 
 
 @pytest.mark.parametrize("wait", ["-1", "31", "abc", "NaN", "inf", "1e1", ""])

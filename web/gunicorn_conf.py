@@ -34,7 +34,7 @@ workers = _settings.web_concurrency
 # Threads let one process overlap requests that wait on PostgreSQL or Redis, and hold
 # long polls (?wait=) without blocking the rest.
 worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", "16"))
+threads = _settings.web_threads
 # Each thread may hold a database connection at once. A pool smaller than that closes
 # the connections beyond its size as they come back and opens new ones at the next
 # burst: under load every few requests paid for a new PostgreSQL backend, which cost

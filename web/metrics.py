@@ -48,6 +48,10 @@ REQUEST_DURATION = Histogram(
 TRANSFERS_ACCEPTED = Counter(
     "remit_transfers_accepted_total", "Transfers accepted (202) by kind", ["kind"]
 )
+LONG_POLLS_UNHELD = Counter(
+    "remit_long_polls_unheld_total",
+    "Long polls (?wait=) answered at once because every long-poll slot was taken",
+)
 
 
 class LedgerCollector(Collector):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from flask import Blueprint, Response
@@ -10,6 +11,7 @@ from common.db import autocommit_connection, in_statements, in_transaction, stat
 from common.errors import RemitError
 from common.models import SUPERUSER_ID, TransferStatus
 from common.notify import listener
+from common.settings import get_settings
 from web.access_log import log_on_access
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
@@ -23,12 +25,25 @@ from web.fields import (
     parse_query,
     validate,
 )
-from web.metrics import TRANSFERS_ACCEPTED
+from web.metrics import LONG_POLLS_UNHELD, TRANSFERS_ACCEPTED
 from web.problems import ApiError, problem_body
 from web.render import decode_cursor, json_response, page_response, timestamp, transfer_json
 from worker.tasks import doorbells
 
 bp = Blueprint("transfers", __name__)
+
+
+def long_poll_slots(threads: int) -> int:
+    """How many of a process's threads long polls may hold at once: a quarter of them
+    (at least one) stays for everything else."""
+    return threads - max(1, threads // 4)
+
+
+# A held long poll keeps its gthread thread for up to 30 s. Without a bound, clients
+# waiting on transfers that cannot settle (no settler running) took every thread, and
+# payments and /health queued behind them for the length of the wait
+# (tests/chaos/test_edges.py).
+_long_poll_slots = threading.BoundedSemaphore(long_poll_slots(get_settings().web_threads))
 
 
 def accepted_response(accepted: transfers.Accepted) -> Response:
@@ -132,13 +147,29 @@ def get(user_id: int, transfer_id: int) -> Response:
     wait = parse_query(TransferWaitQuery).wait
     if not wait:
         return json_response(_read_visible(transfer_id, user_id))
-    # Long poll: listen first, then read, so that a settlement announced between the
-    # read and the wait is not missed. No database connection is held while waiting.
+    if not _long_poll_slots.acquire(blocking=False):
+        # Every slot is held: answer now, as a read would, rather than take a thread
+        # that a payment needs. A client still waiting is told when to ask again.
+        LONG_POLLS_UNHELD.inc()
+        body = _read_visible(transfer_id, user_id)
+        retry = {"Retry-After": "1"} if body["status"] == TransferStatus.PENDING else None
+        return json_response(body, 200, retry)
+    try:
+        return json_response(_long_poll(transfer_id, user_id, float(wait)))
+    finally:
+        _long_poll_slots.release()
+
+
+def _long_poll(transfer_id: int, user_id: int, wait_s: float) -> dict[str, Any]:
+    """The transfer once it is final, or as it is after `wait_s`.
+
+    Listen first, then read, so that a settlement announced between the read and the
+    wait is not missed. No database connection is held while waiting."""
     waiters = listener()
     waiter = waiters.register(transfer_id)
     try:
         body = _read_visible(transfer_id, user_id)
-        if body["status"] == TransferStatus.PENDING and waiter.wait(float(wait)):
+        if body["status"] == TransferStatus.PENDING and waiter.wait(wait_s):
             final = waiter.final
             if final is None:
                 body = _read_visible(transfer_id, user_id)
@@ -149,7 +180,7 @@ def get(user_id: int, transfer_id: int) -> Response:
                 body["settled_at"] = timestamp(final.settled_at)
     finally:
         waiters.unregister(transfer_id, waiter)
-    return json_response(body)
+    return body
 
 
 def _read_visible(transfer_id: int, user_id: int) -> dict[str, Any]:

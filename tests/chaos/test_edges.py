@@ -351,3 +351,57 @@ def test_redis_restart_while_a_worker_is_busy(stack_factory, chaos_summary) -> N
     assert settled, f"nothing settled after the Redis restart:\n{worker.log_tail(30)}"
     audit_status, audit_report = stack.audit()
     assert audit_status == 0, audit_report
+
+
+def test_long_polls_never_take_the_last_threads(stack_factory, chaos_summary) -> None:
+    """No settler runs, so every long poll would be held for its whole `wait`: more of
+    them than a web process has threads must still leave threads for payments and
+    /health. Those beyond the process's long-poll slots answer at once, with the
+    transfer as it is and Retry-After."""
+    threads, wait_s, polls = 4, 8, 8
+    stack: Stack = stack_factory(
+        "longpolls", settings={"WEB_CONCURRENCY": "1", "WEB_THREADS": str(threads)}
+    )
+    stack.start_web()
+    stack.wait_web()
+    payer, payee = register_users(stack.base_url, 2)
+    pending = transfer(stack, payer, payee.accounts["USD"], "1", "held").json()
+    url = f"{stack.base_url}/users/{payer.id}/transfers/{pending['id']}?wait={wait_s}"
+
+    def long_poll(_: int) -> tuple[float, requests.Response]:
+        started = time.monotonic()
+        response = requests.get(url, auth=payer.auth, timeout=3 * wait_s)
+        return time.monotonic() - started, response
+
+    with ThreadPoolExecutor(polls) as pool:
+        held = [pool.submit(long_poll, index) for index in range(polls)]
+        time.sleep(1.0)
+        started = time.monotonic()
+        paid = transfer(stack, payer, payee.accounts["USD"], "1", "while held")
+        paid_s = time.monotonic() - started
+        started = time.monotonic()
+        health = requests.get(stack.base_url + "/health", timeout=3 * wait_s)
+        health_s = time.monotonic() - started
+        answers = [future.result() for future in held]
+
+    chaos_summary.add(
+        "long polls beyond the threads",
+        {
+            "POST / health while held s": f"{paid_s:.2f} / {health_s:.2f}",
+            "long polls held to their wait / answered at once": (
+                f"{sum(s >= wait_s - 0.5 for s, _ in answers)} / "
+                f"{sum(s < wait_s / 2 for s, _ in answers)}"
+            ),
+        },
+    )
+    assert paid.status_code == 202, paid.text
+    assert health.status_code == 200, health.text
+    assert paid_s < 2, paid_s
+    assert health_s < 2, health_s
+    for _, response in answers:
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "pending"
+    early = [response for elapsed, response in answers if elapsed < wait_s / 2]
+    assert early, "more long polls than threads, yet none answered early"
+    assert all(response.headers.get("Retry-After") for response in early)
+    assert len(early) < polls, "no long poll was held at all"
