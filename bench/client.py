@@ -42,6 +42,8 @@ class Request:
 class Response:
     status: int
     body: bytes
+    # Seconds from a Retry-After header, if the answer had one.
+    retry_after: float | None = None
 
 
 class ConnectionClosed(Exception):
@@ -106,7 +108,8 @@ class Connection:
         if headers.get("connection", "").lower() == "close":
             self.close()
         self._last_used = time.monotonic()
-        return Response(status, body)
+        retry_after = headers.get("retry-after", "")
+        return Response(status, body, float(retry_after) if retry_after.isdigit() else None)
 
     async def _read_chunked(self) -> bytes:
         assert self._reader is not None
