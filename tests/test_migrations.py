@@ -159,6 +159,31 @@ def test_one_head_and_the_database_is_at_it(database: str) -> None:
         assert MigrationContext.configure(connection).get_current_heads() == tuple(heads)
 
 
+def _reloptions(connection: Connection, table: str) -> list[str]:
+    options = connection.scalar(
+        text("SELECT reloptions FROM pg_class WHERE oid = CAST(:table AS regclass)"),
+        {"table": table},
+    )
+    return sorted(options or [])
+
+
+def test_transfers_are_vacuumed_every_10000_changed_rows(scratch_url: str) -> None:
+    """The settlement queue's dead entries are cleaned long before a fifth of the table
+    has changed (migration 0002); downgrading to 0001 gives the defaults back."""
+    _create_empty(scratch_url)
+    config = _config(scratch_url)
+    command.upgrade(config, "head")
+    expected = ["autovacuum_vacuum_scale_factor=0", "autovacuum_vacuum_threshold=10000"]
+    with _with_connection(scratch_url) as connection:
+        assert _reloptions(connection, "transfers") == expected
+    command.downgrade(config, "0001")
+    with _with_connection(scratch_url) as connection:
+        assert _reloptions(connection, "transfers") == []
+    command.upgrade(config, "head")
+    with _with_connection(scratch_url) as connection:
+        assert _reloptions(connection, "transfers") == expected
+
+
 # --- down and up --------------------------------------------------------------------------
 
 
