@@ -403,7 +403,7 @@ def ring(currency: str, transfer_ids: list[int] | None = None) -> bool:
     return True
 
 
-def ring_unless_busy(currency: str, transfer_ids: list[int] | None = None) -> bool:
+def ring_unless_covered(currency: str, transfer_ids: list[int] | None = None) -> bool:
     """The API's doorbell: a mark for the settler that is running or the doorbell that
     is queued, or a Celery message when neither is (see DoorbellMarks)."""
     if marks.leave_unless_covered(currency):
@@ -437,7 +437,7 @@ class Doorbells:
         delay_s: float = 0.002,
         interval_s: float = 0.02,
     ) -> None:
-        self._publish = publish or ring_unless_busy
+        self._publish = publish or ring_unless_covered
         self._delay_s = delay_s
         self._interval_s = interval_s
         self._lock = threading.Lock()
