@@ -49,6 +49,8 @@ class Config:
     latency_seconds: float
     latency_rate_factor: float
     latency_rate: float | None
+    # Also run d's floor (phases.FloorLoop) after d, at d's rate.
+    latency_floor: bool
     # (e) reads
     history_total: int
     reads: int
@@ -98,6 +100,7 @@ FULL = Config(
     latency_seconds=20,
     latency_rate_factor=0.5,
     latency_rate=None,
+    latency_floor=False,
     history_total=1_000_000,
     reads=2000,
     settlements=100_000,
@@ -170,6 +173,12 @@ def parse_args(argv: list[str] | None) -> Config:
     sizes.add_argument("--seconds", type=float, help="length of each measured run of c and d")
     sizes.add_argument("--batch-items", type=int, help="transfers per batch request in c")
     sizes.add_argument("--rate", type=float, help="open-loop rate of d (default: half of c's max)")
+    parser.add_argument(
+        "--d-floor",
+        action="store_true",
+        help="after d, the same POSTs at the same rate each followed by one trivial GET "
+        "instead of long polls: the least latency d could measure (bench/README)",
+    )
     sizes.add_argument("--history", type=int, help="transfers in the table for the reads of e")
     sizes.add_argument("--reads", type=int, help="requests per read kind in e")
     sizes.add_argument("--settlements", type=int, help="settlements before the RSS of f")
@@ -183,7 +192,13 @@ def parse_args(argv: list[str] | None) -> Config:
     phases = "".join(p for p in PHASES if p in args.phases.lower())
     if not phases or set(args.phases.lower()) - set(PHASES):
         parser.error(f"--phases takes letters of {PHASES}")
-    overrides: dict[str, object] = {"phases": phases, "load_tool": args.load_tool}
+    overrides: dict[str, object] = {
+        "phases": phases,
+        "load_tool": args.load_tool,
+        "profile": args.profile,
+        "keep": args.keep,
+        "latency_floor": args.d_floor,
+    }
     for option, name in (
         ("backlog", "backlog"),
         ("users", "users"),
@@ -211,8 +226,6 @@ def parse_args(argv: list[str] | None) -> Config:
         overrides["latency_rate"] = args.rate
     if args.currencies:
         overrides["currencies"] = tuple(c.strip().upper() for c in args.currencies.split(","))
-    overrides["profile"] = args.profile
-    overrides["keep"] = args.keep
     if args.out is not None:
         overrides["out_dir"] = args.out.resolve()
     config = replace(config, **overrides)  # type: ignore[arg-type]

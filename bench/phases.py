@@ -483,6 +483,30 @@ class OpenLoop:
         }
 
 
+class FloorLoop(OpenLoop):
+    """d's floor (--d-floor): the same POSTs at the same rate, each followed by one
+    request of the trivial route instead of long polls. Any client learns that a
+    transfer settled from a response after the POST's, and no response costs the web
+    less than the trivial one; so this loop's POST + GET time, with the workers
+    settling the same transfers meanwhile, bounds from below what d can measure."""
+
+    TRIVIAL = client.Request("GET", "/currencies", ())
+
+    async def _operation(self, connection: client.Connection, number: int, due: float) -> None:
+        _, request = self._request(number)
+        response = await connection.send(request)
+        if response.status != 202:
+            self._outcome(f"post_{response.status}")
+            return
+        self.submit.append(time.perf_counter() - due)
+        response = await connection.send(self.TRIVIAL)
+        if response.status != 200:
+            self._outcome(f"get_{response.status}")
+            return
+        self.e2e.append(time.perf_counter() - due)
+        self._outcome("answered")
+
+
 def latency(bench: Bench) -> dict[str, Any]:
     config = bench.config
     drain(bench, "before d")
@@ -516,6 +540,21 @@ def latency(bench: Bench) -> dict[str, Any]:
     result["seconds"] = config.latency_seconds
     result["wait_param_s"] = OpenLoop.WAIT_S
     result["drain_after"] = drain(bench, "after d")
+    if config.latency_floor:
+        result["floor"] = _latency_floor(bench, rate, count)
+    return result
+
+
+def _latency_floor(bench: Bench, rate: float, count: int) -> dict[str, Any]:
+    """FloorLoop at d's rate, right after d on the same stack (see FloorLoop)."""
+    cpu_before = bench.meter.sample()
+    with ui.bar("d: floor, POST + trivial GET", count, "ops") as progress:
+        loop = FloorLoop(bench.port, _payers(bench), _payees(bench))
+        result = asyncio.run(loop.run(rate, count, progress))
+    result["open_loop_cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
+    result["post_then_trivial_ms"] = result.pop("submit_to_settled_ms")
+    del result["server_created_to_settled_ms"], result["long_polls_unheld"]
+    result["drain_after"] = drain(bench, "after d's floor")
     return result
 
 
