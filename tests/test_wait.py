@@ -17,7 +17,7 @@ from common.db import new_session
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import Api
 from web import transfers as web_transfers
-from web.transfers import long_poll_slots
+from web.transfers import grace_slots, long_poll_slots
 from worker.tasks import ring
 
 
@@ -52,6 +52,7 @@ def _wait_in_thread(
         )
         result["elapsed"] = time.monotonic() - started
         result["body"] = response.get_json()
+        result["headers"] = response.headers
 
     waiter = threading.Thread(target=poll)
     waiter.start()
@@ -109,6 +110,9 @@ def test_wait_on_a_final_transfer_answers_at_once(api: Api) -> None:
 
 def test_long_polls_leave_a_quarter_of_the_threads() -> None:
     assert [long_poll_slots(threads) for threads in (1, 2, 4, 16, 32)] == [0, 1, 3, 12, 24]
+    # Short waits without a slot may take half of what is left, so at least one thread,
+    # and at least half of the quarter, always stays for everything else.
+    assert [grace_slots(threads) for threads in (1, 2, 4, 16, 32)] == [0, 0, 0, 2, 4]
 
 
 def test_a_long_poll_without_a_slot_answers_at_once(
@@ -116,6 +120,7 @@ def test_a_long_poll_without_a_slot_answers_at_once(
 ) -> None:
     slots = threading.BoundedSemaphore(1)
     monkeypatch.setattr(web_transfers, "_long_poll_slots", slots)
+    monkeypatch.setattr(web_transfers, "_grace_slots", threading.BoundedSemaphore(0))
     alice, bob = api.funded("10.00", "EUR"), api.register()
     release = _hold_settlement_lock("EUR")
     try:
@@ -140,6 +145,38 @@ def test_a_long_poll_without_a_slot_answers_at_once(
     assert final.get_json()["status"] == "settled"
     assert "Retry-After" not in final.headers
     slots.release()
+
+
+def test_a_long_poll_without_a_slot_waits_a_moment_on_a_grace_slot(
+    api: Api, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(web_transfers, "_long_poll_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(web_transfers, "_grace_slots", threading.BoundedSemaphore(1))
+    # Long enough for a settlement on a slow machine; the moment is 0.25 s in service.
+    monkeypatch.setattr(web_transfers, "UNHELD_GRACE_S", 20.0)
+    alice, bob = api.funded("10.00", "EUR"), api.register()
+    release = _hold_settlement_lock("EUR")
+    try:
+        body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()
+        held, _ = _wait_in_thread(app, alice, body["id"], 30)
+        graced, graced_result = _wait_in_thread(app, alice, body["id"], 30)
+        # Slot and grace slot both taken: the third answers at once.
+        started = time.monotonic()
+        unheld = api.client.get(
+            f"/users/{alice.id}/transfers/{body['id']}?wait=30", headers=alice.auth
+        )
+        assert time.monotonic() - started < 2
+    finally:
+        release()
+    assert unheld.get_json()["status"] == "pending"
+    assert unheld.headers["Retry-After"] == "1"
+    ring("EUR")
+    for thread in (held, graced):
+        thread.join(timeout=15)
+        assert not thread.is_alive()
+    assert graced_result["body"]["status"] == "settled"
+    assert "Retry-After" not in graced_result["headers"]
+    assert graced_result["elapsed"] < 20
 
 
 @pytest.mark.parametrize("wait", ["-1", "31", "abc", "NaN", "inf", "1e1", ""])

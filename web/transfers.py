@@ -39,11 +39,22 @@ def long_poll_slots(threads: int) -> int:
     return threads - max(1, threads // 4)
 
 
+def grace_slots(threads: int) -> int:
+    """How many more threads may wait a moment (UNHELD_GRACE_S) for a long poll that
+    found every slot taken: half of what long polls leave free, rounded down."""
+    return (threads - long_poll_slots(threads)) // 2
+
+
+# A settlement late by a fraction of a second, not a whole Retry-After, for a client
+# whose long poll came while every slot was taken (a burst after a slow batch).
+UNHELD_GRACE_S = 0.25
+
 # A held long poll keeps its gthread thread for up to 30 s. Without a bound, clients
 # waiting on transfers that cannot settle (no settler running) took every thread, and
 # payments and /health queued behind them for the length of the wait
 # (tests/chaos/test_edges.py).
 _long_poll_slots = threading.BoundedSemaphore(long_poll_slots(get_settings().web_threads))
+_grace_slots = threading.BoundedSemaphore(grace_slots(get_settings().web_threads))
 
 
 def accepted_response(accepted: transfers.Accepted) -> Response:
@@ -147,17 +158,24 @@ def get(user_id: int, transfer_id: int) -> Response:
     wait = parse_query(TransferWaitQuery).wait
     if not wait:
         return json_response(_read_visible(transfer_id, user_id))
-    if not _long_poll_slots.acquire(blocking=False):
-        # Every slot is held: answer now, as a read would, rather than take a thread
-        # that a payment needs. A client still waiting is told when to ask again.
-        LONG_POLLS_UNHELD.inc()
+    if _long_poll_slots.acquire(blocking=False):
+        try:
+            return json_response(_long_poll(transfer_id, user_id, float(wait)))
+        finally:
+            _long_poll_slots.release()
+    # Every slot is held: rather than take a thread that a payment needs for the whole
+    # wait, wait a moment if a grace slot is free, else not at all, and answer. A client
+    # still waiting is told when to ask again.
+    LONG_POLLS_UNHELD.inc()
+    if _grace_slots.acquire(blocking=False):
+        try:
+            body = _long_poll(transfer_id, user_id, min(float(wait), UNHELD_GRACE_S))
+        finally:
+            _grace_slots.release()
+    else:
         body = _read_visible(transfer_id, user_id)
-        retry = {"Retry-After": "1"} if body["status"] == TransferStatus.PENDING else None
-        return json_response(body, 200, retry)
-    try:
-        return json_response(_long_poll(transfer_id, user_id, float(wait)))
-    finally:
-        _long_poll_slots.release()
+    retry = {"Retry-After": "1"} if body["status"] == TransferStatus.PENDING else None
+    return json_response(body, 200, retry)
 
 
 def _long_poll(transfer_id: int, user_id: int, wait_s: float) -> dict[str, Any]:
