@@ -417,13 +417,23 @@ class OpenLoop:
         path = f"/users/{payer.user_id}/transfers"
         return payer, client.Request("POST", path, headers, body.encode())
 
-    async def _operation(self, connection: client.Connection, number: int, due: float) -> None:
+    async def _submit(
+        self, connection: client.Connection, number: int, due: float
+    ) -> tuple[loadgen.Payer, client.Response] | None:
+        """POST operation `number`'s transfer; None (and the outcome counted) unless 202."""
         payer, request = self._request(number)
         response = await connection.send(request)
         if response.status != 202:
             self._outcome(f"post_{response.status}")
-            return
+            return None
         self.submit.append(time.perf_counter() - due)
+        return payer, response
+
+    async def _operation(self, connection: client.Connection, number: int, due: float) -> None:
+        submitted = await self._submit(connection, number, due)
+        if submitted is None:
+            return
+        payer, response = submitted
         transfer = json.loads(response.body)
         poll = client.Request(
             "GET",
@@ -493,12 +503,8 @@ class FloorLoop(OpenLoop):
     TRIVIAL = client.Request("GET", "/currencies", ())
 
     async def _operation(self, connection: client.Connection, number: int, due: float) -> None:
-        _, request = self._request(number)
-        response = await connection.send(request)
-        if response.status != 202:
-            self._outcome(f"post_{response.status}")
+        if await self._submit(connection, number, due) is None:
             return
-        self.submit.append(time.perf_counter() - due)
         response = await connection.send(self.TRIVIAL)
         if response.status != 200:
             self._outcome(f"get_{response.status}")
