@@ -159,6 +159,12 @@ def parse_args(argv: list[str] | None) -> Config:
     )
     parser.add_argument("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")
     parser.add_argument(
+        "--d-floor",
+        action="store_true",
+        help="after d, the same POSTs at the same rate each followed by one trivial GET "
+        "instead of long polls: the least latency d could measure (bench/README)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="folder for <timestamp>.json/.png (default bench/results)"
     )
     sizes = parser.add_argument_group("sizes (defaults: the issue's, or --quick's)")
@@ -173,12 +179,6 @@ def parse_args(argv: list[str] | None) -> Config:
     sizes.add_argument("--seconds", type=float, help="length of each measured run of c and d")
     sizes.add_argument("--batch-items", type=int, help="transfers per batch request in c")
     sizes.add_argument("--rate", type=float, help="open-loop rate of d (default: half of c's max)")
-    parser.add_argument(
-        "--d-floor",
-        action="store_true",
-        help="after d, the same POSTs at the same rate each followed by one trivial GET "
-        "instead of long polls: the least latency d could measure (bench/README)",
-    )
     sizes.add_argument("--history", type=int, help="transfers in the table for the reads of e")
     sizes.add_argument("--reads", type=int, help="requests per read kind in e")
     sizes.add_argument("--settlements", type=int, help="settlements before the RSS of f")
