@@ -158,24 +158,30 @@ def get(user_id: int, transfer_id: int) -> Response:
     wait = parse_query(TransferWaitQuery).wait
     if not wait:
         return json_response(_read_visible(transfer_id, user_id))
-    if _long_poll_slots.acquire(blocking=False):
-        try:
-            return json_response(_long_poll(transfer_id, user_id, float(wait)))
-        finally:
-            _long_poll_slots.release()
+    held = _long_poll_on(_long_poll_slots, transfer_id, user_id, float(wait))
+    if held is not None:
+        return json_response(held)
     # Every slot is held: rather than take a thread that a payment needs for the whole
     # wait, wait a moment if a grace slot is free, else not at all, and answer. A client
     # still waiting is told when to ask again.
     LONG_POLLS_UNHELD.inc()
-    if _grace_slots.acquire(blocking=False):
-        try:
-            body = _long_poll(transfer_id, user_id, min(float(wait), UNHELD_GRACE_S))
-        finally:
-            _grace_slots.release()
-    else:
+    body = _long_poll_on(_grace_slots, transfer_id, user_id, min(float(wait), UNHELD_GRACE_S))
+    if body is None:
         body = _read_visible(transfer_id, user_id)
     retry = {"Retry-After": "1"} if body["status"] == TransferStatus.PENDING else None
     return json_response(body, 200, retry)
+
+
+def _long_poll_on(
+    slots: threading.BoundedSemaphore, transfer_id: int, user_id: int, wait_s: float
+) -> dict[str, Any] | None:
+    """_long_poll on one of `slots`, or None when every one is taken."""
+    if not slots.acquire(blocking=False):
+        return None
+    try:
+        return _long_poll(transfer_id, user_id, wait_s)
+    finally:
+        slots.release()
 
 
 def _long_poll(transfer_id: int, user_id: int, wait_s: float) -> dict[str, Any]:
