@@ -476,7 +476,10 @@ def document() -> dict[str, Any]:
         title="Remit",
         version="1.0.0",
         openapi_version="3.1.0",
-        info={"description": "Asynchronous money transfers. See API.md for the contract."},
+        info={
+            "description": "Asynchronous money transfers. The full contract, in words: "
+            "docs/api.md in the repository."
+        },
     )
     spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
     for name, schema in _schemas().items():
