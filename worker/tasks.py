@@ -59,7 +59,7 @@ class DatabaseOutage(Exception):
 
 @remit_task(
     broker.SETTLE,
-    # The backoff cap stays well below the visibility timeout (see worker.app), so a
+    # The backoff cap stays well below the visibility timeout (common.broker), so a
     # retried message is never also redelivered by Redis meanwhile.
     autoretry_for=(DatabaseOutage,),
     max_retries=settings.settle_max_retries,
