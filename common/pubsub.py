@@ -1,4 +1,4 @@
-"""Redis pub/sub for the web processes.
+"""Redis pub/sub: any process publishes (best effort); the web processes listen.
 
 Each web process keeps one subscriber thread on one connection. Modules register
 the channels they need at import time (`subscribe`), before the thread starts; it

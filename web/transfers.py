@@ -42,8 +42,8 @@ def accepted_response(accepted: transfers.Accepted) -> Response:
     if accepted.created:
         kind = "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
         TRANSFERS_ACCEPTED.labels(kind).inc()
-        # Said by the request's access line: a second line per payment cost the API a
-        # twentieth of its CPU.
+        # Said by the request's access line, not a line of its own: a second log line
+        # per payment is a measurable share of the API's CPU (see docs/decisions/).
         log_on_access(transfer_id=transfer.id, currency=transfer.currency, accepted=kind)
     if accepted.created or transfer.status == TransferStatus.PENDING:
         # A replay of a still-pending transfer rings again: if the first doorbell was
