@@ -235,6 +235,10 @@ def settle_batch(
 
     The caller commits. Returns claimed=None without touching anything when
     another settler holds the currency's lock.
+
+    `on_locked` runs once the lock is held and before the claim, inside the
+    transaction (the settler clears its doorbell marks there): it must be quick and
+    must not raise (docs/decisions/0020).
     """
     if not _try_settlement_lock(session, currency):
         return BatchResult(currency, claimed=None)

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
-from common import notify
 from common.currencies import all_currencies
 from common.db import Db, execute_direct
 from common.errors import Conflict
+from common.live_cache import LiveCache
 from common.models import Account, AccountKind, User
 from common.passwords import burn_verification, fingerprint, hash_password, verify_password
+from common.pubsub import Subscription, publish, subscribe
 from common.settings import get_settings
 
 
@@ -65,17 +66,17 @@ _BY_USERNAME = text(
 # CREDENTIALS_CHANNEL, which empties every process's cache; LOGIN_CACHE_TTL bounds
 # what a lost message (or a hash changed by hand in SQL) can cost.
 CREDENTIALS_CHANNEL = "remit:credentials-changed"
-_recent: notify.LiveCache[bytes, Principal] | None = None
+_recent: LiveCache[bytes, Principal] | None = None
 _recent_lock = threading.Lock()
 
 
-def _recent_logins() -> notify.LiveCache[bytes, Principal]:
+def _recent_logins() -> LiveCache[bytes, Principal]:
     global _recent  # noqa: PLW0603 - one cache per process, built lazily after settings load
     if _recent is not None:  # every authenticated request: no lock once built
         return _recent
     with _recent_lock:
         if _recent is None:
-            _recent = notify.LiveCache(get_settings().login_cache_ttl_s)
+            _recent = LiveCache(get_settings().login_cache_ttl_s)
         return _recent
 
 
@@ -87,7 +88,7 @@ def _on_credentials_changed(data: bytes) -> None:
     _recent_logins().clear()
 
 
-notify.subscribe(CREDENTIALS_CHANNEL, notify.Subscription(_on_credentials_changed, _on_link))
+subscribe(CREDENTIALS_CHANNEL, Subscription(_on_credentials_changed, _on_link))
 
 
 def recent_login(username: str, password: str) -> Principal | None:
@@ -104,7 +105,7 @@ def announce_credentials_changed() -> None:
     """After a committed password change: no process may keep accepting the old one.
     This one forgets at once; the others as the message reaches them."""
     forget_logins()
-    notify.publish(CREDENTIALS_CHANNEL, "")
+    publish(CREDENTIALS_CHANNEL, "")
 
 
 def authenticate(db: Db, username: str, password: str) -> Principal | None:

@@ -13,9 +13,10 @@ from sqlalchemy import text
 
 from common.audit import audit
 from common.db import new_session, transaction
+from common.doorbells import ring
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import SUPERUSER, Api, Member
-from worker.tasks import ring, settle
+from worker.tasks import settle
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,12 @@ import itertools
 import threading
 import time
 
+import pytest
+
+from common import broker
+from common.doorbells import Doorbells, marks
 from tests.conftest import Api
-from worker.app import app
-from worker.tasks import Doorbells, marks
+from worker.app import app as worker_app
 
 
 def test_a_burst_rings_once_per_currency() -> None:
@@ -116,8 +119,9 @@ def test_a_settler_that_fails_is_no_longer_busy(redis_client) -> None:
     assert not marks.leave_unless_covered("JPY")
 
 
-def test_kombu_reuses_one_redis_client_per_channel_and_pool(redis_client) -> None:
-    with app.connection_for_write() as connection:
+@pytest.mark.parametrize("app", [broker.producer, lambda: worker_app], ids=["producer", "worker"])
+def test_kombu_reuses_one_redis_client_per_channel_and_pool(redis_client, app) -> None:
+    with app().connection_for_write() as connection:
         channel = connection.default_channel
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
             assert first is second
@@ -126,3 +130,21 @@ def test_kombu_reuses_one_redis_client_per_channel_and_pool(redis_client) -> Non
         with channel.conn_or_acquire() as third:
             assert third is not first
             assert third.ping()
+
+
+def test_the_producer_publishes_as_the_worker_expects() -> None:
+    # The API sends tasks by name through its own app: broker, redelivery and publish
+    # retries must be the worker's.
+    producer = broker.producer()
+    for name in (
+        "broker_url",
+        "task_serializer",
+        "accept_content",
+        "task_default_queue",
+        "task_ignore_result",
+        "broker_transport_options",
+        "broker_connection_timeout",
+        "task_publish_retry_policy",
+    ):
+        assert producer.conf[name] == worker_app.conf[name], name
+    assert {broker.SETTLE, broker.SWEEP} <= set(worker_app.tasks)

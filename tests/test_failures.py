@@ -16,10 +16,11 @@ from sqlalchemy import text
 
 from common.audit import audit
 from common.db import new_session, transaction
+from common.doorbells import ring
 from common.ledger import requeue_failed
 from common.transfers import TransferRequest, submit_transfer
 from tests.conftest import SUPERUSER, Api
-from worker.tasks import ring, sweep
+from worker.tasks import sweep
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from common import notify, users
+from common import pubsub, users
 from common.db import transaction
+from common.live_cache import LiveCache
 from common.passwords import hash_password
 from common.settings import get_settings
 from tests.conftest import Api, Member, assert_problem, basic_auth
@@ -36,9 +37,9 @@ def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
 
 
 @pytest.fixture
-def subscribed() -> notify.Subscriber:
+def subscribed() -> pubsub.Subscriber:
     """This process's subscriber, connected (so its caches are believed)."""
-    subscriber = notify.subscriber()
+    subscriber = pubsub.subscriber()
     assert subscriber.wait_subscribed(5)
     return subscriber
 
@@ -46,14 +47,14 @@ def subscribed() -> notify.Subscriber:
 # --- LiveCache -------------------------------------------------------------------------
 
 
-def live_cache(ttl_s: float = 60.0) -> notify.LiveCache[str, int]:
-    cache: notify.LiveCache[str, int] = notify.LiveCache(ttl_s)
+def live_cache(ttl_s: float = 60.0) -> LiveCache[str, int]:
+    cache: LiveCache[str, int] = LiveCache(ttl_s)
     cache.on_link(True)
     return cache
 
 
 def test_nothing_is_believed_until_subscribed() -> None:
-    cache: notify.LiveCache[str, int] = notify.LiveCache(60)
+    cache: LiveCache[str, int] = LiveCache(60)
     cache.put("k", 1, 0)
     assert cache.get("k") is None
     cache.on_link(True)
@@ -121,14 +122,14 @@ def test_a_message_reaches_a_subscriber_and_its_link_is_told(subscribed) -> None
     heard: list[bytes] = []
     links: list[bool] = []
     channel = "remit:test:" + os.urandom(4).hex()
-    other = notify.Subscriber(
-        get_settings().redis_url, {channel: notify.Subscription(heard.append, links.append)}
+    other = pubsub.Subscriber(
+        get_settings().redis_url, {channel: pubsub.Subscription(heard.append, links.append)}
     )
     assert other.wait_subscribed(5)
     try:
         assert links == [True]
         assert other.live()
-        notify.publish(channel, "hello")
+        pubsub.publish(channel, "hello")
         assert eventually(lambda: heard == [b"hello"])
     finally:
         other.stop()
@@ -146,11 +147,11 @@ def test_a_failing_handler_does_not_stop_the_subscriber() -> None:
         heard.append(data)
 
     channel = "remit:test:" + os.urandom(4).hex()
-    other = notify.Subscriber(get_settings().redis_url, {channel: notify.Subscription(fussy)})
+    other = pubsub.Subscriber(get_settings().redis_url, {channel: pubsub.Subscription(fussy)})
     assert other.wait_subscribed(5)
     try:
-        notify.publish(channel, "bad")
-        notify.publish(channel, "good")
+        pubsub.publish(channel, "bad")
+        pubsub.publish(channel, "good")
         assert eventually(lambda: heard == [b"good"])
         assert other.live()
     finally:
@@ -160,8 +161,8 @@ def test_a_failing_handler_does_not_stop_the_subscriber() -> None:
 def test_a_listener_that_cannot_even_connect_tells_its_caches() -> None:
     links: list[bool] = []
     # Not a Redis URL: redis-py raises ValueError, not a RedisError, every time.
-    broken = notify.Subscriber(
-        "nonsense://nowhere", {"c": notify.Subscription(lambda data: None, links.append)}
+    broken = pubsub.Subscriber(
+        "nonsense://nowhere", {"c": pubsub.Subscription(lambda data: None, links.append)}
     )
     broken.ensure_running()
     try:
@@ -173,7 +174,7 @@ def test_a_listener_that_cannot_even_connect_tells_its_caches() -> None:
 
 def test_subscribing_after_the_subscriber_started_is_refused(subscribed) -> None:
     with pytest.raises(RuntimeError):
-        notify.subscribe("remit:test:late", notify.Subscription(lambda data: None))
+        pubsub.subscribe("remit:test:late", pubsub.Subscription(lambda data: None))
 
 
 # --- the login throttle's view ---------------------------------------------------------
@@ -225,7 +226,7 @@ def test_while_not_subscribed_every_check_reads_redis(
     member = api.register()
     path = f"/users/{member.id}/accounts"
     assert api.client.get(path, headers=member.auth).status_code == 200
-    monkeypatch.setattr(throttle, "view", notify.LiveCache(60))  # never linked
+    monkeypatch.setattr(throttle, "view", LiveCache(60))  # never linked
     _over_the_limit_elsewhere(redis_client, member, publish=False)
     assert_problem(api.client.get(path, headers=member.auth), 429, "too_many_requests")
 
@@ -249,8 +250,8 @@ def test_this_processs_own_failure_is_seen_before_its_message_returns(
 
 
 @pytest.fixture
-def short_login_cache(monkeypatch, subscribed) -> notify.LiveCache:
-    cache: notify.LiveCache = live_cache(ttl_s=0.3)
+def short_login_cache(monkeypatch, subscribed) -> LiveCache:
+    cache: LiveCache = live_cache(ttl_s=0.3)
     monkeypatch.setattr(users, "_recent", cache)
     return cache
 

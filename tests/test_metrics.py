@@ -7,6 +7,7 @@ import re
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from common import backlog
 from common.db import new_session
 from tests.conftest import Api
 
@@ -62,9 +63,20 @@ def test_metrics_show_pending_transfers_and_their_age(api: Api) -> None:
         try:
             api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00")
             samples = _samples(api.client)
+            with new_session() as session:
+                pending = backlog.pending_by_currency(session)
+                failed = backlog.failed_count(session)
         finally:
             holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('CNY'))"))
             holder.commit()
     assert _total(samples, "remit_transfers_pending", currency="CNY") >= 1
     assert _total(samples, "remit_transfers_oldest_pending_age_seconds", currency="CNY") >= 0
     assert re.match(r"^\d", str(_total(samples, "remit_queue_depth")))
+    # The same queries, as the CLI's stats reads them.
+    assert [p.currency for p in pending] == sorted(p.currency for p in pending)
+    cny = next(p for p in pending if p.currency == "CNY")
+    assert cny.count >= 1
+    assert isinstance(cny.oldest_s, float)
+    assert cny.oldest_s >= 0
+    assert failed >= 0
+    assert backlog.queue_depth() >= 0

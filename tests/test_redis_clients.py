@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from common import metrics, notify
+from common import metrics, pubsub
 from common.redis_clients import forget_clients
 from web import throttle
 
 
 @pytest.mark.parametrize(
     "factory",
-    [throttle._redis, notify._publisher, metrics._redis, notify.subscriber],
+    [throttle._redis, pubsub._publisher, metrics._redis, pubsub.subscriber],
     ids=["throttle", "notify", "metrics", "subscriber"],
 )
 def test_racing_threads_get_one_client(factory: Callable[[], Any]) -> None:

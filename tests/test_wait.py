@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from common import notify
+from common import announcements, pubsub
 from common.db import new_session
+from common.doorbells import ring
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import Api
-from web import transfers as web_transfers
-from web.transfers import grace_slots, long_poll_slots
-from worker.tasks import ring
+from web import long_poll
+from web.long_poll import grace_slots, long_poll_slots
 
 
 def _hold_settlement_lock(currency: str):
@@ -132,8 +132,8 @@ def test_a_long_poll_without_a_slot_answers_at_once(
     api: Api, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slots = threading.BoundedSemaphore(1)
-    monkeypatch.setattr(web_transfers, "_long_poll_slots", slots)
-    monkeypatch.setattr(web_transfers, "_grace_slots", threading.BoundedSemaphore(0))
+    monkeypatch.setattr(long_poll, "_long_poll_slots", slots)
+    monkeypatch.setattr(long_poll, "_grace_slots", threading.BoundedSemaphore(0))
     alice, bob = api.funded("10.00", "EUR"), api.register()
     release = _hold_settlement_lock("EUR")
     try:
@@ -156,10 +156,10 @@ def test_a_long_poll_without_a_slot_answers_at_once(
 def test_a_long_poll_without_a_slot_waits_a_moment_on_a_grace_slot(
     api: Api, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(web_transfers, "_long_poll_slots", threading.BoundedSemaphore(1))
-    monkeypatch.setattr(web_transfers, "_grace_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(long_poll, "_long_poll_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(long_poll, "_grace_slots", threading.BoundedSemaphore(1))
     # Long enough for a settlement on a slow machine; the moment is 0.25 s in service.
-    monkeypatch.setattr(web_transfers, "UNHELD_GRACE_S", 20.0)
+    monkeypatch.setattr(long_poll, "UNHELD_GRACE_S", 20.0)
     alice, bob = api.funded("10.00", "EUR"), api.register()
     release = _hold_settlement_lock("EUR")
     try:
@@ -225,8 +225,8 @@ def _forged(transfer_id: int) -> str:
     # As for a transfer marked failed: the message names it, the database says how.
     # And a forgery: anyone who can publish on Redis could say "settled".
     [
-        lambda transfer_id: notify.announce_final([transfer_id]),
-        lambda transfer_id: notify.publish(notify.CHANNEL, _forged(transfer_id)),
+        lambda transfer_id: announcements.announce_final([transfer_id]),
+        lambda transfer_id: pubsub.publish(announcements.CHANNEL, _forged(transfer_id)),
     ],
     ids=["ids alone", "forged signature"],
 )
@@ -252,13 +252,13 @@ def test_an_announcement_without_a_verified_outcome_makes_the_wait_read_again(
 
 
 def _signed(payload: str, signature: str | None = None) -> bytes:
-    return ((signature or notify._signature(payload)) + payload).encode()
+    return ((signature or announcements._signature(payload)) + payload).encode()
 
 
 def test_announcements_are_parsed_both_ways() -> None:
     at = datetime(2026, 11, 27, 9, 30, 1, 123456, tzinfo=UTC)
-    assert notify._parse_announcement(b"7,8,x") == {7: None, 8: None}
-    waiters = notify.SettlementWaiters()
+    assert announcements.parse_announcement(b"7,8,x") == {7: None, 8: None}
+    waiters = long_poll.SettlementWaiters()
     settled, rejected, other = waiters.register(1), waiters.register(2), waiters.register(3)
     payload = json.dumps(
         {
@@ -268,9 +268,9 @@ def test_announcements_are_parsed_both_ways() -> None:
     )
     waiters.wake(_signed(payload))
     assert settled.wait(0)
-    assert settled.final == notify.Final("settled", None, at)
+    assert settled.final == announcements.Final("settled", None, at)
     assert rejected.wait(0)
-    assert rejected.final == notify.Final("rejected", "insufficient_funds", None)
+    assert rejected.final == announcements.Final("rejected", "insufficient_funds", None)
     assert not other.wait(0)
     waiters.wake(b"3")
     assert other.wait(0)
@@ -287,7 +287,7 @@ def test_an_announcement_that_does_not_verify_only_wakes() -> None:
         _signed(payload, "0" * 64),
         _signed(payload.replace("5", "6"), None)[:64] + payload.encode(),
     ):
-        waiters = notify.SettlementWaiters()
+        waiters = long_poll.SettlementWaiters()
         waiter = waiters.register(5)
         waiters.wake(forged)
         assert waiter.wait(0)
@@ -298,7 +298,7 @@ def test_an_announcement_that_does_not_verify_only_wakes() -> None:
     "garbage", ["0" * 64 + "{not json", "0" * 64 + '{"final": 3}', "0" * 64 + "{}", ""]
 )
 def test_an_unreadable_announcement_wakes_nobody_and_breaks_nothing(garbage: str) -> None:
-    waiters = notify.SettlementWaiters()
+    waiters = long_poll.SettlementWaiters()
     waiter = waiters.register(5)
     waiters.wake(garbage.encode())
     assert not waiter.wait(0)

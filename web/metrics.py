@@ -5,7 +5,7 @@
 - transfers made final by status and reason, and the latency from acceptance to
   final: counted by the workers in Redis (common.metrics), read here;
 - pending count, oldest pending age, failed count and the broker's queue depth:
-  read from PostgreSQL and Redis at scrape time (cheap: partial indexes, LLEN).
+  read from PostgreSQL and Redis at scrape time (common.backlog).
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from common import backlog
 from common import metrics as settlement_metrics
 from common.db import new_session
-from worker.app import app as celery_app
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +71,15 @@ class LedgerCollector(Collector):
         failed = GaugeMetricFamily("remit_transfers_failed", "Transfers in status failed")
         try:
             with new_session() as session:
-                rows = session.execute(
-                    text(
-                        "SELECT currency, count(*) AS n, "
-                        "extract(epoch FROM clock_timestamp() - min(created_at))::float8 AS age "
-                        "FROM transfers WHERE status = 'pending' GROUP BY currency"
-                    )
-                ).all()
-                failed_count = session.scalar(
-                    text("SELECT count(*) FROM transfers WHERE status = 'failed'")
-                )
+                rows = backlog.pending_by_currency(session)
+                failed_count = backlog.failed_count(session)
         except SQLAlchemyError as error:
             log.warning("metrics: database unavailable: %s", error)
             return
         for row in rows:
-            pending.add_metric([row.currency], row.n)
-            oldest.add_metric([row.currency], row.age)
-        failed.add_metric([], failed_count or 0)
+            pending.add_metric([row.currency], row.count)
+            oldest.add_metric([row.currency], row.oldest_s)
+        failed.add_metric([], failed_count)
         yield from (pending, oldest, failed)
 
     def _settlements(self) -> Iterator[Metric]:
@@ -119,9 +110,7 @@ class LedgerCollector(Collector):
     def _queue(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("remit_queue_depth", "Messages waiting in the broker queue")
         try:
-            with celery_app.connection_for_read() as connection:
-                client = connection.default_channel.client
-                depth.add_metric([], client.llen(celery_app.conf.task_default_queue))
+            depth.add_metric([], backlog.queue_depth())
         except Exception as error:
             log.warning("metrics: broker unavailable: %s", error)
             return

@@ -26,7 +26,8 @@ import os
 
 import redis
 
-from common import notify
+from common.live_cache import LiveCache
+from common.pubsub import Subscription, subscribe
 from common.redis_clients import shared_redis
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,14 @@ def _keys(username: str, address: str) -> tuple[str, str]:
 
 
 # Counters seen under their limits (key -> True), dropped by failure messages.
-view: notify.LiveCache[str, bool] = notify.LiveCache(VIEW_MAX_AGE_S)
+view: LiveCache[str, bool] = LiveCache(VIEW_MAX_AGE_S)
 
 
 def _on_failures(data: bytes) -> None:
     view.forget(data.decode().split())
 
 
-notify.subscribe(FAILURES_CHANNEL, notify.Subscription(_on_failures, view.on_link))
+subscribe(FAILURES_CHANNEL, Subscription(_on_failures, view.on_link))
 
 
 def retry_after(username: str, address: str) -> int | None:

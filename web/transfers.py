@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import threading
+from functools import partial
 from typing import Any
 
 from flask import Blueprint, Response
@@ -8,10 +8,10 @@ from sqlalchemy.orm import Session
 
 from common import transfers
 from common.db import autocommit_connection, in_statements, in_transaction, statement_session
+from common.doorbells import Doorbells
 from common.errors import RemitError
 from common.models import SUPERUSER_ID, TransferStatus
-from common.notify import listener
-from common.settings import get_settings
+from web import long_poll
 from web.access_log import log_on_access
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
@@ -27,34 +27,13 @@ from web.fields import (
 )
 from web.metrics import LONG_POLLS_UNHELD, TRANSFERS_ACCEPTED
 from web.problems import ApiError, problem_body
-from web.render import decode_cursor, json_response, page_response, timestamp, transfer_json
-from worker.tasks import doorbells
+from web.render import decode_cursor, json_response, page_response, transfer_json
 
 bp = Blueprint("transfers", __name__)
 
 
-def long_poll_slots(threads: int) -> int:
-    """How many of a process's threads long polls may hold at once: a quarter of them
-    (at least one) stays for everything else."""
-    return threads - max(1, threads // 4)
-
-
-def grace_slots(threads: int) -> int:
-    """How many more threads may wait a moment (UNHELD_GRACE_S) for a long poll that
-    found every slot taken: half of what long polls leave free, rounded down."""
-    return (threads - long_poll_slots(threads)) // 2
-
-
-# A settlement late by a fraction of a second, not a whole Retry-After, for a client
-# whose long poll came while every slot was taken (a burst after a slow batch).
-UNHELD_GRACE_S = 0.25
-
-# A held long poll keeps its gthread thread for up to 30 s. Without a bound, clients
-# waiting on transfers that cannot settle (no settler running) took every thread, and
-# payments and /health queued behind them for the length of the wait
-# (tests/chaos/test_edges.py).
-_long_poll_slots = threading.BoundedSemaphore(long_poll_slots(get_settings().web_threads))
-_grace_slots = threading.BoundedSemaphore(grace_slots(get_settings().web_threads))
+# Coalesces this process's doorbells (rung after commit); flushed at exit.
+doorbells = Doorbells()
 
 
 def accepted_response(accepted: transfers.Accepted) -> Response:
@@ -63,8 +42,8 @@ def accepted_response(accepted: transfers.Accepted) -> Response:
     if accepted.created:
         kind = "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
         TRANSFERS_ACCEPTED.labels(kind).inc()
-        # Said by the request's access line: a second line per payment cost the API a
-        # twentieth of its CPU.
+        # Said by the request's access line, not a line of its own: a second log line
+        # per payment is a measurable share of the API's CPU (see docs/decisions/).
         log_on_access(transfer_id=transfer.id, currency=transfer.currency, accepted=kind)
     if accepted.created or transfer.status == TransferStatus.PENDING:
         # A replay of a still-pending transfer rings again: if the first doorbell was
@@ -158,53 +137,19 @@ def get(user_id: int, transfer_id: int) -> Response:
     wait = parse_query(TransferWaitQuery).wait
     if not wait:
         return json_response(_read_visible(transfer_id, user_id))
-    held = _long_poll_on(_long_poll_slots, transfer_id, user_id, float(wait))
+    read = partial(_read_visible, transfer_id, user_id)
+    held = long_poll.held(transfer_id, read, float(wait))
     if held is not None:
         return json_response(held)
     # Every slot is held: rather than take a thread that a payment needs for the whole
     # wait, wait a moment if a grace slot is free, else not at all, and answer. A client
     # still waiting is told when to ask again.
     LONG_POLLS_UNHELD.inc()
-    body = _long_poll_on(_grace_slots, transfer_id, user_id, min(float(wait), UNHELD_GRACE_S))
+    body = long_poll.grace(transfer_id, read, float(wait))
     if body is None:
-        body = _read_visible(transfer_id, user_id)
+        body = read()
     retry = {"Retry-After": "1"} if body["status"] == TransferStatus.PENDING else None
     return json_response(body, 200, retry)
-
-
-def _long_poll_on(
-    slots: threading.BoundedSemaphore, transfer_id: int, user_id: int, wait_s: float
-) -> dict[str, Any] | None:
-    """_long_poll on one of `slots`, or None when every one is taken."""
-    if not slots.acquire(blocking=False):
-        return None
-    try:
-        return _long_poll(transfer_id, user_id, wait_s)
-    finally:
-        slots.release()
-
-
-def _long_poll(transfer_id: int, user_id: int, wait_s: float) -> dict[str, Any]:
-    """The transfer once it is final, or as it is after `wait_s`.
-
-    Listen first, then read, so that a settlement announced between the read and the
-    wait is not missed. No database connection is held while waiting."""
-    waiters = listener()
-    waiter = waiters.register(transfer_id)
-    try:
-        body = _read_visible(transfer_id, user_id)
-        if body["status"] == TransferStatus.PENDING and waiter.wait(wait_s):
-            final = waiter.final
-            if final is None:
-                body = _read_visible(transfer_id, user_id)
-            else:
-                # What the settlement committed: the rest of the transfer never changes.
-                body["status"] = final.status
-                body["reason"] = final.reason
-                body["settled_at"] = timestamp(final.settled_at)
-    finally:
-        waiters.unregister(transfer_id, waiter)
-    return body
 
 
 def _read_visible(transfer_id: int, user_id: int) -> dict[str, Any]:

@@ -1,0 +1,151 @@
+"""Long polls (`?wait=`): how many threads they may hold, and the waiters that
+settlement announcements (common.announcements) wake.
+
+A held long poll keeps its gthread thread for up to 30 s. Without a bound, clients
+waiting on transfers that cannot settle (no settler running) took every thread, and
+payments and /health queued behind them for the length of the wait
+(tests/chaos/test_edges.py). So long polls take a slot first; one that finds none
+may wait a moment on a grace slot, else is answered at once (see docs/decisions/).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from common.announcements import CHANNEL, Final, parse_announcement
+from common.models import TransferStatus
+from common.pubsub import Subscription, subscribe, subscriber
+from common.settings import get_settings
+from web.render import timestamp
+
+Body = dict[str, Any]
+
+
+def long_poll_slots(threads: int) -> int:
+    """How many of a process's threads long polls may hold at once: a quarter of them
+    (at least one) stays for everything else."""
+    return threads - max(1, threads // 4)
+
+
+def grace_slots(threads: int) -> int:
+    """How many more threads may wait a moment (UNHELD_GRACE_S) for a long poll that
+    found every slot taken: half of what long polls leave free, rounded down."""
+    return (threads - long_poll_slots(threads)) // 2
+
+
+# A settlement late by a fraction of a second, not a whole Retry-After, for a client
+# whose long poll came while every slot was taken (a burst after a slow batch).
+UNHELD_GRACE_S = 0.25
+
+_long_poll_slots = threading.BoundedSemaphore(long_poll_slots(get_settings().web_threads))
+_grace_slots = threading.BoundedSemaphore(grace_slots(get_settings().web_threads))
+
+
+def held(transfer_id: int, read: Callable[[], Body], wait_s: float) -> Body | None:
+    """`read()` once the transfer is final, or as it is after `wait_s`, on a long-poll
+    slot; None when every slot is taken."""
+    return _on(_long_poll_slots, transfer_id, read, wait_s)
+
+
+def grace(transfer_id: int, read: Callable[[], Body], wait_s: float) -> Body | None:
+    """The same for a long poll that found no slot free, on a grace slot and for at
+    most UNHELD_GRACE_S; None when every grace slot is taken too."""
+    return _on(_grace_slots, transfer_id, read, min(wait_s, UNHELD_GRACE_S))
+
+
+def _on(
+    slots: threading.BoundedSemaphore, transfer_id: int, read: Callable[[], Body], wait_s: float
+) -> Body | None:
+    if not slots.acquire(blocking=False):
+        return None
+    try:
+        return _wait_final(transfer_id, read, wait_s)
+    finally:
+        slots.release()
+
+
+def _wait_final(transfer_id: int, read: Callable[[], Body], wait_s: float) -> Body:
+    """Listen first, then read, so that a settlement announced between the read and the
+    wait is not missed. No database connection is held while waiting."""
+    waiters = listener()
+    waiter = waiters.register(transfer_id)
+    try:
+        body = read()
+        if body["status"] == TransferStatus.PENDING and waiter.wait(wait_s):
+            final = waiter.final
+            if final is None:
+                body = read()
+            else:
+                # What the settlement committed: the rest of the transfer never changes.
+                body["status"] = final.status
+                body["reason"] = final.reason
+                body["settled_at"] = timestamp(final.settled_at)
+    finally:
+        waiters.unregister(transfer_id, waiter)
+    return body
+
+
+class Waiter:
+    """One waiting request: woken with the transfer's final state when the message
+    carried it (`final`), else only woken."""
+
+    __slots__ = ("_event", "final")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.final: Final | None = None
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._event.wait(timeout_s)
+
+    def wake(self, final: Final | None) -> None:
+        self.final = final
+        self._event.set()
+
+
+class SettlementWaiters:
+    """The requests waiting for transfers to become final, woken by announcements."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[int, list[Waiter]] = {}
+
+    def wake(self, data: bytes) -> None:
+        announced = parse_announcement(data)
+        with self._lock:
+            woken = [
+                (waiter, announced[transfer_id])
+                for transfer_id in announced.keys() & self._waiters.keys()
+                for waiter in self._waiters.pop(transfer_id)
+            ]
+        for waiter, final in woken:
+            waiter.wake(final)
+
+    def register(self, transfer_id: int) -> Waiter:
+        """Start listening for `transfer_id`; read the transfer again after this."""
+        # Subscribing takes a round trip; a waiter registered before it would miss
+        # announcements, so wait briefly for the first subscription.
+        subscriber().wait_subscribed(timeout_s=1)
+        waiter = Waiter()
+        with self._lock:
+            self._waiters.setdefault(transfer_id, []).append(waiter)
+        return waiter
+
+    def unregister(self, transfer_id: int, waiter: Waiter) -> None:
+        with self._lock:
+            waiters = self._waiters.get(transfer_id)
+            if waiters and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[transfer_id]
+
+
+_waiters = SettlementWaiters()
+subscribe(CHANNEL, Subscription(_waiters.wake))
+
+
+def listener() -> SettlementWaiters:
+    """The process's waiters for settlement announcements."""
+    return _waiters
