@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from common.db import execute_direct
+from common.limits import BIGINT_MAX
 from common.models import AccountKind, PostingLeg, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ SETTLEMENT_LOCK_CLASS = 7301
 INSUFFICIENT_FUNDS = "insufficient_funds"
 BALANCE_LIMIT = "balance_limit"
 # BIGINT: a credit that would overflow the column is refused, not crashed on.
-MAX_BALANCE = 2**63 - 1
+MAX_BALANCE = BIGINT_MAX
 
 
 @dataclass(frozen=True)
