@@ -134,7 +134,6 @@ class BatchResult:
     claimed: int | None
     settled: int = 0
     rejected: int = 0
-    settled_ids: tuple[int, ...] = ()
     final_ids: tuple[int, ...] = ()
     decisions: tuple[Decision, ...] = ()
     # When the batch's settled transfers were settled (their settled_at).
@@ -257,7 +256,6 @@ def settle_batch(
         claimed=len(transfers),
         settled=len(settled),
         rejected=len(plan.decisions) - len(settled),
-        settled_ids=settled,
         final_ids=tuple(d.transfer_id for d in plan.decisions),
         decisions=tuple(plan.decisions),
         settled_at=settled_at,

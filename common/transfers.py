@@ -118,12 +118,6 @@ def _accounts(db: Db, *ids: int) -> dict[int, AccountRef]:
     return found
 
 
-def forget_accounts() -> None:
-    """Tests with a fresh database call this so no process keeps another's ids."""
-    with _account_cache_lock:
-        _account_cache.clear()
-
-
 def _row(
     db: Db,
     *,
