@@ -134,7 +134,6 @@ class BatchResult:
     claimed: int | None
     settled: int = 0
     rejected: int = 0
-    final_ids: tuple[int, ...] = ()
     decisions: tuple[Decision, ...] = ()
     # When the batch's settled transfers were settled (their settled_at).
     settled_at: datetime | None = None
@@ -256,7 +255,6 @@ def settle_batch(
         claimed=len(transfers),
         settled=len(settled),
         rejected=len(plan.decisions) - len(settled),
-        final_ids=tuple(d.transfer_id for d in plan.decisions),
         decisions=tuple(plan.decisions),
         settled_at=settled_at,
         request_ids={t.id: t.request_id for t in transfers},
