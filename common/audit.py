@@ -1,18 +1,16 @@
 """The ledger audit: every invariant of DESIGN.md checked against a live database.
 
-`python -m common.audit` prints one line per violation and exits 1 if there is any.
+`python -m common.audit` (the CLI's `audit` command) prints one line per violation
+and exits 1 if there is any.
 Each check is one SQL query returning the offending rows, so the report names them.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
-
-from common.db import transaction
 
 
 @dataclass(frozen=True)
@@ -92,19 +90,7 @@ def audit(session: Session) -> list[str]:
     return violations
 
 
-def main() -> int:
-    # REPEATABLE READ: all checks see one snapshot even while settlements commit.
-    with transaction() as session:
-        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-        violations = audit(session)
-    for line in violations:
-        print(line)
-    if violations:
-        print(f"audit: {len(violations)} violation(s)", file=sys.stderr)
-        return 1
-    print("audit: ledger is consistent", file=sys.stderr)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli
+
+    cli.audit(prog_name="python -m common.audit")

@@ -67,9 +67,3 @@ def get_currency(db: Db, code: str) -> CurrencyInfo:
     if info is None:
         raise NotFound("currency_not_found", f"no currency {code!r}")
     return info
-
-
-def forget_currencies() -> None:
-    """Tests with a fresh database call this so no process keeps another's ids."""
-    with _lock:
-        _known.clear()

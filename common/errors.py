@@ -23,8 +23,3 @@ class Conflict(RemitError):
 
 class Invalid(RemitError):
     pass
-
-
-class Forbidden(RemitError):
-    def __init__(self, detail: str = "this user may not do that") -> None:
-        super().__init__("forbidden", detail)

@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from common.db import execute_direct
+from common.limits import BIGINT_MAX
 from common.models import AccountKind, PostingLeg, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ SETTLEMENT_LOCK_CLASS = 7301
 INSUFFICIENT_FUNDS = "insufficient_funds"
 BALANCE_LIMIT = "balance_limit"
 # BIGINT: a credit that would overflow the column is refused, not crashed on.
-MAX_BALANCE = 2**63 - 1
+MAX_BALANCE = BIGINT_MAX
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,6 @@ class BatchResult:
     claimed: int | None
     settled: int = 0
     rejected: int = 0
-    settled_ids: tuple[int, ...] = ()
-    final_ids: tuple[int, ...] = ()
     decisions: tuple[Decision, ...] = ()
     # When the batch's settled transfers were settled (their settled_at).
     settled_at: datetime | None = None
@@ -260,8 +259,6 @@ def settle_batch(
         claimed=len(transfers),
         settled=len(settled),
         rejected=len(plan.decisions) - len(settled),
-        settled_ids=settled,
-        final_ids=tuple(d.transfer_id for d in plan.decisions),
         decisions=tuple(plan.decisions),
         settled_at=settled_at,
         request_ids={t.id: t.request_id for t in transfers},

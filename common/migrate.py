@@ -1,11 +1,10 @@
 """The migrate step: create the database if needed, upgrade the schema, apply the seed.
 
-Idempotent: run it on every deploy. `python -m common.migrate`
+Idempotent: run it on every deploy: `python -m common.migrate` (the CLI's `migrate`).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from alembic import command
@@ -15,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 from common.models import SUPERUSER_ID
 from common.passwords import hash_password, needs_rehash, verify_password
-from common.settings import ConfigurationError, get_settings, normalize_database_url
+from common.settings import get_settings, normalize_database_url
 from common.users import announce_credentials_changed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,15 +76,7 @@ def migrate(database_url: str | None = None) -> None:
     set_superuser_password(url, password)
 
 
-def main() -> int:
-    try:
-        migrate()
-    except ConfigurationError as error:
-        print(f"remit: {error}", file=sys.stderr)
-        return 2
-    print("remit: database migrated and seeded", file=sys.stderr)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli
+
+    cli.migrate(prog_name="python -m common.migrate")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hmac
 import os
-import sys
 from dataclasses import dataclass
 from functools import cache
+
+from common.limits import PASSWORD_RULE, is_password_length
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/remit"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -121,8 +122,8 @@ def _require_production_secrets(superuser_password: str | None, secret: str) -> 
             "SUPERUSER_PASSWORD is the development default or .env.example's placeholder: "
             "set a real password when REMIT_ENV=production"
         )
-    if not 8 <= len(superuser_password) <= 1024:
-        raise ConfigurationError("SUPERUSER_PASSWORD must have 8 to 1024 characters")
+    if not is_password_length(superuser_password):
+        raise ConfigurationError(f"SUPERUSER_PASSWORD must have {PASSWORD_RULE}")
     if not secret:
         raise ConfigurationError("SECRET_KEY is required when REMIT_ENV=production")
     if secret.startswith(PLACEHOLDER_PREFIX) or len(secret) < MIN_SECRET_KEY_LENGTH:
@@ -180,18 +181,8 @@ def get_settings() -> Settings:
     return load_settings()
 
 
-def main() -> int:
-    """`python -m common.settings`: check the configuration, as run.sh does before a service.
-
-    Prints nothing when it is fine; one line (and exit status 2) when it is not.
-    """
-    try:
-        load_settings()
-    except ConfigurationError as error:
-        print(f"remit: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m common.settings`: the CLI's check-config.
+    from common import cli
+
+    cli.check_config(prog_name="python -m common.settings")

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from common.currencies import CurrencyInfo, get_currency
 from common.db import Db, execute_direct
 from common.errors import Invalid, NotFound, RemitError
+from common.limits import BIGINT_MAX
 from common.logs import request_id as current_request_id
 from common.models import SUPERUSER_ID, Transfer, TransferStatus
 from common.money import InvalidAmount, commission_for, parse_amount
@@ -91,9 +92,6 @@ class _Account:
 
 _ACCOUNTS = text("SELECT id, user_id, currency FROM accounts WHERE id = ANY(:ids)")
 
-# A transfer's debit must fit the BIGINT columns it ends up in.
-MAX_MINOR_UNITS = 2**63 - 1
-
 # An account's owner and currency never change and accounts are never deleted, so
 # once read they are kept: a payment needs no query to check its accounts. Bounded;
 # when full it starts again empty (an account missing here only costs a query).
@@ -120,12 +118,6 @@ def _accounts(db: Db, *ids: int) -> dict[int, AccountRef]:
     return found
 
 
-def forget_accounts() -> None:
-    """Tests with a fresh database call this so no process keeps another's ids."""
-    with _account_cache_lock:
-        _account_cache.clear()
-
-
 def _row(
     db: Db,
     *,
@@ -147,7 +139,8 @@ def _row(
     amount = _amount_in(currency, request.amount)
     free = kind == "deposit" or source.user_id == target.user_id
     commission = 0 if free else commission_for(amount, currency.commission_rate)
-    if amount + commission > MAX_MINOR_UNITS:
+    # The debit must fit the BIGINT columns it ends up in.
+    if amount + commission > BIGINT_MAX:
         raise Invalid("invalid_amount", "amount is too large")
     return {
         "from_account_id": source.id,

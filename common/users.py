@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from common.currencies import all_currencies
 from common.db import Db, execute_direct
 from common.errors import Conflict
+from common.limits import USERNAME_MAX_LENGTH
 from common.live_cache import LiveCache
 from common.models import Account, AccountKind, User
 from common.passwords import burn_verification, fingerprint, hash_password, verify_password
@@ -111,7 +112,7 @@ def announce_credentials_changed() -> None:
 def authenticate(db: Db, username: str, password: str) -> Principal | None:
     """The user these credentials name, or None; costs the same whether or not it exists."""
     # No username holds NUL, and PostgreSQL text cannot even be compared with one.
-    lookup = 0 < len(username) <= 64 and "\x00" not in username
+    lookup = 0 < len(username) <= USERNAME_MAX_LENGTH and "\x00" not in username
     # Taken before the lookup: a change announced after it may postdate what we read.
     generation = _recent_logins().generation()
     user = None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -108,3 +111,71 @@ def test_set_superuser_password(api: Api, capsys: Any, monkeypatch: pytest.Monke
         assert main(["set-superuser-password", "--password-stdin"]) == 0
     monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
     assert main(["set-superuser-password", "--password-stdin"]) == 2
+
+
+def test_help_lists_every_command(capsys: Any) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: remit [OPTIONS] COMMAND [ARGS]...")
+    for command in (
+        "audit",
+        "check-config",
+        "deposit",
+        "migrate",
+        "requeue",
+        "set-superuser-password",
+        "stats",
+        "sweep",
+    ):
+        assert f"  {command} " in out
+    assert main(["deposit", "-h"]) == 0
+    assert "Usage: remit deposit [OPTIONS] ACCOUNT AMOUNT" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2_with_the_usage(capsys: Any) -> None:
+    assert main(["deposit", "not-an-id", "1.00"]) == 2
+    err = capsys.readouterr().err
+    assert "Usage: remit deposit" in err
+    assert "'not-an-id' is not a valid integer" in err
+    assert main(["deposit", "1", "1.00", "--key", "é"]) == 2
+    assert "Idempotency-Key" in capsys.readouterr().err
+    assert main(["no-such-command"]) == 2
+    assert "No such command 'no-such-command'" in capsys.readouterr().err
+
+
+def test_check_config(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["check-config"]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("SETTLE_BATCH_SIZE", "many")
+    assert main(["check-config"]) == 2
+    assert capsys.readouterr().err == "remit: SETTLE_BATCH_SIZE must be an integer, got 'many'\n"
+
+
+def test_migrate_is_idempotent(capsys: Any) -> None:
+    assert main(["migrate"]) == 0
+    # Alembic logs its own lines first.
+    assert capsys.readouterr().err.endswith("remit: database migrated and seeded\n")
+
+
+@pytest.mark.parametrize(
+    ("module", "status", "err"),
+    [
+        ("common.settings", 2, "remit: SETTLE_BATCH_SIZE must be an integer, got 'many'\n"),
+        ("common.audit", 0, "audit: ledger is consistent\n"),
+    ],
+)
+def test_the_old_module_entry_points_still_run_their_command(
+    module: str, status: int, err: str
+) -> None:
+    env = dict(os.environ)
+    if module == "common.settings":
+        env["SETTLE_BATCH_SIZE"] = "many"
+    result = subprocess.run(
+        [sys.executable, "-m", module],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (status, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask
 from werkzeug.routing import IntegerConverter, Map
 
+from common.limits import BIGINT_MAX
 from web import accounts, currencies, health, metrics, transfers, users
 from web.access_log import install_request_log
 from web.openapi import install_docs
@@ -18,7 +19,7 @@ class IdConverter(IntegerConverter):
     """A path id that fits PostgreSQL's BIGINT; anything larger is simply no route (404)."""
 
     def __init__(self, url_map: Map, *args: object, **kwargs: object) -> None:
-        super().__init__(url_map, min=0, max=2**63 - 1)
+        super().__init__(url_map, min=0, max=BIGINT_MAX)
 
 
 def create_app() -> Flask:

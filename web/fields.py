@@ -22,18 +22,32 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from common.limits import (
+    BIGINT_MAX,
+    COMMENT_MAX_LENGTH,
+    FULL_NAME_MAX_LENGTH,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    IDEMPOTENCY_KEY_PATTERN,
+    IDEMPOTENCY_KEY_RULE,
+    PASSWORD_MAX_LENGTH,
+    PASSWORD_MIN_LENGTH,
+    USERNAME_MAX_LENGTH,
+    USERNAME_PATTERN,
+    is_idempotency_key,
+)
 from common.money import MAX_DECIMALS, MAX_INTEGER_DIGITS, InvalidAmount, canonical_amount
 from web.problems import ApiError
 
-MAX_ID = 2**63 - 1
+# Longer digit strings are refused before int() reads them (BIGINT_MAX has 19).
+_ID_DIGITS = len(str(BIGINT_MAX))
 
 
 def _id(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("must be an integer id")
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= _ID_DIGITS:
         value = int(value)
-    if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+    if not isinstance(value, int) or not 0 <= value <= BIGINT_MAX:
         raise ValueError("must be an integer id")
     return value
 
@@ -64,9 +78,10 @@ def _seconds(value: object) -> Decimal:
 
 # What the OpenAPI document says about ids and amounts. The validators above decide; these
 # describe the same rules to clients (and to the contract fuzzer, which generates from them).
-ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
-# A positive amount: a non-zero integer part with up to 15 digits (leading zeros aside) and up
-# to 6 fractional digits, or a zero integer part with a non-zero fraction of up to 6 digits
+ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": BIGINT_MAX}
+# A positive amount: a non-zero integer part with up to MAX_INTEGER_DIGITS digits (leading
+# zeros aside) and up to MAX_DECIMALS fractional digits, or a zero integer part with a
+# non-zero fraction of up to MAX_DECIMALS digits
 # (spelt out without lookahead, which JSON Schema regexes may lack). How many fractional
 # digits a currency takes (2 for the seeded ones) is checked later.
 _NON_ZERO_FRACTION = "|".join(
@@ -82,7 +97,8 @@ AMOUNT_PATTERN = (
 AMOUNT_SCHEMA = {
     "description": (
         "A positive decimal amount in major units: ASCII digits and at most one '.', "
-        "at most 15 integer digits and at most as many fractional digits as the currency has "
+        f"at most {MAX_INTEGER_DIGITS} integer digits and at most as many fractional digits "
+        "as the currency has "
         '("10", "10.5", "10.50"). A JSON number is read as its shortest decimal text.'
     ),
     "anyOf": [
@@ -102,19 +118,22 @@ class Schema(BaseModel):
 
 
 class UserCreate(Schema):
-    username: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_@.+\-]+$")
-    password: Text = Field(min_length=8, max_length=1024)
-    full_name: Text = Field("", max_length=200)
+    username: str = Field(min_length=1, max_length=USERNAME_MAX_LENGTH, pattern=USERNAME_PATTERN)
+    password: Text = Field(min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH)
+    full_name: Text = Field("", max_length=FULL_NAME_MAX_LENGTH)
 
 
 class TransferCreate(Schema):
     from_account: Id = Field(alias="from")
     to_account: Id = Field(alias="to")
     amount: Amount
-    comment: Text = Field("", max_length=255)
+    comment: Text = Field("", max_length=COMMENT_MAX_LENGTH)
 
 
-IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[ -~]+$")]
+IdempotencyKey = Annotated[
+    str,
+    Field(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_LENGTH, pattern=IDEMPOTENCY_KEY_PATTERN),
+]
 
 
 class BatchItem(TransferCreate):
@@ -146,13 +165,16 @@ class PageQuery(Schema):
     cursor: str | None = Field(None, max_length=200)
 
 
+MAX_WAIT_SECONDS = 30
+
+
 class TransferWaitQuery(Schema):
     # Seconds to hold a pending transfer's answer (long poll): "5", "0.5"; at most 30.
     wait: Annotated[
         Decimal,
         BeforeValidator(_seconds),
-        WithJsonSchema({"type": "number", "minimum": 0, "maximum": 30}),
-    ] = Field(Decimal(0), ge=0, le=30, json_schema_extra={"default": 0})
+        WithJsonSchema({"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS}),
+    ] = Field(Decimal(0), ge=0, le=MAX_WAIT_SECONDS, json_schema_extra={"default": 0})
 
 
 class TransferListQuery(PageQuery):
@@ -221,8 +243,6 @@ def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= 255 or not all(" " <= char <= "~" for char in key):
-        raise ApiError(
-            "invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters"
-        )
+    if not is_idempotency_key(key):
+        raise ApiError("invalid_request", f"Idempotency-Key must be {IDEMPOTENCY_KEY_RULE}")
     return key

@@ -18,6 +18,7 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
+from common.limits import IDEMPOTENCY_KEY_MAX_LENGTH
 from web import fields
 from web.problems import PROBLEMS
 from web.render import json_response
@@ -263,7 +264,7 @@ OPERATIONS = (
     Operation(
         "post",
         "/users/{user_id}/transfers/batch",
-        "Submit up to 1000 transfers",
+        f"Submit up to {fields.MAX_BATCH_ITEMS} transfers",
         202,
         BatchResponse,
         body=fields.BatchCreate,
@@ -418,7 +419,11 @@ def _operation(op: Operation) -> dict[str, Any]:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": IDEMPOTENCY_KEY_MAX_LENGTH,
+                },
             }
         )
     body_schema = (

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from common.currencies import get_currency
 from common.db import Db
+from common.limits import BIGINT_MAX
 from common.models import Account, Posting
 from common.money import format_amount
 from web.problems import ApiError
@@ -79,10 +80,6 @@ def posting_json(posting: Posting, decimals: int) -> dict[str, Any]:
     }
 
 
-# A cursor's id must fit BIGINT: a larger one would fail in PostgreSQL, as a 500.
-MAX_CURSOR_ID = 2**63 - 1
-
-
 # Cursors are opaque to clients: "<sort>:<last id>" in base64url, so a page can be
 # continued only in the order it was started.
 def encode_cursor(sort: str, last_id: int) -> str:
@@ -95,7 +92,8 @@ def decode_cursor(cursor: str | None, sort: str) -> int | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
         cursor_sort, last_id = raw.split(":", 1)
-        if cursor_sort != sort or not last_id.isdigit() or int(last_id) > MAX_CURSOR_ID:
+        # A larger id than BIGINT holds would fail in PostgreSQL, as a 500.
+        if cursor_sort != sort or not last_id.isdigit() or int(last_id) > BIGINT_MAX:
             raise ValueError(raw)
         return int(last_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
