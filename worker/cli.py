@@ -13,15 +13,16 @@ from collections.abc import Sequence
 import click
 from sqlalchemy import text
 
+from common import backlog
 from common import cli as common_cli
 from common.cli import fail, print_json
 from common.db import in_transaction, new_session
+from common.doorbells import ring
 from common.errors import RemitError
 from common.ledger import requeue_failed
 from common.limits import IDEMPOTENCY_KEY_RULE, is_idempotency_key
 from common.transfers import submit_deposit
-from worker.app import app
-from worker.tasks import ring, sweep
+from worker.tasks import sweep
 
 
 @click.group(
@@ -91,20 +92,13 @@ def sweep_now() -> None:
 def stats() -> None:
     """Pending transfers per currency, failed transfers, the broker's queue depth."""
     with new_session() as session:
-        pending = session.execute(
-            text(
-                "SELECT currency, count(*) AS pending, "
-                "extract(epoch FROM clock_timestamp() - min(created_at)) AS oldest_s "
-                "FROM transfers WHERE status = 'pending' GROUP BY currency ORDER BY currency"
-            )
-        ).all()
-        failed = session.scalar(text("SELECT count(*) FROM transfers WHERE status = 'failed'"))
-    with app.connection_for_write() as connection:
-        queue_depth = connection.default_channel.client.llen(app.conf.task_default_queue)
+        pending = backlog.pending_by_currency(session)
+        failed = backlog.failed_count(session)
+    queue_depth = backlog.queue_depth()
     print_json(
         {
             "pending": {
-                row.currency: {"count": row.pending, "oldest_seconds": round(row.oldest_s, 3)}
+                row.currency: {"count": row.count, "oldest_seconds": round(row.oldest_s, 3)}
                 for row in pending
             },
             "failed": failed,
