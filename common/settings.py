@@ -55,8 +55,9 @@ def _env(name: str, default: Any = None, **kwargs: Any) -> Any:
 class Settings(BaseSettings):
     """Every setting, each from the environment variable named in its field.
 
-    Built by field name in tests: `Settings(redis_url=...)` (the rest still comes from
-    the environment), or `settings_from(redis_url=...)` for none of it.
+    Built from the environment by `load_settings()`, which also takes values by field
+    name (`load_settings(redis_url=...)`), or from values alone by `settings_from()`.
+    Only the variables are read: not field names (`port`) in the environment.
     """
 
     model_config = SettingsConfigDict(
@@ -64,7 +65,7 @@ class Settings(BaseSettings):
         case_sensitive=True,
         env_ignore_empty=True,
         extra="ignore",
-        validate_by_name=True,
+        validate_by_name=False,
         validate_by_alias=True,
         validate_default=True,
     )
@@ -277,10 +278,18 @@ class _GivenSettings(Settings):
         return (init_settings,)
 
 
+def _by_variable(values: dict[str, Any]) -> dict[str, Any]:
+    """Values by field name, keyed by their variables: how Settings takes them."""
+    unknown = set(values) - set(Settings.model_fields)
+    if unknown:
+        raise TypeError(f"no such settings: {sorted(unknown)}")
+    return {str(Settings.model_fields[name].validation_alias): v for name, v in values.items()}
+
+
 def settings_from(**values: Any) -> Settings:
     """Settings from `values` (by field name) and the defaults, not the environment."""
     try:
-        return _GivenSettings(**values)
+        return _GivenSettings(**_by_variable(values))
     except ValidationError as error:
         raise _one_line(error) from None
 
@@ -321,7 +330,7 @@ def _one_line(error: ValidationError) -> ConfigurationError:
 def load_settings(**overrides: Any) -> Settings:
     """The settings from the environment (and `overrides`, by field name)."""
     try:
-        return Settings(**overrides)
+        return Settings(**_by_variable(overrides))
     except ValidationError as error:
         raise _one_line(error) from None
 

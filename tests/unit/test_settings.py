@@ -138,6 +138,22 @@ def test_a_malformed_setting_is_one_line_naming_its_variable(
     assert "\n" not in str(raised.value)
 
 
+def test_only_the_documented_variables_are_read(monkeypatch) -> None:
+    # Not the fields' own names: a stray `port` or `environment` in a shell changes nothing.
+    monkeypatch.setenv("port", "1234")
+    monkeypatch.setenv("environment", "production")
+    monkeypatch.setenv("REMIT_ENV", "development")
+    monkeypatch.delenv("PORT", raising=False)
+    settings = load_settings()
+    assert (settings.port, settings.environment) == (8000, "development")
+
+
+def test_values_are_given_by_field_name() -> None:
+    assert load_settings(port=9000).port == 9000
+    with pytest.raises(TypeError, match="no such settings"):
+        settings_from(PORT=9000)
+
+
 def test_without_a_secret_key_each_process_makes_its_own(monkeypatch) -> None:
     monkeypatch.setenv("REMIT_ENV", "development")
     monkeypatch.delenv("SECRET_KEY", raising=False)
