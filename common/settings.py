@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/remit"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-# Transfers per settlement transaction (docs/decisions: batch size).
+# Transfers per settlement transaction (docs/decisions/0001-settlement-batch-size.md).
 DEFAULT_SETTLE_BATCH_SIZE = 1000
 # Only ever used when REMIT_ENV=development; production refuses to start without a real one.
 DEVELOPMENT_SUPERUSER_PASSWORD = "remit-development-only"  # noqa: S105
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # would otherwise hold its locks, a currency's settlement lock included).
     db_idle_in_transaction_timeout_s: float = _env("DB_IDLE_IN_TRANSACTION_TIMEOUT", 30.0)
 
-    # argon2id cost (docs/decisions: argon2 cost). Tests lower it; the algorithm stays.
+    # argon2id cost (docs/decisions/0006-argon2-cost.md). Tests lower it.
     argon2_time_cost: int = _env("ARGON2_TIME_COST", 1)
     argon2_memory_kib: int = _env("ARGON2_MEMORY_KIB", 47104)
 
