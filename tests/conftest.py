@@ -143,7 +143,7 @@ def integration_settings() -> Settings:
 
 
 def pytest_collectstart(collector: pytest.Collector) -> None:
-    if isinstance(collector, pytest.Module) and UNIT_TESTS not in collector.path.parents:
+    if isinstance(collector, pytest.Module) and UNIT_TESTS not in collector.path.resolve().parents:
         integration_settings()
 
 
