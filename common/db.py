@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -19,34 +18,39 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ClauseElement
 
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 
-@cache
-def get_engine() -> Engine:
-    settings = get_settings()
+def make_engine(settings: Settings) -> Engine:
+    """An engine (and its pool) for `settings`; connects only when first used."""
     engine = create_engine(
         settings.database_url,
-        pool_size=int(os.environ.get("DB_POOL_SIZE", "10")),
-        max_overflow=int(os.environ.get("DB_MAX_OVERFLOW", "20")),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
         pool_timeout=5,
         # Errors and logs show statements, never their values: a failed INSERT INTO users
         # must not write a password hash (or anything a client sent) into the logs.
         hide_parameters=True,
         connect_args={
             "connect_timeout": 5,
-            "application_name": os.environ.get("REMIT_APP_NAME", "remit"),
+            "application_name": settings.db_application_name,
             # A process frozen inside a transaction (SIGSTOP, a stuck thread) would hold
             # its locks, the settlement lock of a whole currency included, for as long as
             # it stays frozen; PostgreSQL ends such a session after this long instead.
             "options": "-c idle_in_transaction_session_timeout="
-            + str(int(float(os.environ.get("DB_IDLE_IN_TRANSACTION_TIMEOUT", "30")) * 1000)),
+            + str(int(settings.db_idle_in_transaction_timeout_s * 1000)),
         },
     )
     _ping_connections_that_sat_idle(engine)
     return engine
+
+
+@cache
+def get_engine() -> Engine:
+    """The process's engine, built on first use from the process's settings."""
+    return make_engine(get_settings())
 
 
 # A connection unused this long is checked with a round trip before it is handed out.

@@ -8,13 +8,14 @@ that transfer: `grep <request id>` shows a transfer's whole life.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import uuid
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
+
+from common.settings import Settings, get_settings
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -52,9 +53,13 @@ def json_formatter() -> JsonFormatter:
     )
 
 
-def configure_logging(service: str) -> None:
-    """One JSON line per record on stderr; level from LOG_LEVEL (default INFO)."""
-    if os.environ.get("REMIT_LOG_SETUP", "1") == "0":
+def configure_logging(service: str, settings: Settings | None = None) -> None:
+    """One JSON line per record on stderr, at settings.log_level (LOG_LEVEL, default INFO).
+
+    `settings`: the process's (get_settings()) unless given.
+    """
+    settings = settings or get_settings()
+    if not settings.log_setup:
         # The test suite keeps pytest's own log capture.
         return
     handler = logging.StreamHandler(sys.stderr)
@@ -62,7 +67,7 @@ def configure_logging(service: str) -> None:
     handler.addFilter(ContextFilter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+    root.setLevel(settings.log_level)
     # Servers that install their own handlers (gunicorn, celery) log through ours.
     for name in ("gunicorn.error", "celery", "celery.task"):
         logger = logging.getLogger(name)

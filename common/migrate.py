@@ -14,7 +14,11 @@ from sqlalchemy.engine import make_url
 
 from common.models import SUPERUSER_ID
 from common.passwords import hash_password, needs_rehash, verify_password
-from common.settings import get_settings, normalize_database_url
+from common.settings import (
+    Settings,
+    get_settings,
+    normalize_database_url,
+)
 from common.users import announce_credentials_changed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +71,12 @@ def set_superuser_password(database_url: str, password: str) -> None:
     announce_credentials_changed()
 
 
-def migrate(database_url: str | None = None) -> None:
-    settings = get_settings()
+def migrate(database_url: str | None = None, settings: Settings | None = None) -> None:
+    """Create the database if need be, apply the migrations, set the superuser's password.
+
+    `settings`: the process's (get_settings()) unless given.
+    """
+    settings = settings or get_settings()
     url = database_url or settings.database_url
     password = settings.require_superuser_password()
     ensure_database(url)

@@ -19,46 +19,68 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from cachetools import TTLCache
 
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 
-# argon2id with OWASP's first recommended setting (46 MiB, 1 pass, 1 lane): about 38 ms a
-# hash on one core of the development machines (README, "Security", has the measurements).
-# Not more: every hash is also work an anonymous client can ask for (a registration, a
-# failed login), and each of a web process's threads may be hashing at once. Tests lower
-# the cost via the environment; the algorithm stays the same.
-_hasher = PasswordHasher(
-    time_cost=int(os.environ.get("ARGON2_TIME_COST", "1")),
-    memory_cost=int(os.environ.get("ARGON2_MEMORY_KIB", "47104")),
-    parallelism=1,
-)
-
+# argon2id, by default with OWASP's first recommended setting (46 MiB, 1 pass, 1 lane;
+# Settings.argon2_*): about 38 ms a hash on one core (README, "Security"). Not more: every
+# hash is also work an anonymous client can ask for (a registration, a failed login).
+# Tests lower the cost; the algorithm stays the same.
+_hasher: PasswordHasher | None = None
 # A hash made once per process so an unknown username costs as much as a wrong
 # password: response time does not tell which usernames exist.
-_DUMMY_HASH = _hasher.hash(os.urandom(16).hex())
+_dummy_hash: str | None = None
+_hasher_lock = threading.Lock()
+
+
+def make_hasher(settings: Settings) -> PasswordHasher:
+    return PasswordHasher(
+        time_cost=settings.argon2_time_cost,
+        memory_cost=settings.argon2_memory_kib,
+        parallelism=1,
+    )
+
+
+def hasher() -> PasswordHasher:
+    """The process's hasher, built on first use from the process's settings."""
+    global _hasher  # noqa: PLW0603 - one per process, built after settings load
+    built = _hasher
+    if built is None:
+        with _hasher_lock:
+            if _hasher is None:
+                _hasher = make_hasher(get_settings())
+            built = _hasher
+    return built
+
+
+def _dummy() -> str:
+    global _dummy_hash  # noqa: PLW0603 - one per process, made on first use
+    if _dummy_hash is None:
+        _dummy_hash = hasher().hash(os.urandom(16).hex())
+    return _dummy_hash
 
 
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    return hasher().hash(password)
 
 
 def needs_rehash(stored_hash: str) -> bool:
     """The stored hash was made with other parameters than today's."""
     try:
-        return _hasher.check_needs_rehash(stored_hash)
+        return hasher().check_needs_rehash(stored_hash)
     except InvalidHashError:
         return True
 
 
 def _verify_slow(stored_hash: str, password: str) -> bool:
     try:
-        return _hasher.verify(stored_hash, password)
+        return hasher().verify(stored_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 
 
 def burn_verification(password: str) -> None:
     """Spend a verification's time for a user that does not exist."""
-    _verify_slow(_DUMMY_HASH, password)
+    _verify_slow(_dummy(), password)
 
 
 def fingerprint(*parts: str) -> bytes:

@@ -2,7 +2,12 @@
 the Alembic migrations), a Redis DB number of its own, and a real Celery worker
 (threads, in-process) consuming from that Redis.
 
-The environment is set here, before any project module reads its settings.
+Importing this module reads nothing and connects to nothing: the unit tests
+(tests/unit) need no service. The integration environment (the run's database name,
+its claimed Redis DB, the settings) is made once, by `integration_settings()`: the
+session fixture `settings` hands it to the tests, and `pytest_collectstart` makes it
+before the first integration module is imported, because some modules (worker.app,
+worker.tasks, web.transfers) still read the process's settings at import.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,12 +32,16 @@ from celery.contrib.testing.worker import start_worker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-_BASE_DATABASE_URL = os.environ.get(
-    "DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-_BASE_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+from common.db import dispose_engine
+from common.migrate import migrate
+from common.settings import Settings, load_settings, use_settings
+
 RUN_ID = f"{time.strftime('%Y%m%d%H%M%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 TEST_DATABASE = f"remit_test_{RUN_ID}"
+UNIT_TESTS = Path(__file__).resolve().parent / "unit"
+SUPERUSER_PASSWORD = "superuser-test-password"
+CLAIM_KEY = "remit:test-run"
+CLAIM = f"{socket.gethostname()}:{os.getpid()}:{RUN_ID}"
 
 
 def _claimant_is_gone(claim: bytes | None) -> bool:
@@ -75,16 +85,10 @@ def _claim_redis_db(base_url: str) -> int:
     raise RuntimeError("every Redis DB 1-15 is claimed by another live test run")
 
 
-CLAIM_KEY = "remit:test-run"
-CLAIM = f"{socket.gethostname()}:{os.getpid()}:{RUN_ID}"
-TEST_REDIS_DB = _claim_redis_db(_BASE_REDIS_URL)
-
-
-@atexit.register
-def _release_redis_db() -> None:
-    # The claim is made on import: a run that never flushes its DB (--collect-only, a
-    # script importing this module) must not hold one of the 15 for two hours.
-    client = redis.Redis.from_url(_BASE_REDIS_URL.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}")
+def _release_redis_db(redis_url: str) -> None:
+    # A run that never flushes its DB (--collect-only, an interrupted run) must not hold
+    # one of the 15 for two hours.
+    client = redis.Redis.from_url(redis_url)
     try:
         if client.get(CLAIM_KEY) == CLAIM.encode():
             client.delete(CLAIM_KEY)
@@ -94,52 +98,68 @@ def _release_redis_db() -> None:
         client.close()
 
 
-SUPERUSER_PASSWORD = "superuser-test-password"
-
-os.environ.update(
-    {
-        "REMIT_ENV": "test",
-        "DATABASE_URL": make_url(_BASE_DATABASE_URL)
-        .set(drivername="postgresql+psycopg", database=TEST_DATABASE)
-        .render_as_string(hide_password=False),
-        "REDIS_URL": _BASE_REDIS_URL.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
-        "SUPERUSER_PASSWORD": SUPERUSER_PASSWORD,
-        "SECRET_KEY": secrets.token_hex(32),
-        # Cheap hashes keep hundreds of registrations fast; the algorithm is the same.
-        "ARGON2_TIME_COST": "1",
-        "ARGON2_MEMORY_KIB": "1024",
-        # Sweeps in tests are triggered by hand; a short age makes stuck rows eligible.
-        "SWEEP_PENDING_AFTER": "1",
-        "WORKER_CONCURRENCY": "4",
-        "REMIT_LOG_SETUP": "0",
-        # A short failure lifecycle: 3 attempts, failed transfers retried after 1 s.
-        "SETTLE_MAX_ATTEMPTS": "3",
-        "FAILED_RETRY_INTERVAL": "1",
-        # Small batches so concurrency tests see many batches, not one.
-        "SETTLE_BATCH_SIZE": "50",
-    }
-)
-
-from common.db import dispose_engine  # noqa: E402 - settings must see the env above
-from common.migrate import migrate  # noqa: E402
-from common.settings import get_settings  # noqa: E402
-from web.app import create_app  # noqa: E402
-from worker.app import app as celery_app  # noqa: E402
+_integration: Settings | None = None
 
 
-def _admin_engine():
-    url = make_url(os.environ["DATABASE_URL"]).set(database="postgres")
-    return create_engine(url, isolation_level="AUTOCOMMIT")
+def integration_settings() -> Settings:
+    """The integration tests' settings, made once per run: its own database (named
+    here, created by the `database` fixture), a Redis DB claimed for it, and cheap,
+    short knobs. Also put in the environment, which the processes the tests start
+    (gunicorn, Flower, run.sh) inherit, and made the process's (use_settings)."""
+    global _integration  # noqa: PLW0603 - once per test run
+    if _integration is not None:
+        return _integration
+    base_database_url = os.environ.get(
+        "DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    base_redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    redis_url = base_redis_url.rsplit("/", 1)[0] + f"/{_claim_redis_db(base_redis_url)}"
+    atexit.register(_release_redis_db, redis_url)
+    os.environ.update(
+        {
+            "REMIT_ENV": "test",
+            "DATABASE_URL": make_url(base_database_url)
+            .set(drivername="postgresql+psycopg", database=TEST_DATABASE)
+            .render_as_string(hide_password=False),
+            "REDIS_URL": redis_url,
+            "SUPERUSER_PASSWORD": SUPERUSER_PASSWORD,
+            "SECRET_KEY": secrets.token_hex(32),
+            # Cheap hashes keep hundreds of registrations fast; the algorithm is the same.
+            "ARGON2_TIME_COST": "1",
+            "ARGON2_MEMORY_KIB": "1024",
+            # Sweeps in tests are triggered by hand; a short age makes stuck rows eligible.
+            "SWEEP_PENDING_AFTER": "1",
+            "WORKER_CONCURRENCY": "4",
+            "REMIT_LOG_SETUP": "0",
+            # A short failure lifecycle: 3 attempts, failed transfers retried after 1 s.
+            "SETTLE_MAX_ATTEMPTS": "3",
+            "FAILED_RETRY_INTERVAL": "1",
+            # Small batches so concurrency tests see many batches, not one.
+            "SETTLE_BATCH_SIZE": "50",
+        }
+    )
+    _integration = use_settings(load_settings())
+    return _integration
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    if isinstance(collector, pytest.Module) and UNIT_TESTS not in collector.path.resolve().parents:
+        integration_settings()
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return integration_settings()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def database() -> Iterator[str]:
+def database(settings: Settings) -> Iterator[str]:
     """The run's own database, built by the migrations, dropped at the end."""
-    url = get_settings().database_url
-    migrate(url)
+    url = settings.database_url
+    migrate(url, settings)
     yield url
     dispose_engine()
-    admin = _admin_engine()
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(
             text(
@@ -153,8 +173,8 @@ def database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_client():
-    client = redis.Redis.from_url(get_settings().redis_url)
+def redis_client(settings: Settings):
+    client = redis.Redis.from_url(settings.redis_url)
     # Leftovers of a crashed earlier run in this DB; then claim it again.
     client.flushdb()
     client.set(CLAIM_KEY, CLAIM, ex=2 * 3600)
@@ -166,6 +186,9 @@ def redis_client():
 
 @pytest.fixture(scope="session")
 def celery_app_for_tests(redis_client):
+    # Imported once the run's settings are the process's: it reads them at import.
+    from worker.app import app as celery_app  # noqa: PLC0415
+
     return celery_app
 
 
@@ -195,8 +218,10 @@ def _no_login_throttle_carry_over(redis_client) -> None:
 
 
 @pytest.fixture(scope="session")
-def app(database):
-    flask_app = create_app()
+def app(database, settings: Settings):
+    from web.app import create_app  # noqa: PLC0415 - see celery_app_for_tests
+
+    flask_app = create_app(settings)
     flask_app.testing = True
     return flask_app
 

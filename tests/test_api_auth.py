@@ -21,10 +21,16 @@ from sqlalchemy import text
 from common import passwords
 from common.db import transaction
 from common.passwords import hash_password
+from common.settings import Settings
 from common.users import announce_credentials_changed
 from tests.conftest import SUPERUSER, SUPERUSER_PASSWORD, Api, Member, assert_problem, basic_auth
-from web.throttle import KEY_PREFIX, MAX_FAILURES_PER_ADDRESS, MAX_FAILURES_PER_USERNAME, WINDOW_S
+from web.throttle import KEY_PREFIX
 from worker.cli import main as cli
+
+# The throttle's limits as the suite runs it: Settings' defaults.
+MAX_FAILURES_PER_USERNAME = Settings.model_fields["login_failures_per_username"].default
+MAX_FAILURES_PER_ADDRESS = Settings.model_fields["login_failures_per_address"].default
+WINDOW_S = Settings.model_fields["login_throttle_window_s"].default
 
 CHALLENGE = 'Basic realm="remit"'
 OWNER_FULL_NAME = "Owner Confidential-Name"
@@ -563,7 +569,7 @@ class CountingHasher:
 
 @pytest.fixture
 def argon2_calls(monkeypatch) -> CountingHasher:
-    counting = CountingHasher(passwords._hasher)
+    counting = CountingHasher(passwords.hasher())
     monkeypatch.setattr(passwords, "_hasher", counting)
     return counting
 

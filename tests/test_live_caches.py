@@ -25,6 +25,7 @@ from common.passwords import hash_password
 from common.settings import get_settings
 from tests.conftest import Api, Member, assert_problem, basic_auth
 from web import throttle
+from web.context import EXTENSION, settings_of
 
 
 def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
@@ -183,7 +184,8 @@ def test_subscribing_after_the_subscriber_started_is_refused(subscribed) -> None
 def _over_the_limit_elsewhere(redis_client: redis.Redis, member: Member, publish: bool) -> None:
     """What another process's failed logins leave in Redis (and, normally, say)."""
     key, _ = throttle._keys(member.username, "127.0.0.1")
-    redis_client.set(key, throttle.MAX_FAILURES_PER_USERNAME, ex=throttle.WINDOW_S)
+    settings = get_settings()
+    redis_client.set(key, settings.login_failures_per_username, ex=settings.login_throttle_window_s)
     if publish:
         redis_client.publish(throttle.FAILURES_CHANNEL, key)
 
@@ -237,7 +239,9 @@ def test_this_processs_own_failure_is_seen_before_its_message_returns(
     # No subscriber delivers anything to this view: only record_failure itself drops.
     view = live_cache()
     monkeypatch.setattr(throttle, "view", view)
-    monkeypatch.setattr(throttle, "MAX_FAILURES_PER_USERNAME", 1)
+    app = api.client.application
+    one_failure = settings_of(app).model_copy(update={"login_failures_per_username": 1})
+    monkeypatch.setitem(app.extensions, EXTENSION, one_failure)
     member = api.register()
     path = f"/users/{member.id}/accounts"
     assert api.client.get(path, headers=member.auth).status_code == 200

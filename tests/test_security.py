@@ -29,11 +29,6 @@ from sqlalchemy import text
 
 from common.db import transaction
 from common.logs import json_formatter
-from common.settings import (
-    DEVELOPMENT_SUPERUSER_PASSWORD,
-    ConfigurationError,
-    load_settings,
-)
 from tests.conftest import SUPERUSER, Api, assert_problem, basic_auth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,57 +54,7 @@ def _environment(**changes: str | None) -> dict[str, str]:
 
 
 # --- production refuses to start without real secrets -------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("password", "key", "complaint"),
-    [
-        (None, GOOD_KEY, "SUPERUSER_PASSWORD is required"),
-        ("a-real-password", None, "SECRET_KEY is required"),
-        (DEVELOPMENT_SUPERUSER_PASSWORD, GOOD_KEY, "development default"),
-        ("change-me-to-a-long-random-password", GOOD_KEY, "placeholder"),
-        ("short", GOOD_KEY, "8 to 1024 characters"),
-        ("a-real-password", "change-me-to-64-random-hex-characters", "SECRET_KEY must be"),
-        ("a-real-password", "too-short-a-key", "SECRET_KEY must be"),
-    ],
-)
-def test_production_refuses_missing_or_default_secrets(
-    monkeypatch, password: str | None, key: str | None, complaint: str
-) -> None:
-    monkeypatch.setenv("REMIT_ENV", "production")
-    for name, value in (("SUPERUSER_PASSWORD", password), ("SECRET_KEY", key)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigurationError, match=complaint):
-        load_settings()
-
-
-def test_production_starts_with_real_secrets(monkeypatch) -> None:
-    monkeypatch.setenv("REMIT_ENV", "production")
-    monkeypatch.setenv("SUPERUSER_PASSWORD", "a-real-password")
-    monkeypatch.setenv("SECRET_KEY", GOOD_KEY)
-    assert load_settings().require_superuser_password() == "a-real-password"
-
-
-@pytest.mark.parametrize("environment", ["test", "production"])
-def test_only_development_has_a_default_superuser_password(monkeypatch, environment) -> None:
-    monkeypatch.setenv("REMIT_ENV", "development")
-    monkeypatch.delenv("SUPERUSER_PASSWORD", raising=False)
-    assert load_settings().require_superuser_password() == DEVELOPMENT_SUPERUSER_PASSWORD
-    monkeypatch.setenv("REMIT_ENV", environment)
-    monkeypatch.setenv("SECRET_KEY", GOOD_KEY)
-    with pytest.raises(ConfigurationError, match="SUPERUSER_PASSWORD is required"):
-        load_settings().require_superuser_password()
-
-
-@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
-def test_seconds_settings_refuse_what_is_not_a_duration(monkeypatch, value: str) -> None:
-    monkeypatch.setenv("SETTLE_GATHER", value)
-    with pytest.raises(ConfigurationError, match="SETTLE_GATHER must be"):
-        load_settings()
-
+# (The settings' own refusals are unit tests: tests/unit/test_settings.py.)
 
 PRODUCTION_WITHOUT_SECRETS = {
     "REMIT_ENV": "production",

@@ -6,8 +6,10 @@ from flask import Flask
 from werkzeug.routing import IntegerConverter, Map
 
 from common.limits import BIGINT_MAX
+from common.settings import Settings, get_settings
 from web import accounts, currencies, health, metrics, transfers, users
 from web.access_log import install_request_log
+from web.context import EXTENSION
 from web.openapi import install_docs
 from web.problems import install_error_handlers
 
@@ -22,8 +24,15 @@ class IdConverter(IntegerConverter):
         super().__init__(url_map, min=0, max=BIGINT_MAX)
 
 
-def create_app() -> Flask:
+def create_app(settings: Settings | None = None) -> Flask:
+    """The API, configured by `settings` (the process's, get_settings(), unless given).
+
+    The web code reads them from the app (web.context). The engine and Redis clients
+    of common/ are built from the process's settings: an entry point that loads its own
+    makes them the process's first (common.settings.use_settings), as web.wsgi does.
+    """
     app = Flask("remit")
+    app.extensions[EXTENSION] = settings or get_settings()
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.converters["id"] = IdConverter

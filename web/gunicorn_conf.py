@@ -1,4 +1,8 @@
-"""gunicorn settings, read from the same environment knobs as everything else."""
+"""gunicorn settings, from the same Settings as everything else.
+
+This is the web's entry point: it loads the settings once (common.settings.use_settings)
+before gunicorn loads web.wsgi, which takes them from there.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,20 @@ import tempfile
 from typing import Any
 
 # Workers share Prometheus metrics through files in this folder (see web.metrics).
-# prometheus_client reads the variable when first imported: set it before anything
-# imports it.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+# prometheus_client reads the variable itself when first imported: set it before
+# anything imports it. Made here, so removed here when the master exits (on_exit).
+_METRICS_DIR_OWNED = not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+if _METRICS_DIR_OWNED:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="remit-metrics-")
-    # Made here, so removed here when the master exits (on_exit).
-    os.environ["REMIT_METRICS_DIR_OWNED"] = "1"
 
-from prometheus_client import multiprocess
+from prometheus_client import multiprocess  # noqa: E402 - after the variable above
 
-from common.db import dispose_engine
-from common.logs import configure_logging
-from common.settings import ConfigurationError, get_settings
+from common.db import dispose_engine  # noqa: E402
+from common.logs import configure_logging  # noqa: E402
+from common.settings import ConfigurationError, load_settings, use_settings  # noqa: E402
 
 try:
-    _settings = get_settings()
+    _settings = load_settings()
 except ConfigurationError as error:
     # One line for the operator (REMIT_ENV=production without its secrets...), not a traceback.
     print(f"remit: {error}", file=sys.stderr)
@@ -39,8 +42,12 @@ threads = _settings.web_threads
 # the connections beyond its size as they come back and opens new ones at the next
 # burst: under load every few requests paid for a new PostgreSQL backend, which cost
 # PostgreSQL more CPU than the requests' own statements (1.05 against 0.45 ms per POST
-# in phase c of the benchmark). The engine reads this when first used, after this file.
-os.environ.setdefault("DB_POOL_SIZE", str(threads))
+# in phase c of the benchmark). An explicit DB_POOL_SIZE wins.
+if "db_pool_size" not in _settings.model_fields_set:
+    _settings = _settings.model_copy(update={"db_pool_size": threads})
+# Also for what this process starts, which reads its settings from the environment.
+os.environ.setdefault("DB_POOL_SIZE", str(_settings.db_pool_size))
+use_settings(_settings)
 # Load the app once in the master: workers fork with it ready (and with no
 # database connections, see post_fork).
 preload_app = True
@@ -56,13 +63,13 @@ errorlog = "-"
 
 
 def when_ready(server: Any) -> None:
-    configure_logging("web")
+    configure_logging("web", _settings)
 
 
 def on_exit(server: Any) -> None:
     # The metrics folder this master made lives and dies with it.
-    if os.environ.get("REMIT_METRICS_DIR_OWNED"):
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if _METRICS_DIR_OWNED and _settings.prometheus_multiproc_dir:
+        shutil.rmtree(_settings.prometheus_multiproc_dir, ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -73,4 +80,4 @@ def child_exit(server: Any, worker: Any) -> None:
 def post_fork(server: Any, worker: Any) -> None:
     # Connections opened in the master before fork must not be shared by workers.
     dispose_engine()
-    configure_logging("web")
+    configure_logging("web", _settings)

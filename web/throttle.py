@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 
 import redis
 
 from common.live_cache import LiveCache
 from common.pubsub import Subscription, subscribe
 from common.redis_clients import shared_redis
+from web.context import current_settings
 
 log = logging.getLogger(__name__)
 
-WINDOW_S = int(os.environ.get("LOGIN_THROTTLE_WINDOW", "300"))
-MAX_FAILURES_PER_USERNAME = int(os.environ.get("LOGIN_FAILURES_PER_USERNAME", "10"))
-MAX_FAILURES_PER_ADDRESS = int(os.environ.get("LOGIN_FAILURES_PER_ADDRESS", "100"))
+# The window and the limits are the app's settings (login_throttle_window_s,
+# login_failures_per_username, login_failures_per_address).
 KEY_PREFIX = "remit:login-failures:"
 FAILURES_CHANNEL = "remit:login-failures"
 # How long a counter seen under its limit is believed without a message saying
@@ -71,7 +70,8 @@ def retry_after(username: str, address: str) -> int | None:
     if all(view.get(key) for key in keys):
         return None
     generation = view.generation()
-    limits = (MAX_FAILURES_PER_USERNAME, MAX_FAILURES_PER_ADDRESS)
+    settings = current_settings()
+    limits = (settings.login_failures_per_username, settings.login_failures_per_address)
     try:
         client = _redis()
         # The TTLs are read only when a counter is over its limit.
@@ -93,11 +93,12 @@ def retry_after(username: str, address: str) -> int | None:
 
 def record_failure(username: str, address: str) -> None:
     keys = _keys(username, address)
+    window_s = current_settings().login_throttle_window_s
     try:
         pipe = _redis().pipeline(transaction=False)
         for key in keys:
             # The window starts at the first failure and is not extended by later ones.
-            pipe.incr(key).expire(key, WINDOW_S, nx=True)
+            pipe.incr(key).expire(key, window_s, nx=True)
         # After the increments, in the same round trip: every process then reads the
         # new counts on these keys' next request.
         pipe.publish(FAILURES_CHANNEL, " ".join(keys))
