@@ -51,7 +51,7 @@ def list_postings(
 
 def postings_page(
     account_id: int, *, descending: bool, after_id: int | None, limit: int
-) -> Select[tuple[Posting]]:
+) -> Select[Posting]:
     """One page of a statement: a range scan of the (account_id, id) index."""
     query = select(Posting).where(Posting.account_id == account_id)
     if after_id is not None:

@@ -15,17 +15,16 @@ from typing import Any
 from celery import Celery
 
 from common import kombu_patches
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 
 # The tasks the worker runs (worker.tasks), by the names they are published under.
 SETTLE = "remit.settle"
 SWEEP = "remit.sweep"
 
 
-def configure(app: Celery) -> None:
+def configure(app: Celery, settings: Settings) -> None:
     """What producer and worker must agree on (`app` was built with the broker URL):
     serialization, redelivery, how long a publish may retry; and kombu's patches."""
-    settings = get_settings()
     transport = {
         # An unacknowledged message (its worker died) is redelivered after this long.
         # No task countdown may exceed it, or Redis would deliver the message early twice.
@@ -66,8 +65,9 @@ def producer() -> Celery:
     with _lock:
         if _producer is None:
             # Not the "current" app: in a worker process that is worker.app's.
-            built = Celery("remit", broker=get_settings().redis_url, set_as_current=False)
-            configure(built)
+            settings = get_settings()
+            built = Celery("remit", broker=settings.redis_url, set_as_current=False)
+            configure(built, settings)
             _producer = built
         return _producer
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg.rows import namedtuple_row
@@ -148,9 +148,11 @@ def execute_direct(db: Db, statement: ClauseElement, params: dict[str, Any]) -> 
 
 def _as_sqlalchemy_error(error: psycopg.Error, broken: bool) -> DBAPIError:
     """psycopg's error as SQLAlchemy would have raised it (OperationalError, ...)."""
-    return DBAPIError.instance(
+    wrapped = DBAPIError.instance(
         None, None, error, psycopg.Error, hide_parameters=True, connection_invalidated=broken
     )
+    # instance() wraps a DB-API error (psycopg's are) as a DBAPIError subclass.
+    return cast(DBAPIError, wrapped)
 
 
 @contextmanager

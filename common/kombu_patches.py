@@ -8,7 +8,7 @@ process; `apply()` may be called any number of times.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,7 +43,7 @@ def _closed_broker_connection_is_a_connection_error() -> None:
     the sweeper rings again). Reported upstream as celery/kombu#582 ("Error on
     restarting Gossip"); drop this when kombu handles it.
     """
-    connparams = kombu_redis.Channel._connparams
+    connparams: Callable[..., Any] = kombu_redis.Channel._connparams
 
     def _connparams(self: Any, asynchronous: bool = False) -> Any:
         if self.connection.client is None:

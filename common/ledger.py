@@ -341,7 +341,7 @@ def currencies_due(session: Session, pending_for_s: float) -> dict[str, int]:
         ),
         {"age": pending_for_s},
     )
-    return {row.currency: row.count for row in rows}
+    return {row.currency: row[1] for row in rows}
 
 
 def reopen_failed(session: Session, window_s: float) -> list[tuple[int, str]]:

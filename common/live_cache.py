@@ -6,7 +6,7 @@ import os
 import threading
 import weakref
 from collections.abc import Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cachetools import TTLCache
 
@@ -69,7 +69,7 @@ class LiveCache(Generic[K, V]):
                 self._entries[key] = value
 
 
-_live_caches: weakref.WeakSet[LiveCache[object, object]] = weakref.WeakSet()
+_live_caches: weakref.WeakSet[LiveCache[Any, Any]] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

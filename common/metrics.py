@@ -57,4 +57,6 @@ def read_counters() -> dict[str, int]:
     except redis.RedisError as error:
         log.warning("settlement metrics unavailable: %s", error)
         return {}
-    return {key.decode(): int(value) for key, value in raw.items()}
+    return {
+        key.decode() if isinstance(key, bytes) else key: int(value) for key, value in raw.items()
+    }

@@ -43,7 +43,7 @@ def parse_amount(value: object, decimals: int) -> int:
         raise InvalidAmount(f"amount has more than {MAX_INTEGER_DIGITS} integer digits")
     if len(fraction) > decimals:
         raise InvalidAmount(f"amount has more than {decimals} fractional digits")
-    minor = int(integer) * 10**decimals + int(fraction.ljust(decimals, "0") or "0")
+    minor: int = int(integer) * 10**decimals + int(fraction.ljust(decimals, "0") or "0")
     if minor <= 0:
         raise InvalidAmount("amount must be greater than zero")
     return minor

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
@@ -20,6 +21,8 @@ from common.redis_clients import shared_redis
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _publisher() -> redis.Redis:
@@ -132,7 +135,7 @@ class Subscriber:
             self._subscribed.set()
 
     @staticmethod
-    def _handle(handler: Callable[[object], None], argument: object) -> None:
+    def _handle(handler: Callable[[T], None], argument: T) -> None:
         try:
             handler(argument)
         except Exception:

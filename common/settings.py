@@ -16,7 +16,7 @@ import threading
 from typing import Any, ClassVar
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.limits import PASSWORD_RULE, is_password_length
 
@@ -274,8 +274,13 @@ class Settings(BaseSettings):
 class _GivenSettings(Settings):
     @classmethod
     def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: Any, **others: Any
-    ) -> tuple[Any, ...]:
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
 
 
@@ -367,6 +372,6 @@ def get_settings() -> Settings:
 
 if __name__ == "__main__":
     # `python -m common.settings`: the CLI's check-config.
-    from common import cli
+    from common.cli import check_config
 
-    cli.check_config(prog_name="python -m common.settings")
+    check_config(prog_name="python -m common.settings")

@@ -12,7 +12,19 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import Row, Select, and_, bindparam, cast, func, literal_column, select, text, union
+from sqlalchemy import (
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    cast,
+    func,
+    literal_column,
+    select,
+    text,
+    union,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
@@ -34,7 +46,7 @@ class TransferRequest:
     idempotency_key: str | None = None
 
 
-TRANSFERS = Transfer.__table__
+TRANSFERS: Table = Transfer.__table__  # type: ignore[assignment]  # a mapped class's table
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,12 @@ def _amount_in(currency: CurrencyInfo, amount: str) -> int:
 
 
 class AccountRef(Protocol):
-    id: int
-    user_id: int
-    currency: str
+    @property
+    def id(self) -> int: ...
+    @property
+    def user_id(self) -> int: ...
+    @property
+    def currency(self) -> str: ...
 
 
 @dataclass(frozen=True)

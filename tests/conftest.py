@@ -6,8 +6,8 @@ Importing this module reads nothing and connects to nothing: the unit tests
 (tests/unit) need no service. The integration environment (the run's database name,
 its claimed Redis DB, the settings) is made once, by `integration_settings()`: the
 session fixture `settings` hands it to the tests, and `pytest_collectstart` makes it
-before the first integration module is imported, because some modules (worker.app,
-worker.tasks, web.transfers) still read the process's settings at import.
+before the first integration module is imported, because a test module may import an
+entry point (worker.app, the Celery CLI's) that loads the process's settings.
 """
 
 from __future__ import annotations

@@ -128,12 +128,22 @@ def test_long_polls_leave_a_quarter_of_the_threads() -> None:
     assert [grace_slots(threads) for threads in (1, 2, 4, 16, 32)] == [0, 0, 0, 2, 4]
 
 
+def _set_slots(
+    app: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    held: threading.BoundedSemaphore,
+    grace: threading.BoundedSemaphore,
+) -> None:
+    slots = app.extensions[long_poll.EXTENSION]
+    monkeypatch.setattr(slots, "held", held)
+    monkeypatch.setattr(slots, "grace", grace)
+
+
 def test_a_long_poll_without_a_slot_answers_at_once(
     api: Api, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slots = threading.BoundedSemaphore(1)
-    monkeypatch.setattr(long_poll, "_long_poll_slots", slots)
-    monkeypatch.setattr(long_poll, "_grace_slots", threading.BoundedSemaphore(0))
+    _set_slots(app, monkeypatch, slots, threading.BoundedSemaphore(0))
     alice, bob = api.funded("10.00", "EUR"), api.register()
     release = _hold_settlement_lock("EUR")
     try:
@@ -156,8 +166,7 @@ def test_a_long_poll_without_a_slot_answers_at_once(
 def test_a_long_poll_without_a_slot_waits_a_moment_on_a_grace_slot(
     api: Api, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(long_poll, "_long_poll_slots", threading.BoundedSemaphore(1))
-    monkeypatch.setattr(long_poll, "_grace_slots", threading.BoundedSemaphore(1))
+    _set_slots(app, monkeypatch, threading.BoundedSemaphore(1), threading.BoundedSemaphore(1))
     # Long enough for a settlement on a slow machine; the moment is 0.25 s in service.
     monkeypatch.setattr(long_poll, "UNHELD_GRACE_S", 20.0)
     alice, bob = api.funded("10.00", "EUR"), api.register()

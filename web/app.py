@@ -7,7 +7,7 @@ from werkzeug.routing import IntegerConverter, Map
 
 from common.limits import BIGINT_MAX
 from common.settings import Settings, get_settings
-from web import accounts, currencies, health, metrics, transfers, users
+from web import accounts, currencies, health, long_poll, metrics, transfers, users
 from web.access_log import install_request_log
 from web.context import EXTENSION
 from web.openapi import install_docs
@@ -32,7 +32,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     makes them the process's first (common.settings.use_settings), as web.wsgi does.
     """
     app = Flask("remit")
-    app.extensions[EXTENSION] = settings or get_settings()
+    settings = settings or get_settings()
+    app.extensions[EXTENSION] = settings
+    long_poll.install(app, settings.web_threads)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.converters["id"] = IdConverter

@@ -14,10 +14,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from flask import Flask, current_app
+
 from common.announcements import CHANNEL, Final, parse_announcement
 from common.models import TransferStatus
 from common.pubsub import Subscription, subscribe, subscriber
-from common.settings import get_settings
 from web.render import timestamp
 
 Body = dict[str, Any]
@@ -39,20 +40,36 @@ def grace_slots(threads: int) -> int:
 # whose long poll came while every slot was taken (a burst after a slow batch).
 UNHELD_GRACE_S = 0.25
 
-_long_poll_slots = threading.BoundedSemaphore(long_poll_slots(get_settings().web_threads))
-_grace_slots = threading.BoundedSemaphore(grace_slots(get_settings().web_threads))
+EXTENSION = "remit.long_poll_slots"
+
+
+class Slots:
+    """One web process's long-poll and grace slots, sized from its thread count."""
+
+    def __init__(self, threads: int) -> None:
+        self.held = threading.BoundedSemaphore(long_poll_slots(threads))
+        self.grace = threading.BoundedSemaphore(grace_slots(threads))
+
+
+def install(app: Flask, threads: int) -> None:
+    app.extensions[EXTENSION] = Slots(threads)
+
+
+def _slots() -> Slots:
+    slots: Slots = current_app.extensions[EXTENSION]
+    return slots
 
 
 def held(transfer_id: int, read: Callable[[], Body], wait_s: float) -> Body | None:
     """`read()` once the transfer is final, or as it is after `wait_s`, on a long-poll
     slot; None when every slot is taken."""
-    return _on(_long_poll_slots, transfer_id, read, wait_s)
+    return _on(_slots().held, transfer_id, read, wait_s)
 
 
 def grace(transfer_id: int, read: Callable[[], Body], wait_s: float) -> Body | None:
     """The same for a long poll that found no slot free, on a grace slot and for at
     most UNHELD_GRACE_S; None when every grace slot is taken too."""
-    return _on(_grace_slots, transfer_id, read, min(wait_s, UNHELD_GRACE_S))
+    return _on(_slots().grace, transfer_id, read, min(wait_s, UNHELD_GRACE_S))
 
 
 def _on(

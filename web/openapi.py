@@ -339,7 +339,7 @@ _PATH_PARAMETERS = {
 
 
 def _schemas() -> dict[str, Any]:
-    models = [
+    models: list[type[BaseModel]] = [
         Currency,
         User,
         Account,
@@ -358,7 +358,7 @@ def _schemas() -> dict[str, Any]:
         [(model, "validation") for model in models],
         ref_template="#/components/schemas/{model}",
     )
-    schemas = top["$defs"]
+    schemas: dict[str, Any] = top["$defs"]
     # The batch route validates its items one by one (so that one bad item fails alone),
     # hence no item schema in BatchCreate itself; each item is a BatchItem.
     schemas["BatchCreate"]["properties"]["transfers"]["items"] = _ref(fields.BatchItem)

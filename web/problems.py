@@ -87,8 +87,8 @@ def problem(code: str, detail: str, headers: dict[str, str] | None = None) -> Re
     body = problem_body(code, detail)
     response = Response(
         json.dumps(body),
-        status=int(body["status"]),
-        mimetype="application/problem+json",  # type: ignore[call-overload]
+        status=PROBLEMS[code][0],
+        mimetype="application/problem+json",
     )
     for name, value in (headers or {}).items():
         response.headers[name] = value

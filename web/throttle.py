@@ -98,7 +98,8 @@ def record_failure(username: str, address: str) -> None:
         pipe = _redis().pipeline(transaction=False)
         for key in keys:
             # The window starts at the first failure and is not extended by later ones.
-            pipe.incr(key).expire(key, window_s, nx=True)
+            pipe.incr(key)
+            pipe.expire(key, window_s, nx=True)
         # After the increments, in the same round trip: every process then reads the
         # new counts on these keys' next request.
         pipe.publish(FAILURES_CHANNEL, " ".join(keys))

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
+from celery.utils.time import get_exponential_backoff_interval
 
 from common import broker
 from common.announcements import announce_decided, announce_final
@@ -26,47 +27,39 @@ from common.ledger import (
 )
 from common.logs import request_id as log_context
 from common.metrics import record_outcomes
-from common.settings import get_settings
-from worker.app import app
+from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-settings = get_settings()
-
-# A task that keeps finding work re-queues itself after this many batches or this many
-# seconds, whichever comes first, so one message never holds a worker longer than the
-# broker's visibility timeout (a count alone does not bound time: slow batches), and a
-# warm shutdown (SIGTERM) waits for one slice of the backlog, not for all of it.
+# A task that keeps finding work re-queues itself after this many batches or a quarter
+# of the visibility timeout (at most 30 s), whichever comes first, so one message never
+# holds a worker longer than the broker's visibility timeout (a count alone does not
+# bound time: slow batches), and a warm shutdown (SIGTERM) waits for one slice of the
+# backlog, not for all of it.
 MAX_BATCHES_PER_TASK = 50
-MAX_SECONDS_PER_TASK = min(30.0, settings.visibility_timeout_s / 4)
 
-_HOUSE_OPTIONS = frozenset(
-    {"autoretry_for", "max_retries", "retry_backoff", "retry_backoff_max", "retry_jitter"}
-)
+
+def max_seconds_per_task(settings: Settings) -> float:
+    return min(30.0, settings.visibility_timeout_s / 4)
 
 
 def remit_task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:
-    """The house task decorator: late acks, no results, and loud typos in options."""
-    unknown = set(options) - _HOUSE_OPTIONS
+    """The house task decorator: late acks, no results, bound to the app that loads
+    this module; options that are not Celery's task options fail loudly."""
+    unknown = set(options) - set(dir(Task))
     if unknown:
         raise TypeError(f"unknown task options for {name}: {sorted(unknown)}")
-    return app.task(name=name, bind=True, acks_late=True, ignore_result=True, **options)
+    decorator: Callable[[Callable[..., Any]], Task] = shared_task(
+        name=name, bind=True, acks_late=True, ignore_result=True, **options
+    )
+    return decorator
 
 
 class DatabaseOutage(Exception):
     """The database is unreachable: Celery retries the whole doorbell with backoff."""
 
 
-@remit_task(
-    broker.SETTLE,
-    # The backoff cap stays well below the visibility timeout (common.broker), so a
-    # retried message is never also redelivered by Redis meanwhile.
-    autoretry_for=(DatabaseOutage,),
-    max_retries=settings.settle_max_retries,
-    retry_backoff=1,
-    retry_backoff_max=min(60, settings.visibility_timeout_s // 4),
-    retry_jitter=True,
-)
+@remit_task(broker.SETTLE)
 def settle(
     self: Task,
     currency: str,
@@ -84,20 +77,35 @@ def settle(
     bad transfer cannot hold up its currency. If the database is unreachable
     the whole doorbell is retried later instead.
     """
+    settings = get_settings()
     log_context.set(request_id)
     try:
-        return _settle_until_done(currency, transfer_ids)
+        return _settle_until_done(settings, currency, transfer_ids)
     except Exception as error:
         marks.not_busy(currency)
-        if is_outage(error):
-            log.warning("database unavailable while settling %s: %s", currency, error)
-            raise DatabaseOutage(str(error)) from error
-        raise
+        if not is_outage(error):
+            raise
+        log.warning("database unavailable while settling %s: %s", currency, error)
+        # The whole doorbell again, with jittered exponential backoff capped well below
+        # the visibility timeout (common.broker), so that Redis never also redelivers it.
+        countdown = get_exponential_backoff_interval(
+            factor=1,
+            retries=self.request.retries,
+            maximum=min(60, settings.visibility_timeout_s // 4),
+            full_jitter=True,
+        )
+        raise self.retry(
+            exc=DatabaseOutage(str(error)),
+            countdown=countdown,
+            max_retries=settings.settle_max_retries,
+        ) from error
     finally:
         log_context.set(None)
 
 
-def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[str, int]:
+def _settle_until_done(
+    settings: Settings, currency: str, transfer_ids: list[int] | None
+) -> dict[str, int]:
     info = _currency(currency)
     if info is None:
         log.error("doorbell for unknown currency %r ignored", currency)
@@ -105,7 +113,7 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
     marks.leave(currency)
     settled = rejected = 0
     limit = settings.settle_batch_size
-    deadline = time.monotonic() + MAX_SECONDS_PER_TASK
+    deadline = time.monotonic() + max_seconds_per_task(settings)
     for _ in range(MAX_BATCHES_PER_TASK):
         if time.monotonic() >= deadline:
             ring(currency)
@@ -115,7 +123,7 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
         except Exception as error:
             if is_outage(error):
                 raise
-            limit = _after_failed_batch(currency, limit, error)
+            limit = _after_failed_batch(settings, currency, limit, error)
             continue
         if result.claimed is None:
             break
@@ -154,7 +162,7 @@ def _settle_until_done(currency: str, transfer_ids: list[int] | None) -> dict[st
     return {"settled": settled, "rejected": rejected}
 
 
-def _after_failed_batch(currency: str, limit: int, error: Exception) -> int:
+def _after_failed_batch(settings: Settings, currency: str, limit: int, error: Exception) -> int:
     """Halve the batch; at a batch of one, charge the failure to that transfer."""
     if limit > 1:
         log.warning("batch of %d %s transfers failed (%r); halving", limit, currency, error)
@@ -234,6 +242,7 @@ def _settle_one_batch(currency: str, limit: int, info: CurrencyInfo) -> BatchRes
 @remit_task(broker.SWEEP)
 def sweep(self: Task) -> dict[str, int]:
     """Beat: ring for transfers whose doorbell was lost, and retry failed ones when due."""
+    settings = get_settings()
     log_context.set(None)
     try:
         with transaction() as session:
