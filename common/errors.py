@@ -1,4 +1,4 @@
-"""Domain errors: a stable machine-readable code (API.md) and a sentence for humans.
+"""Domain errors: a stable machine-readable code (docs/api.md) and a sentence for humans.
 
 The web layer maps each code to its HTTP status; nothing here knows about HTTP.
 """

@@ -21,10 +21,8 @@ from cachetools import TTLCache
 
 from common.settings import Settings, get_settings
 
-# argon2id, by default with OWASP's first recommended setting (46 MiB, 1 pass, 1 lane;
-# Settings.argon2_*): about 38 ms a hash on one core (README, "Security"). Not more: every
-# hash is also work an anonymous client can ask for (a registration, a failed login).
-# Tests lower the cost; the algorithm stays the same.
+# argon2id at OWASP's first recommended setting by default (Settings.argon2_*; why:
+# docs/decisions/0006-argon2-cost.md). Tests lower the cost; the algorithm stays the same.
 _hasher: PasswordHasher | None = None
 # A hash made once per process so an unknown username costs as much as a wrong
 # password: response time does not tell which usernames exist.

@@ -2,8 +2,7 @@
 
 Built under a lock: two gunicorn threads building a client at once would leave one
 uncached, and a garbage-collected redis-py client closes its connection pool, under
-any pipeline still using it (ValueError / EBADF out of redis-py: a 500). Found by the
-chaos suite.
+any pipeline still using it (ValueError / EBADF out of redis-py: a 500).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""API.md: GET /accounts/{id}, POST /users/{id}/accounts/{currency},
+"""docs/api.md: GET /accounts/{id}, POST /users/{id}/accounts/{currency},
 GET /accounts/{id}/postings and POST /accounts/{id}/deposits."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""API.md's auth rules, parametrized over every authenticated route.
+"""docs/api.md's auth rules, parametrized over every authenticated route.
 
 Actors: anonymous, wrong credentials, malformed Authorization headers, another
 user, the owner and the superuser. Plus the login throttle, the cost of a failed

@@ -1,4 +1,4 @@
-"""Bad input of every shape is a 4xx application/problem+json, never a 5xx (API.md)."""
+"""Bad input of every shape is a 4xx application/problem+json, never a 5xx (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ BIGINT_MAX = 2**63 - 1
 
 
 def assert_client_error(response) -> dict:
-    """Any 4xx, as a well-formed problem whose code API.md lists with that status."""
+    """Any 4xx, as a well-formed problem whose code docs/api.md lists with that status."""
     assert 400 <= response.status_code < 500, response.get_data(as_text=True)
     assert response.mimetype == "application/problem+json"
     body = response.get_json()

@@ -1,4 +1,4 @@
-"""API.md: POST /users/{id}/transfers, GET /users/{id}/transfers[/{id}]: acceptance,
+"""docs/api.md: POST /users/{id}/transfers, GET /users/{id}/transfers[/{id}]: acceptance,
 commission, settlement outcomes, idempotency, listing filters and pagination."""
 
 from __future__ import annotations

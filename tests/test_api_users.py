@@ -1,4 +1,4 @@
-"""API.md: GET /currencies, POST /users, GET /users/{id}/accounts, GET /health."""
+"""docs/api.md: GET /currencies, POST /users, GET /users/{id}/accounts, GET /health."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Migrations: the models agree with them, they go down and up, and the seed is API.md's.
+"""Migrations: the models agree with them, they go down and up, and the seed is docs/api.md's.
 
 Scratch databases made here are created and dropped by the tests themselves; the
 run's own database (the `database` fixture) is only read.

@@ -46,7 +46,7 @@ def test_every_served_route_is_documented_with_its_errors(app) -> None:
             if operation["security"]:
                 assert "401" in statuses, (method, path)
             for status, response in operation["responses"].items():
-                # /health names its failing part in its own body (API.md), not a problem.
+                # /health names its failing part in its own body (docs/api.md), not a problem.
                 if status.startswith(("4", "5")) and (path, status) != ("/health", "503"):
                     assert "application/problem+json" in response["content"]
 

@@ -1,7 +1,7 @@
 """Request parsing: bodies in form, multipart or JSON, validated by pydantic schemas.
 
 The schemas here are the one description of what each route accepts; the error
-code of a rejected field follows API.md (invalid_amount for amounts, and so on).
+code of a rejected field follows docs/api.md (invalid_amount for amounts, and so on).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class TransferListQuery(PageQuery):
     status: Literal["pending", "settled", "rejected", "failed"] | None = None
 
 
-# A rejected field's code, where API.md gives the field one of its own.
+# A rejected field's code, where docs/api.md gives the field one of its own.
 _FIELD_CODES = {
     "amount": "invalid_amount",
     "username": "invalid_username",

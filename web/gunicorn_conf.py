@@ -38,11 +38,8 @@ workers = _settings.web_concurrency
 # long polls (?wait=) without blocking the rest.
 worker_class = "gthread"
 threads = _settings.web_threads
-# Each thread may hold a database connection at once. A pool smaller than that closes
-# the connections beyond its size as they come back and opens new ones at the next
-# burst: under load every few requests paid for a new PostgreSQL backend, which cost
-# PostgreSQL more CPU than the requests' own statements (1.05 against 0.45 ms per POST
-# in phase c of the benchmark). An explicit DB_POOL_SIZE wins.
+# One pooled connection per thread, so a burst never opens new backends
+# (docs/decisions/0013-web-pool-size-equals-threads.md). An explicit DB_POOL_SIZE wins.
 if "db_pool_size" not in _settings.model_fields_set:
     _settings = _settings.model_copy(update={"db_pool_size": threads})
 # Also for what this process starts, which reads its settings from the environment.

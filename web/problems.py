@@ -19,7 +19,7 @@ from common.errors import RemitError
 
 log = logging.getLogger(__name__)
 
-# code -> (HTTP status, title). API.md's list of error codes, and nothing else.
+# code -> (HTTP status, title). docs/api.md's list of error codes, and nothing else.
 PROBLEMS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "Invalid request"),
     "invalid_amount": (400, "Invalid amount"),

@@ -9,9 +9,9 @@ real user's requests. The window starts at the first failure and is not extended
 (flask-limiter counts requests per route; failed logins across every route are what
 matter here, which these two counters say directly.)
 
-Reading the counters on every request was a POST's largest wait (a Redis round trip
-per request; bench/README.md). So each process remembers which counters it saw under
-their limits, and every failure is published (`FAILURES_CHANNEL`): each process drops
+Reading the counters on every request would cost a Redis round trip per request
+(docs/decisions/0005-auth-caches.md). So each process remembers which counters it saw
+under their limits, and every failure is published (`FAILURES_CHANNEL`): each process drops
 what it remembered of that counter as the message arrives, and reads Redis again on
 that counter's next request. Only "under the limit" is remembered, only while the
 process's subscriber is connected, and for at most `VIEW_MAX_AGE_S`, which bounds

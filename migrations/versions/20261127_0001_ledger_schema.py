@@ -1,6 +1,6 @@
 """Ledger schema and seed data: currencies, users, accounts, transfers, postings.
 
-The seed (currencies of API.md, the superuser with id 1 and its commission and
+The seed (currencies of docs/api.md, the superuser with id 1 and its commission and
 external account per currency) is part of the schema: every database has it.
 The superuser's password is set by `python -m common.migrate`, never here.
 

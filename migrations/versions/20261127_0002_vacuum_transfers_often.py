@@ -4,9 +4,8 @@ Settling a transfer takes it out of the settlement queue, the partial index
 ix_transfers_pending (status leaves 'pending'), but its entry stays in the index until
 VACUUM removes it: new entries go in at the right-hand end, so nothing else cleans the
 old pages. Every claim walks past those entries. With PostgreSQL's default (vacuum once
-a fifth of the rows changed) the queue of a 10M-row table may hold 2M dead entries:
-600,000 made a claim of 20 rows take 3-5 ms instead of 0.3 (bench/README.md, "The
-settlement queue and VACUUM"). Index cleanup stays automatic: PostgreSQL still skips
+a fifth of the rows changed) the queue of a 10M-row table may hold 2M dead entries, and
+claims slow down tenfold (docs/decisions/0007-autovacuum-transfers.md). Index cleanup stays automatic: PostgreSQL still skips
 it when few pages hold dead rows, so a big table is not read in full every 10,000 rows.
 
 Revision ID: 0002

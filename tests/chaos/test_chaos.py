@@ -1,4 +1,4 @@
-"""Nothing lost, nothing twice, under faults (DESIGN.md invariants 4-6; issue 3).
+"""Nothing lost, nothing twice, under faults (invariants 4-6 of docs/architecture.md).
 
 The real processes (gunicorn, two Celery worker nodes, beat) run against a throwaway
 PostgreSQL and Redis. About a hundred funded users' clients submit a few thousand
