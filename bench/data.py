@@ -21,6 +21,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 
@@ -144,22 +145,10 @@ def insert_settled(
             for row in chunk:
                 when = started + timedelta(microseconds=next_id - first)
                 transfers.append(
-                    (
-                        next_id,
-                        "settled",
-                        row.from_account,
-                        row.to_account,
-                        row.from_user,
-                        row.to_user,
-                        row.currency,
-                        row.amount,
-                        row.commission,
-                        row.requested_by,
-                        1,
-                        when,
-                        when,
-                    )
-                )
+                    (next_id, "settled", row.from_account, row.to_account, row.from_user,
+                     row.to_user, row.currency, row.amount, row.commission, row.requested_by,
+                     1, when, when)
+                )  # fmt: skip
                 legs = [
                     ("debit", row.from_account, -(row.amount + row.commission)),
                     ("credit", row.to_account, row.amount),
@@ -199,19 +188,11 @@ def funding_rows(
 ) -> list[Row]:
     """A deposit from the external account into every user's account of each currency."""
     return [
-        Row(
-            table[code].external_account_id,
-            user.accounts[code],
-            1,
-            user.id,
-            code,
-            amount * 10 ** table[code].decimals,
-            0,
-            1,
-        )
+        Row(table[code].external_account_id, user.accounts[code], 1, user.id, code,
+            amount * 10 ** table[code].decimals, 0, 1)
         for user in users
         for code in codes
-    ]
+    ]  # fmt: skip
 
 
 def random_rows(
@@ -263,54 +244,14 @@ def insert_pending(
             ) as cp:
                 for _, row in zip(range(size), rows, strict=False):
                     cp.write_row(
-                        (
-                            next_id,
-                            row.from_account,
-                            row.to_account,
-                            row.from_user,
-                            row.to_user,
-                            row.currency,
-                            row.amount,
-                            row.commission,
-                            row.requested_by,
-                        )
-                    )
+                        (next_id, row.from_account, row.to_account, row.from_user, row.to_user,
+                         row.currency, row.amount, row.commission, row.requested_by)
+                    )  # fmt: skip
                     next_id += 1
             done += size
             if progress is not None:
                 progress(size)
     return first, next_id - 1
-
-
-def enable_statement_stats(conn: psycopg.Connection) -> bool:
-    """pg_stat_statements in the bench's database, where the server has it."""
-    try:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-    except psycopg.Error:
-        return False
-    return True
-
-
-def top_statements(conn: psycopg.Connection, limit: int = 8) -> list[dict[str, object]]:
-    """The statements that took the most time in the bench's database since the last
-    reset (the phase), the bench's own polling included."""
-    rows = conn.execute(
-        "SELECT calls, total_exec_time, mean_exec_time, rows, "
-        "left(regexp_replace(query, '\\s+', ' ', 'g'), 160) "
-        "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
-        "WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT %s",
-        (limit,),
-    ).fetchall()
-    return [
-        {
-            "calls": calls,
-            "total_ms": round(total, 1),
-            "mean_ms": round(mean, 3),
-            "rows": count,
-            "query": query,
-        }
-        for calls, total, mean, count, query in rows
-    ]
 
 
 def scalar(conn: psycopg.Connection, sql: str, params: tuple = ()) -> int:
@@ -331,3 +272,80 @@ def pending_count(conn: psycopg.Connection) -> int:
 
 def now(conn: psycopg.Connection) -> datetime:
     return conn.execute("SELECT clock_timestamp()").fetchone()[0].astimezone(UTC)
+
+
+def explain_reads(conn: psycopg.Connection) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the SQL the API runs for its lists and reads, built by
+    the same query builders, for the busiest user and account: each must be index range
+    scans whose cost follows the page, not the table (no Seq Scan, buffers in the tens)."""
+    from sqlalchemy import select
+    from sqlalchemy.dialects import postgresql
+
+    from common.accounts import postings_page
+    from common.models import Transfer, TransferStatus
+    from common.transfers import TransferFilter, transfers_page
+
+    user, payee = conn.execute(
+        "SELECT from_user_id, max(to_user_id) FROM transfers GROUP BY from_user_id "
+        "ORDER BY count(*) DESC LIMIT 1"
+    ).fetchone()
+    account = scalar(
+        conn, "SELECT account_id FROM postings GROUP BY account_id ORDER BY count(*) DESC LIMIT 1"
+    )
+    middle = scalar(
+        conn,
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM transfers "
+        "WHERE from_user_id = %s",
+        (user,),
+    )
+    posting_middle = scalar(
+        conn,
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM postings "
+        "WHERE account_id = %s",
+        (account,),
+    )
+
+    def page(filters: TransferFilter, descending: bool, after: int | None) -> Any:
+        # limit 101: the API fetches one row more than the page, to know if a next exists.
+        return transfers_page(user, filters, descending=descending, after_id=after, limit=101)
+
+    def statement(descending: bool, after: int | None) -> Any:
+        return postings_page(account, descending=descending, after_id=after, limit=101)
+
+    queries = {
+        "transfers first page": page(TransferFilter(), False, None),
+        "transfers middle page, dsc": page(TransferFilter(), True, middle),
+        "transfers status=settled": page(
+            TransferFilter(status=TransferStatus.SETTLED), False, middle
+        ),
+        "transfers to=payee": page(TransferFilter(payee_id=payee), False, None),
+        "statement first page": statement(False, None),
+        "statement middle page": statement(True, posting_middle),
+        "one transfer": select(Transfer).where(Transfer.id == middle),
+    }
+    plans: dict[str, Any] = {}
+    for name, query in queries.items():
+        dialect, literal = postgresql.dialect(), {"literal_binds": True}
+        sql = str(query.compile(dialect=dialect, compile_kwargs=literal))
+        (explained,) = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}").fetchone()
+        top = explained[0]
+        nodes, todo = [], [top["Plan"]]
+        while todo:
+            plan = todo.pop(0)
+            nodes.append(
+                f"{plan['Node Type']} on {plan.get('Relation Name') or plan.get('Index Name', '')}"
+            )
+            todo += plan.get("Plans", [])
+        plans[name] = {
+            "execution_ms": round(top["Execution Time"], 3),
+            "planning_ms": round(top["Planning Time"], 3),
+            "rows": top["Plan"].get("Actual Rows"),
+            "shared_buffers_hit_read": [
+                top["Plan"].get("Shared Hit Blocks"),
+                top["Plan"].get("Shared Read Blocks"),
+            ],
+            "seq_scan": any(node.startswith("Seq Scan") for node in nodes),
+            "nodes": nodes,
+            "sql": sql,
+        }
+    return plans

@@ -121,16 +121,6 @@ def table(results: dict[str, Any]) -> str:
             _target(p99 < 100 if p99 is not None else None, "p99 target < 100 ms"),
         )
     )
-    floor = d.get("floor")
-    if floor:
-        rows.append(
-            (
-                "d",
-                "floor: POST + trivial GET p50/p95/p99 ms, same rate",
-                _ms(floor.get("post_then_trivial_ms") or {}, "p50", "p95", "p99"),
-                "least d could measure",
-            )
-        )
     e = phases.get("e", {})
     rows_in_table = _num(e.get("transfers_in_table"))
     for key, label in (("get_transfer", "GET transfer"), ("list_100", "GET list, 100 rows")):

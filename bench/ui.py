@@ -56,7 +56,7 @@ def wait_until(
     description: str,
     remaining: Callable[[], int],
     timeout: float,
-    poll: float = 0.2,
+    poll: float = 0.1,
     on_sample: Callable[[float, int], None] | None = None,
 ) -> tuple[bool, float]:
     """Poll `remaining()` until it reaches 0, with a bar of the work done meanwhile.
