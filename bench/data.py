@@ -1,19 +1,7 @@
-"""Bulk data for the benchmark, written with SQL (COPY) rather than through the API.
-
-What is loaded this way, and why it is still a valid ledger:
-
-- users: one argon2 hash (production cost) of one password, shared by every bench
-  user; each user gets one account per currency, as registration opens them;
-- funding and history (settled transfers): the rows the worker would have written —
-  the transfer (status settled), its postings in the order plan_batch writes them
-  (debit, credit, commission) with running balance_after, and the final balances.
-  Foreign-key triggers are skipped for these COPYs (session_replication_role =
-  replica): every id comes from the accounts just read, and common.audit checks the
-  whole ledger afterwards;
-- the backlog (pending transfers): exactly what POST /users/{id}/transfers inserts
-  for a cross-user transfer, commission by common.money.commission_for; the
-  worker settles them.
-"""
+"""Bulk data written with SQL (COPY) rather than through the API (bench/README.md, "Data"):
+users and their accounts as registration opens them; funding and history as the worker
+would have settled them (foreign-key triggers skipped, common.audit checks the whole
+ledger afterwards); backlogs of pending transfers exactly as the API inserts them."""
 
 from __future__ import annotations
 
@@ -21,7 +9,6 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import psycopg
 
@@ -272,80 +259,3 @@ def pending_count(conn: psycopg.Connection) -> int:
 
 def now(conn: psycopg.Connection) -> datetime:
     return conn.execute("SELECT clock_timestamp()").fetchone()[0].astimezone(UTC)
-
-
-def explain_reads(conn: psycopg.Connection) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE, BUFFERS) of the SQL the API runs for its lists and reads, built by
-    the same query builders, for the busiest user and account: each must be index range
-    scans whose cost follows the page, not the table (no Seq Scan, buffers in the tens)."""
-    from sqlalchemy import select
-    from sqlalchemy.dialects import postgresql
-
-    from common.accounts import postings_page
-    from common.models import Transfer, TransferStatus
-    from common.transfers import TransferFilter, transfers_page
-
-    user, payee = conn.execute(
-        "SELECT from_user_id, max(to_user_id) FROM transfers GROUP BY from_user_id "
-        "ORDER BY count(*) DESC LIMIT 1"
-    ).fetchone()
-    account = scalar(
-        conn, "SELECT account_id FROM postings GROUP BY account_id ORDER BY count(*) DESC LIMIT 1"
-    )
-    middle = scalar(
-        conn,
-        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM transfers "
-        "WHERE from_user_id = %s",
-        (user,),
-    )
-    posting_middle = scalar(
-        conn,
-        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM postings "
-        "WHERE account_id = %s",
-        (account,),
-    )
-
-    def page(filters: TransferFilter, descending: bool, after: int | None) -> Any:
-        # limit 101: the API fetches one row more than the page, to know if a next exists.
-        return transfers_page(user, filters, descending=descending, after_id=after, limit=101)
-
-    def statement(descending: bool, after: int | None) -> Any:
-        return postings_page(account, descending=descending, after_id=after, limit=101)
-
-    queries = {
-        "transfers first page": page(TransferFilter(), False, None),
-        "transfers middle page, dsc": page(TransferFilter(), True, middle),
-        "transfers status=settled": page(
-            TransferFilter(status=TransferStatus.SETTLED), False, middle
-        ),
-        "transfers to=payee": page(TransferFilter(payee_id=payee), False, None),
-        "statement first page": statement(False, None),
-        "statement middle page": statement(True, posting_middle),
-        "one transfer": select(Transfer).where(Transfer.id == middle),
-    }
-    plans: dict[str, Any] = {}
-    for name, query in queries.items():
-        dialect, literal = postgresql.dialect(), {"literal_binds": True}
-        sql = str(query.compile(dialect=dialect, compile_kwargs=literal))
-        (explained,) = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}").fetchone()
-        top = explained[0]
-        nodes, todo = [], [top["Plan"]]
-        while todo:
-            plan = todo.pop(0)
-            nodes.append(
-                f"{plan['Node Type']} on {plan.get('Relation Name') or plan.get('Index Name', '')}"
-            )
-            todo += plan.get("Plans", [])
-        plans[name] = {
-            "execution_ms": round(top["Execution Time"], 3),
-            "planning_ms": round(top["Planning Time"], 3),
-            "rows": top["Plan"].get("Actual Rows"),
-            "shared_buffers_hit_read": [
-                top["Plan"].get("Shared Hit Blocks"),
-                top["Plan"].get("Shared Read Blocks"),
-            ],
-            "seq_scan": any(node.startswith("Seq Scan") for node in nodes),
-            "nodes": nodes,
-            "sql": sql,
-        }
-    return plans

@@ -65,8 +65,6 @@ class CpuSample:
     at: float
     groups: dict[str, float]
     machine: dict[str, float]
-    ours: set[int]
-    everyone: dict[int, tuple[str, float]]
 
 
 class CpuMeter:
@@ -78,10 +76,8 @@ class CpuMeter:
 
     def sample(self) -> CpuSample:
         groups: dict[str, float] = {}
-        ours = set(tree(os.getpid()))
         for name, root in self.groups.items():
             members = _processes(root)
-            ours.update(p.pid for p in members)
             groups[name] = sum(_cpu_seconds(p, reaped=p.pid == root) for p in members)
         own = os.times()
         groups["bench"] = own.user + own.system + own.children_user + own.children_system
@@ -92,12 +88,7 @@ class CpuMeter:
             "steal": getattr(cpu, "steal", 0.0),
             "idle": cpu.idle + getattr(cpu, "iowait", 0.0),
         }
-        everyone = {
-            p.pid: (p.info["name"], sum(p.info["cpu_times"][:2]))
-            for p in psutil.process_iter(["name", "cpu_times"])
-            if p.info["cpu_times"] is not None
-        }
-        return CpuSample(time.monotonic(), groups, machine, ours, everyone)
+        return CpuSample(time.monotonic(), groups, machine)
 
     @staticmethod
     def between(start: CpuSample, end: CpuSample) -> dict[str, float]:
@@ -114,16 +105,3 @@ class CpuMeter:
             used[name] = round(machine[name], 2)
         used["wall_s"] = round(max(end.at - start.at, 1e-9), 2)
         return used
-
-    @staticmethod
-    def others(start: CpuSample, end: CpuSample, top: int = 5) -> list[list[object]]:
-        """The processes that are not the bench's and used the most CPU in between."""
-        ours = start.ours | end.ours
-        used: dict[str, float] = {}
-        for pid, (name, seconds) in end.everyone.items():
-            if pid not in ours and pid in start.everyone:
-                spent = seconds - start.everyone[pid][1]
-                if spent > 0:
-                    used[name] = used.get(name, 0.0) + spent
-        ranked = sorted(used.items(), key=lambda item: -item[1])[:top]
-        return [[name, round(seconds, 2)] for name, seconds in ranked]

@@ -184,7 +184,6 @@ class Bench:
         result["phase_seconds"] = round(time.perf_counter() - started, 1)
         after = self.meter.sample()
         result["cpu_s"] = procs.CpuMeter.between(before, after)
-        result["cpu_others_top"] = procs.CpuMeter.others(before, after)
         self.results["phases"][key] = result
         if self.web is not None:
             self.remember_memory(f"after_{key}")
