@@ -110,7 +110,8 @@ def parse_args(argv: list[str] | None) -> Config:
         "--load-tool",
         choices=("auto", "wrk", "python"),
         default="auto",
-        help="HTTP load generator for phase c: wrk when installed (auto), else aiohttp",
+        help="HTTP load generator for phase c: wrk when installed (auto; apt-get install wrk), "
+        "else aiohttp",
     )
     parser.add_argument("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")
     parser.add_argument(

@@ -221,24 +221,20 @@ def insert_pending(
     with conn.transaction():
         conn.execute("LOCK TABLE transfers IN SHARE ROW EXCLUSIVE MODE")
         first = _reserve_transfer_ids(conn, count)
-        next_id = first
-        done = 0
-        while done < count:
-            size = min(CHUNK, count - done)
-            with conn.cursor().copy(
-                "COPY transfers (id, from_account_id, to_account_id, from_user_id, to_user_id, "
-                "currency, amount, commission, requested_by) FROM STDIN"
-            ) as cp:
-                for _, row in zip(range(size), rows, strict=False):
-                    cp.write_row(
-                        (next_id, row.from_account, row.to_account, row.from_user, row.to_user,
-                         row.currency, row.amount, row.commission, row.requested_by)
-                    )  # fmt: skip
-                    next_id += 1
-            done += size
-            if progress is not None:
-                progress(size)
-    return first, next_id - 1
+        with conn.cursor().copy(
+            "COPY transfers (id, from_account_id, to_account_id, from_user_id, to_user_id, "
+            "currency, amount, commission, requested_by) FROM STDIN"
+        ) as cp:
+            for number, row in zip(range(count), rows, strict=False):
+                cp.write_row(
+                    (first + number, row.from_account, row.to_account, row.from_user,
+                     row.to_user, row.currency, row.amount, row.commission, row.requested_by)
+                )  # fmt: skip
+                if progress is not None and (number + 1) % CHUNK == 0:
+                    progress(CHUNK)
+    if progress is not None:
+        progress(count % CHUNK)
+    return first, first + count - 1
 
 
 def scalar(conn: psycopg.Connection, sql: str, params: tuple = ()) -> int:

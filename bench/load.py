@@ -11,7 +11,6 @@ of a batch (JSON), Basic Auth on the POSTs, users in turn, payees at random.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import os
@@ -40,10 +39,10 @@ class Payer:
 
 
 def payers_for(users: Sequence[Any], password: str, currency: str) -> tuple[Payer, ...]:
-    def auth(name: str) -> str:
-        return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
-
-    return tuple(Payer(u.id, auth(u.username), u.accounts[currency]) for u in users)
+    return tuple(
+        Payer(u.id, aiohttp.BasicAuth(u.username, password).encode(), u.accounts[currency])
+        for u in users
+    )
 
 
 @dataclass(frozen=True)

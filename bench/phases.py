@@ -149,24 +149,11 @@ def pgbench(bench: Bench) -> dict[str, Any]:
         "-j", str(min(config.pgbench_clients, bench.results["machine"]["cores"] or 1)),
         "-T", str(config.pgbench_seconds), "-P", "1", *target,
     ]  # fmt: skip
-    per_second = []
-    with ui.timed("pgbench TPC-B-like", config.pgbench_seconds) as tick:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        assert process.stderr is not None
-        try:
-            for line in process.stderr:
-                if match := re.match(r"progress: ([\d.]+) s, ([\d.]+) tps", line):
-                    tick(float(match.group(1)))
-                    per_second.append(float(match.group(2)))
-            out, _ = process.communicate()
-        finally:
-            if process.poll() is None:  # interrupted: pgbench must not outlive the run
-                process.kill()
-                process.wait()
+    ui.say(f"a: pgbench TPC-B-like, {config.pgbench_seconds} s")
+    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    out = run.stdout
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
-    if process.returncode != 0 or tps is None:
+    if run.returncode != 0 or tps is None:
         raise RuntimeError(f"pgbench failed: {out[-2000:]}")
     latency = re.search(r"latency average = ([\d.]+) ms", out)
     return {
@@ -175,7 +162,9 @@ def pgbench(bench: Bench) -> dict[str, Any]:
         "scale": config.pgbench_scale,
         "clients": config.pgbench_clients,
         "seconds": config.pgbench_seconds,
-        "tps_per_second": per_second,
+        "tps_per_second": [
+            float(x) for x in re.findall(r"progress: \S+ s, ([\d.]+) tps", run.stderr)
+        ],
         "command": " ".join(["pgbench", *command[1:]]),
     }
 

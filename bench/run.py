@@ -193,30 +193,18 @@ class Bench:
 
 
 def code_info() -> dict[str, Any]:
-    """Which code was measured: the commit, and whether the work tree differed from it."""
-
-    def git(*args: str) -> str | None:
-        executable = shutil.which("git")
-        if executable is None:
-            return None
-        try:
-            out = subprocess.run(
-                [executable, *args],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip()
-
-    status = git("status", "--porcelain")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "changed_files": None if status is None else len(status.splitlines()),
-    }
+    """Which code was measured: the commit, and how many files of the work tree differed."""
+    git = shutil.which("git") or "git"
+    try:
+        commit, status = (
+            subprocess.run(
+                [git, *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain"])
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "changed_files": None}
+    return {"commit": commit, "changed_files": len(status.splitlines())}
 
 
 def main(argv: list[str] | None = None) -> int:
