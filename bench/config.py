@@ -1,4 +1,4 @@
-"""The benchmark's sizes and switches: the full run of the issue, or the quick smoke run."""
+"""The benchmark's sizes and switches: the full run, or the quick smoke run."""
 
 from __future__ import annotations
 
@@ -19,62 +19,51 @@ RECORDED_KNOBS = (
 )  # fmt: skip
 
 
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Config:
-    mode: str
-    phases: str
-    pgbench_scale: int  # a
-    pgbench_clients: int
-    pgbench_seconds: int
-    users: int  # funded users, one account per bench currency each
-    currencies: tuple[str, ...]
-    backlog: int  # b
-    clients: int  # c
-    ingest_seconds: float
-    warmup_seconds: float
-    batch_items: int
-    latency_seconds: float  # d: rate = latency_rate, else factor x c's POST maximum
-    latency_rate_factor: float
-    latency_rate: float | None
-    history_total: int  # e
-    reads: int
-    settlements: int  # f
-    web_workers: int
-    worker_processes: int
-    load_tool: str
-    keep: bool
-    out_dir: Path
+    """The full run's sizes by default."""
+
+    mode: str = "full"
+    phases: str = PHASES
+    pgbench_scale: int = 10  # a
+    pgbench_clients: int = 8
+    pgbench_seconds: int = 20
+    users: int = 1000  # funded users, one account per bench currency each
+    currencies: tuple[str, ...] = ("USD",)
+    backlog: int = 50_000  # b
+    clients: int = 32  # c
+    ingest_seconds: float = 20
+    warmup_seconds: float = 3
+    batch_items: int = 100
+    latency_seconds: float = 20  # d, at latency_rate or else factor x c's POST maximum
+    latency_rate_factor: float = 0.5
+    latency_rate: float | None = None
+    history_total: int = 1_000_000  # e
+    reads: int = 2000
+    settlements: int = 100_000  # f
+    web_workers: int = _env_int("WEB_CONCURRENCY")
+    worker_processes: int = _env_int("WORKER_CONCURRENCY")
+    load_tool: str = "auto"
+    keep: bool = False
+    out_dir: Path = ROOT / "bench" / "results"
     seed: int = 20261127
     # Longest any wait for the worker pool to drain may take before the phase gives up.
     drain_timeout_s: float = 900.0
 
     def as_json(self) -> dict[str, object]:
-        data = asdict(self)
-        data["out_dir"] = str(self.out_dir)
-        data["currencies"] = list(self.currencies)
-        return data
+        return {**asdict(self), "out_dir": str(self.out_dir), "currencies": list(self.currencies)}
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw.isdigit() and int(raw) > 0 else default
-
-
-FULL = Config(
-    mode="full", phases=PHASES, pgbench_scale=10, pgbench_clients=8, pgbench_seconds=20,
-    users=1000, currencies=("USD",), backlog=50_000, clients=32, ingest_seconds=20,
-    warmup_seconds=3, batch_items=100, latency_seconds=20, latency_rate_factor=0.5,
-    latency_rate=None, history_total=1_000_000, reads=2000, settlements=100_000,
-    web_workers=_env_int("WEB_CONCURRENCY", os.cpu_count() or 1),
-    worker_processes=_env_int("WORKER_CONCURRENCY", os.cpu_count() or 1),
-    load_tool="auto", keep=False, out_dir=ROOT / "bench" / "results",
-)  # fmt: skip
-
-QUICK = replace(
-    FULL, mode="quick", pgbench_scale=1, pgbench_seconds=3, users=100, backlog=300, clients=8,
-    ingest_seconds=2, warmup_seconds=1, batch_items=20, latency_seconds=2, history_total=5000,
-    reads=100, settlements=1000,
-)  # fmt: skip
+QUICK = {
+    "mode": "quick", "pgbench_scale": 1, "pgbench_seconds": 3, "users": 100, "backlog": 300,
+    "clients": 8, "ingest_seconds": 2, "warmup_seconds": 1, "batch_items": 20,
+    "latency_seconds": 2, "history_total": 5000, "reads": 100, "settlements": 1000,
+}  # fmt: skip
 
 # Positive numeric options: (option, Config field, type, help).
 SIZES = (
@@ -100,26 +89,21 @@ def parse_args(argv: list[str] | None) -> Config:
         description="Start Remit's real stack on throwaway servers and measure it "
         "(see bench/README.md).",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes and short phases (a smoke run, ~1 min)"
-    )
-    parser.add_argument(
-        "--phases", default=PHASES, help="which phases to run, e.g. 'ab' (default: all of abcdef)"
-    )
-    parser.add_argument(
+    option = parser.add_argument
+    option("--quick", action="store_true", help="tiny sizes, short phases (a smoke run, ~1 min)")
+    option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abcdef)")
+    option(
         "--load-tool",
         choices=("auto", "wrk", "python"),
         default="auto",
         help="HTTP load generator for phase c: wrk when installed (auto; apt-get install wrk), "
         "else aiohttp",
     )
-    parser.add_argument("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")
-    parser.add_argument(
-        "--out", type=Path, help="folder for <timestamp>.json/.png (default bench/results)"
-    )
-    sizes = parser.add_argument_group("sizes (defaults: the issue's, or --quick's)")
-    for option, _, kind, text in SIZES:
-        sizes.add_argument(option, type=kind, help=text)
+    option("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")
+    option("--out", type=Path, help="folder for <timestamp>.json/.png (default bench/results)")
+    sizes = parser.add_argument_group("sizes (defaults: the full run's, or --quick's)")
+    for name, _, kind, text in SIZES:
+        sizes.add_argument(name, type=kind, help=text)
     sizes.add_argument(
         "--currencies",
         help="comma-separated currencies of the transfers (default USD: one hot "
@@ -130,24 +114,20 @@ def parse_args(argv: list[str] | None) -> Config:
     phases = "".join(p for p in PHASES if p in args.phases.lower())
     if not phases or set(args.phases.lower()) - set(PHASES):
         parser.error(f"--phases takes letters of {PHASES}")
-    overrides: dict[str, object] = {
-        "phases": phases,
-        "load_tool": args.load_tool,
-        "keep": args.keep,
-    }
-    for option, name, _, _ in SIZES:
-        value = getattr(args, option[2:].replace("-", "_"))
-        if value is not None:
+    overrides = {**(QUICK if args.quick else {}), "phases": phases}
+    overrides |= {"load_tool": args.load_tool, "keep": args.keep}
+    for name, field, _, _ in SIZES:
+        if (value := getattr(args, name[2:].replace("-", "_"))) is not None:
             if value <= 0:
-                parser.error(f"{option} must be positive")
-            overrides[name] = value
+                parser.error(f"{name} must be positive")
+            overrides[field] = value
     if args.seconds is not None:
         overrides["latency_seconds"] = args.seconds
     if args.currencies:
         overrides["currencies"] = tuple(c.strip().upper() for c in args.currencies.split(","))
     if args.out is not None:
         overrides["out_dir"] = args.out.resolve()
-    config = replace(QUICK if args.quick else FULL, **overrides)  # type: ignore[arg-type]
+    config = replace(Config(), **overrides)
     if config.users < 2:
         parser.error("--users must be at least 2 (transfers go between users)")
     if config.load_tool == "wrk" and tool_path("wrk") is None:
