@@ -215,8 +215,8 @@ async def _aiohttp_loop(
         nonlocal errors
         sent = 0
         while time.perf_counter() < deadline:
-            request = build(number + sent)
-            sent += clients
+            request = build(number + sent)  # users in turn, as wrk's script does
+            sent += 1
             begin = time.perf_counter()
             try:
                 async with http.request(**request) as response:
