@@ -1,19 +1,7 @@
-"""Bulk data for the benchmark, written with SQL (COPY) rather than through the API.
-
-What is loaded this way, and why it is still a valid ledger:
-
-- users: one argon2 hash (production cost) of one password, shared by every bench
-  user; each user gets one account per currency, as registration opens them;
-- funding and history (settled transfers): the rows the worker would have written —
-  the transfer (status settled), its postings in the order plan_batch writes them
-  (debit, credit, commission) with running balance_after, and the final balances.
-  Foreign-key triggers are skipped for these COPYs (session_replication_role =
-  replica): every id comes from the accounts just read, and common.audit checks the
-  whole ledger afterwards;
-- the backlog (pending transfers): exactly what POST /users/{id}/transfers inserts
-  for a cross-user transfer, commission by common.money.commission_for; the
-  worker settles them.
-"""
+"""Bulk data written with SQL (COPY) rather than through the API (bench/README.md, "Data"):
+users and their accounts as registration opens them; funding and history as the worker
+would have settled them (foreign-key triggers skipped, common.audit checks the whole
+ledger afterwards); backlogs of pending transfers exactly as the API inserts them."""
 
 from __future__ import annotations
 
@@ -144,22 +132,10 @@ def insert_settled(
             for row in chunk:
                 when = started + timedelta(microseconds=next_id - first)
                 transfers.append(
-                    (
-                        next_id,
-                        "settled",
-                        row.from_account,
-                        row.to_account,
-                        row.from_user,
-                        row.to_user,
-                        row.currency,
-                        row.amount,
-                        row.commission,
-                        row.requested_by,
-                        1,
-                        when,
-                        when,
-                    )
-                )
+                    (next_id, "settled", row.from_account, row.to_account, row.from_user,
+                     row.to_user, row.currency, row.amount, row.commission, row.requested_by,
+                     1, when, when)
+                )  # fmt: skip
                 legs = [
                     ("debit", row.from_account, -(row.amount + row.commission)),
                     ("credit", row.to_account, row.amount),
@@ -199,19 +175,11 @@ def funding_rows(
 ) -> list[Row]:
     """A deposit from the external account into every user's account of each currency."""
     return [
-        Row(
-            table[code].external_account_id,
-            user.accounts[code],
-            1,
-            user.id,
-            code,
-            amount * 10 ** table[code].decimals,
-            0,
-            1,
-        )
+        Row(table[code].external_account_id, user.accounts[code], 1, user.id, code,
+            amount * 10 ** table[code].decimals, 0, 1)
         for user in users
         for code in codes
-    ]
+    ]  # fmt: skip
 
 
 def random_rows(
@@ -253,64 +221,20 @@ def insert_pending(
     with conn.transaction():
         conn.execute("LOCK TABLE transfers IN SHARE ROW EXCLUSIVE MODE")
         first = _reserve_transfer_ids(conn, count)
-        next_id = first
-        done = 0
-        while done < count:
-            size = min(CHUNK, count - done)
-            with conn.cursor().copy(
-                "COPY transfers (id, from_account_id, to_account_id, from_user_id, to_user_id, "
-                "currency, amount, commission, requested_by) FROM STDIN"
-            ) as cp:
-                for _, row in zip(range(size), rows, strict=False):
-                    cp.write_row(
-                        (
-                            next_id,
-                            row.from_account,
-                            row.to_account,
-                            row.from_user,
-                            row.to_user,
-                            row.currency,
-                            row.amount,
-                            row.commission,
-                            row.requested_by,
-                        )
-                    )
-                    next_id += 1
-            done += size
-            if progress is not None:
-                progress(size)
-    return first, next_id - 1
-
-
-def enable_statement_stats(conn: psycopg.Connection) -> bool:
-    """pg_stat_statements in the bench's database, where the server has it."""
-    try:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-    except psycopg.Error:
-        return False
-    return True
-
-
-def top_statements(conn: psycopg.Connection, limit: int = 8) -> list[dict[str, object]]:
-    """The statements that took the most time in the bench's database since the last
-    reset (the phase), the bench's own polling included."""
-    rows = conn.execute(
-        "SELECT calls, total_exec_time, mean_exec_time, rows, "
-        "left(regexp_replace(query, '\\s+', ' ', 'g'), 160) "
-        "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
-        "WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT %s",
-        (limit,),
-    ).fetchall()
-    return [
-        {
-            "calls": calls,
-            "total_ms": round(total, 1),
-            "mean_ms": round(mean, 3),
-            "rows": count,
-            "query": query,
-        }
-        for calls, total, mean, count, query in rows
-    ]
+        with conn.cursor().copy(
+            "COPY transfers (id, from_account_id, to_account_id, from_user_id, to_user_id, "
+            "currency, amount, commission, requested_by) FROM STDIN"
+        ) as cp:
+            for number, row in zip(range(count), rows, strict=False):
+                cp.write_row(
+                    (first + number, row.from_account, row.to_account, row.from_user,
+                     row.to_user, row.currency, row.amount, row.commission, row.requested_by)
+                )  # fmt: skip
+                if progress is not None and (number + 1) % CHUNK == 0:
+                    progress(CHUNK)
+    if progress is not None:
+        progress(count % CHUNK)
+    return first, first + count - 1
 
 
 def scalar(conn: psycopg.Connection, sql: str, params: tuple = ()) -> int:

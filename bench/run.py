@@ -15,15 +15,16 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench import procs, report, ui
 from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
 from bench.servers import PG_SETTINGS, Postgres, Redis
 
-# Every funded account starts with this many major units: no bench transfer is
-# ever refused for lack of funds, so every one is a real settlement.
+# Every funded account starts with this many major units: no bench transfer is ever
+# refused for lack of funds, so every one is a real settlement.
 FUND_MAJOR = 10_000_000
 
 
@@ -47,24 +48,28 @@ class Bench:
         self.table: dict[str, Any] = {}
         self.loaded: Any = None
         self.conn: Any = None
-        self.statements = False
         self.verify_s = 0.1
         self.meter = procs.CpuMeter()
         self.failed = False
         self.started = time.monotonic()
         self.results: dict[str, Any] = {
-            "version": 1,
+            "version": 2,
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": config.mode,
             "config": config.as_json(),
-            "machine": machine_info(),
+            "machine": {
+                "cores": os.cpu_count(),
+                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+                "note": "shared machine: other engineers' test runs may use CPU meanwhile "
+                "(see each phase's cpu_s.other)",
+            },
             "code": code_info(),
             "phases": {},
             "memory": {},
-            "profiles": {},
         }
-
-    # --- lifecycle ----------------------------------------------------------------------
 
     def start_servers(self) -> None:
         ui.say(f"run folder {self.folder.relative_to(ROOT)}")
@@ -73,11 +78,7 @@ class Bench:
         self.meter.groups["postgres"] = self.pg.postmaster_pid() or 0
         self.meter.groups["redis"] = self.redis.pid or 0
         self.results["servers"] = {
-            "postgres": {
-                "version": self.pg.version,
-                "port": self.pg.port,
-                "settings": dict(PG_SETTINGS),
-            },
+            "postgres": {"version": self.pg.version, "port": self.pg.port, "settings": PG_SETTINGS},
             "redis": {"port": self.redis.port},
         }
         ui.say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
@@ -94,7 +95,7 @@ class Bench:
         # This process imports the project (data loading, doorbells, audit): its
         # settings must name the same servers. Nothing of the project is imported yet.
         os.environ.update(self.env)
-        self.results["knobs"] = {k: self.env.get(k) for k in RECORDED_KNOBS if self.env.get(k)}
+        self.results["knobs"] = {k: self.env[k] for k in RECORDED_KNOBS if self.env.get(k)}
         migrate(self.env, self.logs / "migrate.log")
 
         import psycopg
@@ -103,32 +104,28 @@ class Bench:
         from common.passwords import hash_password, verify_password
 
         self.conn = psycopg.connect(self.pg.conninfo("remit"), autocommit=True)
-        self.statements = data.enable_statement_stats(self.conn)
         self.loaded = data.Loaded()
-        with ui.bar("users and funding", 3, "steps") as progress:
-            password_hash = hash_password(self.password)
-            self.users = data.create_users(self.conn, self.config.users, password_hash)
-            # What one verification costs here (the auth warm-up tells cache hits by it).
-            started = time.perf_counter()
-            verify_password(0, self.password, password_hash)
-            self.verify_s = time.perf_counter() - started
-            self.results["argon2_verify_ms"] = round(self.verify_s * 1000, 1)
-            progress.update()
-            self.table = data.currencies(self.conn)
-            unknown = set(self.config.currencies) - set(self.table)
-            if unknown:
-                raise ValueError(f"--currencies: no currency {', '.join(sorted(unknown))}")
-            rows = data.funding_rows(self.users, self.table, self.config.currencies, FUND_MAJOR)
-            progress.update()
-            first_last = data.insert_settled(
+        ui.say("loading users and their funding")
+        password_hash = hash_password(self.password)
+        self.users = data.create_users(self.conn, self.config.users, password_hash)
+        # What one verification costs here (the auth warm-up tells cache hits by it).
+        started = time.perf_counter()
+        verify_password(0, self.password, password_hash)
+        self.verify_s = time.perf_counter() - started
+        self.results["argon2_verify_ms"] = round(self.verify_s * 1000, 1)
+        self.table = data.currencies(self.conn)
+        if unknown := set(self.config.currencies) - set(self.table):
+            raise ValueError(f"--currencies: no currency {', '.join(sorted(unknown))}")
+        rows = data.funding_rows(self.users, self.table, self.config.currencies, FUND_MAJOR)
+        self.loaded.ranges.append(
+            data.insert_settled(
                 self.conn,
                 rows,
                 len(rows),
                 commission_accounts=self.commission_accounts(),
                 started=data.now(self.conn),
             )
-            self.loaded.ranges.append(first_last)
-            progress.update()
+        )
 
     def commission_accounts(self) -> dict[str, int]:
         return {code: row.commission_account_id for code, row in self.table.items()}
@@ -148,18 +145,9 @@ class Bench:
         stack.wait_for_worker(self.worker, self.config.worker_processes)
         self.remember_memory("start")
 
-    def check_stack(self) -> None:
-        for process in (self.web, self.worker):
-            if process is not None:
-                process.check()
-
     def remember_memory(self, label: str) -> None:
-        groups = {}
-        if self.web is not None:
-            groups["web"] = self.web.pid
-        if self.worker is not None:
-            groups["worker"] = self.worker.pid
-        snapshot = procs.memory_snapshot(groups)
+        processes = {"web": self.web, "worker": self.worker}
+        snapshot = procs.memory_snapshot({k: p.pid for k, p in processes.items() if p})
         snapshot["at_s"] = round(time.monotonic() - self.started, 1)
         self.results["memory"][label] = snapshot
 
@@ -176,16 +164,13 @@ class Bench:
         self.redis.stop()
         self.pg.stop()
 
-    # --- phases -------------------------------------------------------------------------
-
-    def phase(self, key: str, title: str, work: Callable[[], dict[str, Any]]) -> None:
+    def phase(self, key: str, title: str, work: Callable[[Bench], dict[str, Any]]) -> None:
+        """Run one phase: its result, wall time and CPU split, memory after it."""
         ui.say(f"phase {key}: {title}")
-        if self.statements:
-            self.conn.execute("SELECT pg_stat_statements_reset()")
         before = self.meter.sample()
         started = time.perf_counter()
         try:
-            result = work()
+            result = work(self)
         except KeyboardInterrupt:
             raise
         except Exception as error:
@@ -199,83 +184,57 @@ class Bench:
         result["phase_seconds"] = round(time.perf_counter() - started, 1)
         after = self.meter.sample()
         result["cpu_s"] = procs.CpuMeter.between(before, after)
-        result["cpu_others_top"] = procs.CpuMeter.others(before, after)
-        if self.statements:
-            from bench import data
-
-            result["pg_top_statements"] = data.top_statements(self.conn)
         self.results["phases"][key] = result
         if self.web is not None:
             self.remember_memory(f"after_{key}")
-        self.check_stack()
-
-
-def machine_info() -> dict[str, Any]:
-    meminfo = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
-    return {
-        "cores": os.cpu_count(),
-        "memory_gib": round(int(meminfo[1]) / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "note": "shared machine: other engineers' test runs may use CPU meanwhile "
-        "(see each phase's cpu_s.other)",
-    }
+        for process in (self.web, self.worker):
+            if process is not None:
+                process.check()
 
 
 def code_info() -> dict[str, Any]:
-    """Which code was measured: the commit, and whether the work tree differed from it."""
-
-    executable = shutil.which("git")
-
-    def git(*args: str) -> str | None:
-        if executable is None:
-            return None
-        try:
-            out = subprocess.run(
-                [executable, *args], cwd=ROOT, capture_output=True, text=True, check=True,
-                timeout=10,
-            )  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip()
-
-    status = git("status", "--porcelain")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "changed_files": None if status is None else len(status.splitlines()),
-    }
+    """Which code was measured: the commit, and how many files of the work tree differed."""
+    git = shutil.which("git") or "git"
+    try:
+        commit, status = (
+            subprocess.run(
+                [git, *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain"])
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "changed_files": None}
+    return {"commit": commit, "changed_files": len(status.splitlines())}
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    # Ctrl-C, run.sh's SIGINT (it passes SIGTERM on so) and a direct SIGTERM all stop
-    # the run cleanly, even when started where SIGINT was ignored (a background job).
+    # Ctrl-C, run.sh's SIGINT (it passes SIGTERM on so) and a direct SIGTERM all stop the
+    # run cleanly, even when started where SIGINT was ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    bench = Bench(config)
     from bench import phases
 
+    bench = Bench(config)
+    steps = {
+        "b": ("settlement throughput (backlog drained by the worker pool)", phases.settlement),
+        "c": ("ingest through gunicorn (closed loop)", phases.ingest),
+        "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", phases.latency),
+        "e": ("read latency with a big transfers table", phases.reads),
+        "f": ("worker and web memory after many settlements", phases.memory),
+    }
     interrupted = False
     try:
         bench.start_servers()
         if "a" in config.phases:
-            bench.phase("a", "pgbench TPC-B-like, the reference", lambda: phases.pgbench(bench))
+            bench.phase("a", "pgbench TPC-B-like, the reference", phases.pgbench)
         bench.prepare_project()
         bench.start_stack()
-        steps = {
-            "b": ("settlement throughput (backlog drained by the worker pool)", phases.settlement),
-            "c": ("ingest through gunicorn (closed loop)", phases.ingest),
-            "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", phases.latency),
-            "e": ("read latency with a big transfers table", phases.reads),
-            "f": ("worker and web memory after many settlements", phases.memory),
-        }
         for key, (title, work) in steps.items():
             if key in config.phases:
-                bench.phase(key, title, lambda work=work: work(bench))
+                bench.phase(key, title, work)
     except KeyboardInterrupt:
-        interrupted = True
-        bench.failed = True
+        interrupted = bench.failed = True
         ui.say("interrupted: stopping everything")
     except Exception as error:
         bench.failed = True
@@ -283,17 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         ui.say(f"failed: {error!r} (traceback in {bench.logs}/error.txt)")
         bench.results["error"] = repr(error)
     finally:
-        # Stopping is bounded (about 30 s at worst) and must not be cut short: a
-        # server left running would outlive the run.
+        # Stopping is bounded (about 30 s at worst) and must not be cut short: a server
+        # left running would outlive the run.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ui.say("stopping the stack and the servers")
         bench.stop()
     write_results(bench)
-    clean_up(bench)
-    if interrupted:
-        return 130
-    return 1 if bench.failed else 0
+    # The run's data and logs are deleted after a successful run, unless --keep.
+    folders = [bench.folder]
+    if not bench.pg.folder.is_relative_to(bench.folder):
+        folders.append(bench.pg.folder)  # its user could not reach the run folder
+    if bench.failed or config.keep:
+        ui.say(f"kept {' and '.join(map(str, folders))} (logs, data)")
+    else:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 130 if interrupted else 1 if bench.failed else 0
 
 
 def write_results(bench: Bench) -> None:
@@ -311,16 +276,3 @@ def write_results(bench: Bench) -> None:
         ui.say(f"chart not drawn: {error!r}")
     print(report.table(bench.results))
     ui.say(f"results: {json_path}" + (f" and {png_path.name}" if png_path.exists() else ""))
-
-
-def clean_up(bench: Bench) -> None:
-    """Delete the run's data and logs after a successful run (unless --keep)."""
-    # PostgreSQL's folder is inside the run folder, unless its user could not reach it.
-    folders = [bench.folder]
-    if not bench.pg.folder.is_relative_to(bench.folder):
-        folders.append(bench.pg.folder)
-    if bench.failed or bench.config.keep:
-        ui.say(f"kept {' and '.join(map(str, folders))} (logs, data)")
-    else:
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)

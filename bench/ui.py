@@ -1,4 +1,4 @@
-"""Progress bars (tqdm, on stderr) and one-line messages."""
+"""One-line messages and progress bars (tqdm, on stderr, only on a terminal)."""
 
 from __future__ import annotations
 
@@ -9,32 +9,24 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
-BAR_FORMAT = (
-    "  {desc:<34} {percentage:3.0f}%|{bar:30}| {n_fmt}/{total_fmt} {unit} "
-    "[{elapsed}<{remaining}{postfix}]"
-)
-
 
 def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-@contextmanager
-def bar(description: str, total: float, unit: str = "") -> Iterator[tqdm]:
-    with tqdm(
+def bar(description: str, total: float, unit: str = "") -> tqdm:
+    return tqdm(
         total=total,
-        desc=description,
+        desc=f"  {description:<34}",
         unit=unit,
-        bar_format=BAR_FORMAT,
+        bar_format="{desc} {percentage:3.0f}%|{bar:30}| {n_fmt}/{total_fmt} {unit} "
+        "[{elapsed}<{remaining}]",
         file=sys.stderr,
         mininterval=0.5,
-        dynamic_ncols=False,
         ncols=110,
-        leave=True,
-        # Bars only on a terminal; a log (CI, `| tee`) gets the phase lines alone.
+        # A log (CI, `| tee`) gets the phase lines alone.
         disable=not sys.stderr.isatty(),
-    ) as progress:
-        yield progress
+    )
 
 
 @contextmanager
@@ -48,36 +40,26 @@ def timed(description: str, seconds: float) -> Iterator[Callable[[float], None]]
             progress.refresh()
 
         yield tick
-        progress.n = total
-        progress.refresh()
+        tick(total)
 
 
 def wait_until(
     description: str,
     remaining: Callable[[], int],
     timeout: float,
-    poll: float = 0.2,
-    on_sample: Callable[[float, int], None] | None = None,
+    on_sample: Callable[[float, int], object] = lambda t, n: None,
 ) -> tuple[bool, float]:
-    """Poll `remaining()` until it reaches 0, with a bar of the work done meanwhile.
-    Returns (finished, seconds)."""
+    """Poll `remaining()` every 0.1 s until it is 0 or `timeout` passed; (done, seconds)."""
     started = time.perf_counter()
-    first = remaining()
-    if on_sample is not None:
-        on_sample(0.0, first)
-    if first == 0:
+    left = remaining()
+    on_sample(0.0, left)
+    if left == 0:
         return True, 0.0
-    with bar(description, first, "") as progress:
-        left = first
-        while left > 0:
-            if time.perf_counter() - started > timeout:
-                return False, time.perf_counter() - started
-            time.sleep(poll)
+    with bar(description, left) as progress:
+        while left > 0 and time.perf_counter() - started < timeout:
+            time.sleep(0.1)
             left = remaining()
-            elapsed = time.perf_counter() - started
-            if on_sample is not None:
-                on_sample(elapsed, left)
+            on_sample(time.perf_counter() - started, left)
             progress.total = max(progress.total, left)
-            progress.n = progress.total - left
-            progress.refresh()
-    return True, time.perf_counter() - started
+            progress.update(progress.total - left - progress.n)
+    return left == 0, time.perf_counter() - started

@@ -1,0 +1,249 @@
+"""HTTP load: wrk for the closed loops of phase c when it is installed, else aiohttp;
+aiohttp for everything else (d's open loop, e's sequential reads, the auth warm-up).
+
+wrk (C, epoll) costs a few microseconds of CPU per request, a Python client tens; on
+two cores shared with the server, that difference is taken from what is measured,
+most of all on the trivial route. So wrk is preferred and the tool is recorded with
+the result. Both send the same requests: GET, POST of one transfer (form body), POST
+of a batch (JSON), Basic Auth on the POSTs, users in turn, payees at random.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.config import tool_path
+
+LUA = Path(__file__).with_name("load.lua")
+INSTALL_WRK = "apt-get install wrk"
+
+
+@dataclass(frozen=True)
+class Payer:
+    user_id: int
+    authorization: str
+    account: int
+
+
+def payers_for(users: Sequence[Any], password: str, currency: str) -> tuple[Payer, ...]:
+    return tuple(
+        Payer(u.id, aiohttp.BasicAuth(u.username, password).encode(), u.accounts[currency])
+        for u in users
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str  # "get", "post" or "batch"
+    path: str = "/currencies"
+    payers: tuple[Payer, ...] = ()
+    payees: tuple[int, ...] = ()
+    items: int = 100
+
+
+def summary_ms(
+    seconds: Iterable[float], keys: Sequence[str] = ("p50", "p95", "p99", "max")
+) -> dict[str, float | None]:
+    """Nearest-rank percentiles (and max, mean) of durations in seconds, in ms."""
+    ordered = sorted(seconds)
+    out: dict[str, float | None] = {"count": len(ordered)}
+    for key in keys:
+        if not ordered:
+            out[key] = None
+            continue
+        if key == "max":
+            value = ordered[-1]
+        elif key == "mean":
+            value = sum(ordered) / len(ordered)
+        else:
+            rank = max(1, math.ceil(float(key[1:]) / 100 * len(ordered)))
+            value = ordered[min(rank, len(ordered)) - 1]
+        out[key] = round(value * 1000, 3)
+    return out
+
+
+def session(port: int, **connector: Any) -> aiohttp.ClientSession:
+    """A session on the bench's web port. gunicorn closes a connection idle for 5 s:
+    one idle for 3 s is not reused (a POST on a closing connection is not retried)."""
+    if not connector.get("force_close"):
+        connector.setdefault("keepalive_timeout", 3)
+    return aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{port}",
+        connector=aiohttp.TCPConnector(**connector),
+        timeout=aiohttp.ClientTimeout(total=120),
+        auto_decompress=False,
+    )
+
+
+def choose_tool(preference: str) -> str:
+    return "wrk" if preference != "python" and tool_path("wrk") else "python"
+
+
+def tool_version(tool: str) -> str:
+    if tool != "wrk":
+        return f"aiohttp {aiohttp.__version__}"
+    out = subprocess.run([str(tool_path("wrk")), "-v"], capture_output=True, text=True, check=False)
+    match = re.search(r"wrk (\S+)", out.stdout + out.stderr)
+    return f"wrk {match.group(1) if match else 'unknown'}"
+
+
+def closed_loop(
+    tool: str,
+    workload: Workload,
+    *,
+    port: int,
+    clients: int,
+    seconds: float,
+    folder: Path,
+    tick: Callable[[float], None],
+) -> dict[str, Any]:
+    """`clients` keep-alive connections each sending its next request as soon as the
+    last was answered, for `seconds`: requests, req/s, errors, latency."""
+    if tool == "wrk":
+        return _wrk(workload, port=port, clients=clients, seconds=seconds, folder=folder, tick=tick)
+    return asyncio.run(_aiohttp_loop(workload, port, clients, seconds, tick))
+
+
+def _wrk(
+    workload: Workload,
+    *,
+    port: int,
+    clients: int,
+    seconds: float,
+    folder: Path,
+    tick: Callable[[float], None],
+) -> dict[str, Any]:
+    payers, payees = folder / "wrk-payers.txt", folder / "wrk-payees.txt"
+    payers.write_text(
+        "".join(f"{p.user_id} {p.account} {p.authorization}\n" for p in workload.payers)
+    )
+    payees.write_text("".join(f"{account}\n" for account in workload.payees))
+    env = dict(os.environ, BENCH_MODE=workload.kind, BENCH_PATH=workload.path,
+               BENCH_ITEMS=str(workload.items), BENCH_PAYERS=str(payers),
+               BENCH_PAYEES=str(payees))  # fmt: skip
+    command = [
+        str(tool_path("wrk")), f"-t{max(1, min(2, clients))}", f"-c{clients}",
+        f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(LUA),
+        f"http://127.0.0.1:{port}",
+    ]  # fmt: skip
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        while process.poll() is None:
+            time.sleep(0.25)
+            tick(time.monotonic() - started)
+        out, err = process.communicate()
+    finally:
+        if process.poll() is None:  # interrupted: wrk must not outlive the run
+            process.kill()
+            process.wait()
+    match = re.search(r"^BENCH_JSON (\{.*\})$", out, re.MULTILINE)
+    if process.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
+    raw = json.loads(match.group(1))
+    duration = raw["duration_us"] / 1e6
+    return {
+        "tool": "wrk",
+        "requests": raw["requests"],
+        "seconds": round(duration, 3),
+        "requests_per_s": round(raw["requests"] / duration, 1),
+        "errors": {k: raw[k] for k in ("connect", "read", "write", "status", "timeout") if raw[k]},
+        "latency_ms": {
+            **{key: raw[f"{key}_us"] / 1000 for key in ("p50", "p90", "p99", "max")},
+            "mean": round(raw["mean_us"] / 1000, 3),
+        },
+    }
+
+
+def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], dict[str, Any]]:
+    """n -> the keyword arguments of aiohttp's request() for the n-th request."""
+
+    def payee(account: int) -> int:
+        while (to := workload.payees[rng.randrange(len(workload.payees))]) == account:
+            pass
+        return to
+
+    def amount() -> str:
+        minor = rng.randint(100, 9999)
+        return f"{minor // 100}.{minor % 100:02d}"
+
+    def build(n: int) -> dict[str, Any]:
+        if workload.kind == "get":
+            return {"method": "GET", "url": workload.path}
+        payer = workload.payers[n % len(workload.payers)]
+        headers = {"Authorization": payer.authorization}
+        if workload.kind == "post":
+            form = {"from": str(payer.account), "to": str(payee(payer.account)), "amount": amount()}
+            url = f"/users/{payer.user_id}/transfers"
+            return {"method": "POST", "url": url, "headers": headers, "data": form}
+        items = [
+            {"from": payer.account, "to": payee(payer.account), "amount": amount()}
+            for _ in range(workload.items)
+        ]
+        url = f"/users/{payer.user_id}/transfers/batch"
+        return {"method": "POST", "url": url, "headers": headers, "json": {"transfers": items}}
+
+    return build
+
+
+async def _aiohttp_loop(
+    workload: Workload, port: int, clients: int, seconds: float, tick: Callable[[float], None]
+) -> dict[str, Any]:
+    build = request_builder(workload, random.Random(len(workload.payers) + clients))
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def client(http: aiohttp.ClientSession, number: int) -> None:
+        nonlocal errors
+        sent = 0
+        while time.perf_counter() < deadline:
+            request = build(number + sent)  # users in turn, as wrk's script does
+            sent += 1
+            begin = time.perf_counter()
+            try:
+                async with http.request(**request) as response:
+                    await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - begin)
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+
+    async def ticker() -> None:
+        while time.perf_counter() < deadline:
+            await asyncio.sleep(0.5)
+            tick(time.perf_counter() - started)
+
+    async with session(port, limit=clients) as http:
+        await asyncio.gather(ticker(), *(client(http, n) for n in range(clients)))
+    elapsed = time.perf_counter() - started
+    failed = {"transport": errors} if errors else {}
+    bad = sum(count for status, count in statuses.items() if status >= 400)
+    if bad:
+        failed["status"] = bad
+    return {
+        "tool": "python",
+        "requests": len(latencies),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "errors": failed,
+        "latency_ms": summary_ms(latencies, ("p50", "p90", "p99", "max", "mean")),
+    }
