@@ -87,11 +87,13 @@ class AppProcess(Process):
         self.expected_exit = False
 
     def start(self) -> None:
-        self.expected_exit = False
         with self.log_path.open("ab") as log:
             log.write(f"\n===== start #{self.starts + 1} of {self.name} =====\n".encode())
         super().start()
         self._log_offset = self.log_path.stat().st_size
+        # Only now: until the new process runs, the watcher must not take the old one's
+        # end for a crash.
+        self.expected_exit = False
 
     def log_since_start(self) -> str:
         with self.log_path.open("rb") as log:
