@@ -40,6 +40,8 @@ def _exec(argv: list[str]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os.chdir(ROOT)
+    # Python ignores SIGPIPE, and an ignored signal stays ignored across exec.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     os.execvp(argv[0], argv)
 
 

@@ -373,7 +373,9 @@ def throwaway_servers(*, database: bool, redis: bool) -> Iterator[None]:
         if redis_server is not None and redis_server.process is not None:
             say("stopping the throwaway Redis")
             redis_server.stop()
-        if pg is not None and pg.started:
+        # Started, or interrupted while starting: its postmaster.pid says it runs.
+        if pg is not None and (pg.started or (pg.data / "postmaster.pid").exists()):
+            pg.started = True
             say("stopping the throwaway PostgreSQL")
             try:
                 pg.stop()
