@@ -77,7 +77,9 @@ class Process:
 
     @property
     def returncode(self) -> int | None:
-        return None if self.popen is None else self.popen.poll()
+        """The exit status; one killed by a signal N is 128 + N, as in the shell."""
+        status = None if self.popen is None else self.popen.poll()
+        return 128 - status if status is not None and status < 0 else status
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
