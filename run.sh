@@ -63,7 +63,7 @@ install() {
 
 # Creates .venv once, then installs the runtime (requirements.txt) or, for the commands
 # that need them, the tests, bench and lint tools too (requirements-dev.txt includes the
-# runtime). Each has its own stamp: switching between `up` and `test` reinstalls nothing.
+# runtime). Each has its own stamp: moving between `up` and `test` reinstalls nothing.
 ensure_venv() {
     if [[ ! -x $VENV/bin/python ]]; then
         command -v python3 >/dev/null ||
@@ -72,10 +72,9 @@ ensure_venv() {
         python3 -m venv "$VENV" ||
             die "python3 -m venv failed: install the venv module (apt-get install python3-venv)"
     fi
+    # A current development install holds the runtime too: nothing to do for `up` then.
     if [[ $1 == dev ]]; then
         install requirements-dev.txt .requirements-dev.sha256 requirements-dev.txt requirements.txt
-        # The runtime came with it: up and the services need not install it again.
-        file_sha256 requirements.txt >"$VENV/.requirements.sha256"
     elif [[ $(file_sha256 requirements-dev.txt requirements.txt) != "$(cat "$VENV/.requirements-dev.sha256" 2>/dev/null)" ]]; then
         install requirements.txt .requirements.sha256 requirements.txt
     fi

@@ -18,11 +18,15 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-
-import psycopg
-import redis
+from typing import TYPE_CHECKING
 
 from ops import ROOT
+
+if TYPE_CHECKING:
+    import psycopg
+
+# psycopg and redis are imported where used: `./run.sh test` and the services need not
+# pay for them before their own start.
 
 
 class ServerError(RuntimeError):
@@ -243,6 +247,8 @@ class Postgres:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={database} connect_timeout=5"
 
     def connect(self, database: str = "postgres") -> psycopg.Connection:
+        import psycopg
+
         return psycopg.connect(self.conninfo(database), autocommit=True)
 
     def create_database(self, name: str) -> None:
@@ -290,6 +296,8 @@ class Redis:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
+        import redis
+
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 20
         try:
@@ -315,6 +323,8 @@ class Redis:
         return self.process.pid if self.process else None
 
     def command(self, *args: str) -> object:
+        import redis
+
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
         try:
             return client.execute_command(*args)
