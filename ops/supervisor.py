@@ -115,7 +115,8 @@ class Process:
         process and what was left of its tree are gone."""
         if self.popen is None:
             return
-        leftovers = self.tree()
+        # Only while it runs: the pid of a process reaped already may be another's now.
+        leftovers = self.tree() if self.alive() else []
         self.signal_group(signal.SIGKILL)
         for process in leftovers:  # one that left the group (setsid) all the same
             with contextlib.suppress(psutil.Error):
