@@ -11,7 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when requirements.txt changes.
+# Dependencies first: this layer is rebuilt only when requirements.txt changes. The
+# runtime only: tests, the bench and linting (requirements-dev.txt) stay out of the image.
 COPY requirements.txt ./
 RUN pip install --no-compile -r requirements.txt
 
@@ -21,6 +22,7 @@ RUN groupadd --system remit && useradd --system --gid remit --home-dir /app --no
 COPY --chown=remit:remit alembic.ini pyproject.toml run.sh ./
 COPY --chown=remit:remit common ./common
 COPY --chown=remit:remit migrations ./migrations
+COPY --chown=remit:remit ops ./ops
 COPY --chown=remit:remit web ./web
 COPY --chown=remit:remit worker ./worker
 

@@ -1,23 +1,20 @@
-"""Remit's own processes, started exactly as production starts them (run.sh's service
-commands): migrate, gunicorn with web.gunicorn_conf, a Celery worker with its prefork
-pool. Only the bind address differs: loopback, on a free port.
+"""Remit's own processes, started exactly as production starts them (ops.services):
+migrate, gunicorn with web.gunicorn_conf, a Celery worker with its prefork pool. Only
+the bind address differs: loopback, on a free port.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO
 
 from bench.config import ROOT, Config
+from ops import services, supervisor
 
 
 class StackError(RuntimeError):
@@ -56,94 +53,36 @@ def stack_environment(
     return env
 
 
-class Process:
-    """A server process in a session of its own, its output in a log file."""
+class Process(supervisor.Process):
+    """A server process in a session of its own, its output in a log file; started here."""
 
     def __init__(self, name: str, command: list[str], env: dict, log: Path) -> None:
-        self.name = name
-        self.command = command
-        self.log_path = log
-        self._log: IO[bytes] = log.open("ab")
-        self.popen = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+        super().__init__(name, command, env, log=log)
+        self.start()
 
     def check(self) -> None:
         if not self.alive():
             raise StackError(
-                f"{self.name} exited with status {self.popen.returncode}, see {self.log_path}"
+                f"{self.name} exited with status {self.returncode}, see {self.log_path}"
             )
-
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM (the graceful stop of gunicorn and Celery), then SIGKILL to the group."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout)
-        # Whatever is left of its group (a pool child that outlived its parent).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-        self._log.close()
 
 
 def migrate(env: dict, log: Path) -> None:
     with log.open("ab") as out:
         result = subprocess.run(
-            [sys.executable, "-m", "common.migrate"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            check=False,
-            timeout=300,
-        )
+            services.command("migrate"), cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT, check=False, timeout=300,
+        )  # fmt: skip
     if result.returncode != 0:
         raise StackError(f"python -m common.migrate failed, see {log}")
 
 
 def start_web(env: dict, port: int, logs: Path) -> Process:
-    # run.sh's web service command; --bind overrides the config file's 0.0.0.0.
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--config",
-        "python:web.gunicorn_conf",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "web.wsgi:app",
-    ]
-    return Process("web", command, env, logs / "web.log")
+    return Process("web", services.command("web", bind=f"127.0.0.1:{port}"), env, logs / "web.log")
 
 
 def start_worker(env: dict, logs: Path) -> Process:
-    # run.sh's worker service command.
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "--app",
-        "worker.app",
-        "worker",
-        "--loglevel",
-        "INFO",
-    ]
-    return Process("worker", command, env, logs / "worker.log")
+    return Process("worker", services.command("worker"), env, logs / "worker.log")
 
 
 def wait_for_http(process: Process, port: int, path: str = "/health", timeout: float = 60) -> None:
@@ -164,15 +103,13 @@ def wait_for_http(process: Process, port: int, path: str = "/health", timeout: f
 
 def wait_for_worker(process: Process, processes: int, timeout: float = 60) -> None:
     """Until the worker answers a control ping and its whole pool has forked."""
-    from bench import procs
     from worker.app import app
 
     deadline = time.monotonic() + timeout
     while True:
         process.check()
         replies = app.control.ping(timeout=0.5)
-        pool = len(procs.tree(process.pid)) - 1
-        if replies and pool >= processes:
+        if replies and len(process.tree()) >= processes:
             return
         if time.monotonic() > deadline:
             raise StackError(f"the Celery worker did not answer a ping within {timeout:.0f} s")

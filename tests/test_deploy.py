@@ -87,6 +87,33 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     assert "pip install --no-compile -r requirements.txt" in dockerfile
 
 
+def _requirements(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def test_the_image_installs_the_runtime_only() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    instructions = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in instructions if "requirements-dev" in line]
+    installs = re.findall(r"pip install[^\n]*", dockerfile)
+    assert installs == ["pip install --no-compile -r requirements.txt"]
+    # Every service's command goes through ./run.sh and the ops package: both are in it.
+    assert re.search(r"^COPY .*\brun\.sh\b", dockerfile, re.MULTILINE)
+    assert re.search(r"^COPY .* ops \./ops$", dockerfile, re.MULTILINE)
+
+
+def test_requirements_are_pinned_and_split() -> None:
+    runtime = _requirements("requirements.txt")
+    dev = _requirements("requirements-dev.txt")
+    assert dev[0] == "-r requirements.txt"
+    for line in runtime + dev[1:]:
+        assert re.fullmatch(r"[A-Za-z0-9_.\-]+(\[[a-z,]+\])?==[0-9][0-9A-Za-z.]*", line), line
+    names = {re.split(r"[\[=]", line, maxsplit=1)[0].lower() for line in runtime}
+    # The test, bench and lint tools are development's only.
+    assert not names & {"pytest", "ruff", "schemathesis", "matplotlib", "hypothesis", "tqdm"}
+
+
 @pytest.mark.parametrize(
     ("environment", "expected"),
     [({"WEB_THREADS": "7"}, "7"), ({"WEB_THREADS": "7", "DB_POOL_SIZE": "3"}, "3")],

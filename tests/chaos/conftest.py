@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from bench.servers import ServerError, find_pg_bin
+from ops.servers import ServerError, find_pg_bin
 from tests.chaos.harness import (
     ROOT,
     PostgresServer,

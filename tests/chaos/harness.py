@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
-# The same throwaway servers as the benchmark's (one implementation of "a redis-server
-# of our own"): Redis comes from there; PostgreSQL below has the chaos suite's own needs
-# (restarts in several modes, fsync off).
-from bench.servers import Postgres as PostgresServer
-from bench.servers import Redis as RedisServer
-from bench.servers import ServerError, free_port
+from ops import services
+from ops.servers import Postgres as PostgresServer
+from ops.servers import Redis as RedisServer
+from ops.servers import ServerError, free_port
+from ops.supervisor import Process
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 SUPERUSER_PASSWORD = "chaos-superuser-password"
 SECRET_KEY = secrets.token_hex(32)
 
@@ -51,13 +49,8 @@ def wait_until(
         time.sleep(interval)
 
 
-# --- servers ------------------------------------------------------------------------------
-
-
 # Durability off: the chaos suite tests crashes of the app, not of the disk.
 CHAOS_PG_SETTINGS = {
-    "listen_addresses": "'127.0.0.1'",
-    "unix_socket_directories": "''",
     "fsync": "off",
     "synchronous_commit": "off",
     "full_page_writes": "off",
@@ -66,101 +59,41 @@ CHAOS_PG_SETTINGS = {
 }
 
 
-# --- app processes ------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (from /proc; no psutil needed)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                # The command name is in parentheses and may hold spaces: split after it.
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def socket_owner(local_port: int, remote_port: int, pids: list[int]) -> int | None:
-    """Which of `pids` holds the TCP socket 127.0.0.1:local_port -> :remote_port."""
-    inode = None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote = fields[1], fields[2]
-            if (
-                int(local.rsplit(":", 1)[1], 16) == local_port
-                and int(remote.rsplit(":", 1)[1], 16) == remote_port
-            ):
-                inode = fields[9]
-                break
-        if inode:
-            break
-    if not inode:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
+def socket_owner(local_port: int, remote_port: int, processes: list[psutil.Process]) -> int | None:
+    """Which of `processes` holds the TCP socket 127.0.0.1:local_port -> :remote_port."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            for connection in process.net_connections(kind="tcp"):
+                if (
+                    connection.laddr
+                    and connection.raddr
+                    and connection.laddr.port == local_port
+                    and connection.raddr.port == remote_port
+                ):
+                    return process.pid
     return None
 
 
-class AppProcess:
-    """One real process (gunicorn, a Celery worker node, beat) in its own process group."""
+class AppProcess(Process):
+    """One real process (gunicorn, a Celery worker node, beat) in its own process group,
+    its output appended to `<log_dir>/<name>.log`."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log_path = log_dir / f"{name}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.starts = 0
+        super().__init__(name, argv, env, log=log_dir / f"{name}.log")
+        self.log_path: Path = log_dir / f"{name}.log"
         self._log_offset = 0
         # Set when the test itself ends the process (kill, SIGTERM, stop): any other
         # exit is a crash, which the stack's watcher records.
         self.expected_exit = False
 
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None, f"{self.name} is not running"
-        return self.popen.pid
-
     def start(self) -> None:
-        assert self.popen is None or self.popen.poll() is not None, f"{self.name} runs already"
-        self.starts += 1
-        self.expected_exit = False
         with self.log_path.open("ab") as log:
-            log.write(f"\n===== start #{self.starts} of {self.name} =====\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            log.write(f"\n===== start #{self.starts + 1} of {self.name} =====\n".encode())
+        super().start()
         self._log_offset = self.log_path.stat().st_size
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+        # Only now: until the new process runs, the watcher must not take the old one's
+        # end for a crash.
+        self.expected_exit = False
 
     def log_since_start(self) -> str:
         with self.log_path.open("rb") as log:
@@ -191,68 +124,14 @@ class AppProcess:
                     counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def signal(self, signum: int) -> None:
-        """To the main process only (Celery and gunicorn handle their children)."""
-        if self.alive():
-            os.kill(self.pid, signum)
-
-    def signal_group(self, signum: int) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signum)
-
     def kill(self) -> None:
         """SIGKILL the whole group, like a container being killed."""
-        if self.popen is None:
-            return
         self.expected_exit = True
-        self.signal_group(signal.SIGKILL)
-        self.popen.wait(30)
-        # Orphaned children could linger a moment: wait until the group is gone.
-        with contextlib.suppress(AssertionError):
-            wait_until(lambda: not _group_alive(self.pid), 10, 0.05)
+        super().kill()
 
-    def wait(self, timeout: float) -> int | None:
-        if self.popen is None:
-            return None
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout: float = 30) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`. Returns the exit status (None if killed)."""
-        if self.popen is None:
-            return None
+    def stop(self, timeout: float = 30, hurry: Callable[[], bool] = lambda: False) -> bool:
         self.expected_exit = True
-        if self.popen.poll() is None:
-            self.signal_group(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            status = self.wait(timeout)
-            if status is None:
-                self.kill()
-                return None
-        self.kill()  # leftovers of the group, if any
-        return self.popen.returncode
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Zombies count as gone: look for a process of the group that is not one.
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
+        return super().stop(timeout, hurry)
 
 
 class Stack:
@@ -326,7 +205,7 @@ class Stack:
     def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
         """A one-shot command (migrate, audit) with the stack's environment."""
         return subprocess.run(
-            [str(VENV_BIN / "python"), *args],
+            [sys.executable, *args],
             cwd=ROOT,
             env={**self.env("tool"), **env},
             capture_output=True,
@@ -349,18 +228,8 @@ class Stack:
         return process
 
     def start_web(self, *, redis_url: str | None = None) -> AppProcess:
-        web = self._add(
-            "web",
-            [
-                str(VENV_BIN / "gunicorn"),
-                "--config",
-                "python:web.gunicorn_conf",
-                "--bind",
-                f"127.0.0.1:{self.web_port}",
-                "web.wsgi:app",
-            ],
-            redis_url,
-        )
+        command = services.command("web", bind=f"127.0.0.1:{self.web_port}")
+        web = self._add("web", command, redis_url)
         web.start()
         return web
 
@@ -378,20 +247,7 @@ class Stack:
         wait_until(listening, timeout, 0.2, "the web to answer")
 
     def start_worker(self, name: str, *, redis_url: str | None = None) -> AppProcess:
-        worker = self._add(
-            name,
-            [
-                str(VENV_BIN / "celery"),
-                "--app",
-                "worker.app",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                f"{name}@%h",
-            ],
-            redis_url,
-        )
+        worker = self._add(name, services.command("worker", hostname=f"{name}@%h"), redis_url)
         worker.start()
         return worker
 
@@ -410,20 +266,8 @@ class Stack:
         wait_until(ready, timeout, 0.2, f"worker {name} to be ready")
 
     def start_beat(self, *, redis_url: str | None = None) -> AppProcess:
-        beat = self._add(
-            "beat",
-            [
-                str(VENV_BIN / "celery"),
-                "--app",
-                "worker.app",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "--schedule",
-                str(self.log_dir / "beat-schedule"),
-            ],
-            redis_url,
-        )
+        command = services.command("beat", schedule=self.log_dir / "beat-schedule")
+        beat = self._add("beat", command, redis_url)
         beat.start()
         return beat
 
@@ -453,12 +297,10 @@ class Stack:
         if self._watcher is not None:
             self._watcher.join(5)
 
-    def stop_all(self) -> dict[str, int | None]:
+    def stop_all(self) -> None:
         self.unwatch()
-        statuses = {}
-        for name, process in reversed(list(self.processes.items())):
-            statuses[name] = process.stop(timeout=20)
-        return statuses
+        for process in reversed(list(self.processes.values())):
+            process.stop(timeout=20)
 
     # --- probes ---------------------------------------------------------------------------
 
@@ -481,11 +323,11 @@ class Stack:
                 "AND application_name = %s AND wait_event = 'PgSleep'",
                 (self.database, f"remit-{worker}"),
             ).fetchall()
-        pids = [process.pid, *descendants(process.pid)]
+        processes = [psutil.Process(process.pid), *process.tree()]
         for (client_port,) in rows:
             if client_port is None:
                 continue
-            owner = socket_owner(client_port, self.pg.port, pids)
+            owner = socket_owner(client_port, self.pg.port, processes)
             if owner is not None:
                 return owner
         return None
