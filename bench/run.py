@@ -29,6 +29,10 @@ from bench.servers import PG_SETTINGS, Postgres, Redis, free_port
 FUND_MAJOR = 10_000_000
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 class Bench:
     """The run's servers, processes, data and results; phases (bench.phases) use it."""
 
@@ -42,19 +46,19 @@ class Bench:
         self.redis = Redis(self.folder / "redis")
         self.web: Any = None
         self.worker: Any = None
+        self.conn: Any = None
         self.env: dict[str, str] = {}
         self.port = 0
         self.password = secrets.token_urlsafe(12)
-        self.users: list[Any] = []
+        self.users: list[data.BenchUser] = []
         self.loaded = 0  # settled transfers written by SQL (funding, history), not the worker
-        self.conn: Any = None
         self.verify_s = 0.1
         self.meter = procs.CpuMeter()
         self.failed = False
         self.started = time.monotonic()
         self.results: dict[str, Any] = {
             "version": 2,
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "started_at": _now(),
             "mode": config.mode,
             "config": config.as_json(),
             "machine": {
@@ -83,19 +87,17 @@ class Bench:
         }
         say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
 
-    def prepare_project(self) -> None:
-        """Point this process and the stack at the bench's servers, migrate, load users."""
-        from bench.stack import migrate, stack_environment
+    def start_stack(self) -> None:
+        """Migrate, load the users and their funding, start gunicorn and the worker."""
+        from bench import stack
 
-        self.port = free_port()
-        self.env = stack_environment(
-            self.config, self.pg.url("remit"), self.redis.url(0), self.port, self.folder
-        )
-        # This process imports the project (data loading, doorbells, audit): its
+        pg_url, redis_url, self.port = self.pg.url("remit"), self.redis.url(0), free_port()
+        self.env = stack.stack_environment(self.config, pg_url, redis_url, self.port, self.folder)
+        # This process imports the project (doorbells, audit, password hashing): its
         # settings must name the same servers. Nothing of the project is imported yet.
         os.environ.update(self.env)
         self.results["knobs"] = {k: self.env[k] for k in RECORDED_KNOBS if self.env.get(k)}
-        migrate(self.env, self.logs / "migrate.log")
+        stack.migrate(self.env, self.logs / "migrate.log")
 
         from common.passwords import hash_password, verify_password
 
@@ -106,34 +108,53 @@ class Bench:
         say("loading users and their funding")
         password_hash = hash_password(self.password)
         self.users = data.create_users(self.conn, self.config.users, password_hash)
+        user_ids = [user.id for user in self.users]
+        self.loaded += data.fund(self.conn, user_ids, self.config.currencies, FUND_MAJOR)
         # What one verification costs here (the auth warm-up tells cache hits by it).
         started = time.perf_counter()
         verify_password(0, self.password, password_hash)
         self.verify_s = time.perf_counter() - started
         self.results["argon2_verify_ms"] = round(self.verify_s * 1000, 1)
-        self.loaded += data.fund(
-            self.conn, [u.id for u in self.users], self.config.currencies, FUND_MAJOR
-        )
 
-    def start_stack(self) -> None:
-        from bench import stack
-
+        config = self.config
         say(
-            f"starting gunicorn ({self.config.web_workers} workers) and a Celery worker "
-            f"({self.config.worker_processes} processes)"
+            f"starting gunicorn ({config.web_workers} workers) and a Celery worker "
+            f"({config.worker_processes} processes)"
         )
         self.web = stack.start_web(self.env, self.port, self.logs)
         self.worker = stack.start_worker(self.env, self.logs)
-        self.meter.groups["web"] = self.web.pid
-        self.meter.groups["worker"] = self.worker.pid
+        self.meter.groups |= {"web": self.web.pid, "worker": self.worker.pid}
         stack.wait_for_http(self.web, self.port)
-        stack.wait_for_worker(self.worker, self.config.worker_processes)
+        stack.wait_for_worker(self.worker, config.worker_processes)
         self.remember_memory("start")
 
     def remember_memory(self, label: str) -> None:
         snapshot = procs.memory_snapshot({"web": self.web.pid, "worker": self.worker.pid})
         snapshot["at_s"] = round(time.monotonic() - self.started, 1)
         self.results["memory"][label] = snapshot
+
+    def phase(self, key: str, title: str, work: Callable[[Bench], dict]) -> None:
+        """Run one phase: its result, wall time and CPU split, memory after it. Phases of
+        the stack start with nothing pending or queued."""
+        say(f"phase {key}: {title}")
+        before, started = self.meter.sample(), time.perf_counter()
+        try:
+            if self.web is not None:
+                phases.drain(self)
+            result = work(self)
+        except Exception as error:
+            self.failed = True
+            (self.logs / f"phase-{key}-error.txt").write_text(traceback.format_exc())
+            say(f"phase {key} failed: {error!r} (traceback in {self.logs}/phase-{key}-error.txt)")
+            result = {"error": repr(error)}
+        result["title"] = title
+        result["phase_seconds"] = round(time.perf_counter() - started, 1)
+        result["cpu_s"] = self.meter.between(before, self.meter.sample())
+        self.results["phases"][key] = result
+        if self.web is not None:
+            self.remember_memory(f"after_{key}")
+            self.web.check()
+            self.worker.check()
 
     def stop(self) -> None:
         if self.conn is not None:
@@ -148,32 +169,21 @@ class Bench:
         self.redis.stop()
         self.pg.stop()
 
-    def phase(self, key: str, title: str, work: Callable[[Bench], dict]) -> None:
-        """Run one phase: its result, wall time and CPU split, memory after it. Phases of
-        the stack start with nothing pending or queued."""
-        say(f"phase {key}: {title}")
-        before = self.meter.sample()
-        started = time.perf_counter()
+    def write_results(self) -> None:
+        """<timestamp>.json, <timestamp>.png and the table on stdout."""
+        self.results["finished_at"] = _now()
+        self.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        self.results["ok"] = not self.failed
+        self.config.out_dir.mkdir(parents=True, exist_ok=True)
+        json_path = self.config.out_dir / f"{self.stamp}.json"
+        json_path.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        png_path = json_path.with_suffix(".png")
         try:
-            if self.web is not None:
-                phases.drain(self)
-            result = work(self)
-        except KeyboardInterrupt:
-            raise
+            report.chart(self.results, png_path)
         except Exception as error:
-            self.failed = True
-            (self.logs / f"phase-{key}-error.txt").write_text(traceback.format_exc())
-            say(f"phase {key} failed: {error!r} (traceback in {self.logs}/phase-{key}-error.txt)")
-            result = {"error": repr(error)}
-        result["title"] = title
-        result["phase_seconds"] = round(time.perf_counter() - started, 1)
-        result["cpu_s"] = self.meter.between(before, self.meter.sample())
-        self.results["phases"][key] = result
-        if self.web is not None:
-            self.remember_memory(f"after_{key}")
-        for process in (self.web, self.worker):
-            if process is not None:
-                process.check()
+            say(f"chart not drawn: {error!r}")
+        print(report.table(self.results))
+        say(f"results: {json_path}" + (f" and {png_path.name}" if png_path.exists() else ""))
 
 
 def code_info() -> dict[str, Any]:
@@ -202,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         bench.start_servers()
         if "a" in config.phases:  # pgbench measures the server alone, before Remit starts
             bench.phase("a", *phases.ALL["a"])
-        bench.prepare_project()
         bench.start_stack()
         for key in config.phases.replace("a", ""):
             bench.phase(key, *phases.ALL[key])
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         say("stopping the stack and the servers")
         bench.stop()
-    write_results(bench)
+    bench.write_results()
     # The run's data and logs are deleted after a successful run, unless --keep.
     folders = [bench.folder]
     if not bench.pg.folder.is_relative_to(bench.folder):
@@ -232,20 +241,3 @@ def main(argv: list[str] | None = None) -> int:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
     return 130 if interrupted else 1 if bench.failed else 0
-
-
-def write_results(bench: Bench) -> None:
-    """<timestamp>.json, <timestamp>.png and the table on stdout."""
-    bench.results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    bench.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    bench.results["ok"] = not bench.failed
-    bench.config.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = bench.config.out_dir / f"{bench.stamp}.json"
-    json_path.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
-    png_path = json_path.with_suffix(".png")
-    try:
-        report.chart(bench.results, png_path)
-    except Exception as error:
-        say(f"chart not drawn: {error!r}")
-    print(report.table(bench.results))
-    say(f"results: {json_path}" + (f" and {png_path.name}" if png_path.exists() else ""))
