@@ -6,7 +6,7 @@ import argparse
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,6 @@ class Config:
     seed: int = 20261127
     # Longest any wait for the worker pool to drain may take before the phase gives up.
     drain_timeout_s: float = 900.0
-
-    def as_json(self) -> dict[str, object]:
-        return {**asdict(self), "out_dir": str(self.out_dir), "currencies": list(self.currencies)}
 
 
 def parse_args(argv: list[str] | None) -> Config:

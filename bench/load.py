@@ -18,6 +18,7 @@ import random
 import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,16 +82,13 @@ def session(
     )
 
 
-def choose_tool(preference: str) -> str:
-    return "wrk" if preference != "python" and tool_path("wrk") else "python"
-
-
-def tool_version(tool: str) -> str:
-    if tool != "wrk":
-        return f"aiohttp {aiohttp.__version__}"
+def choose_tool(preference: str) -> tuple[str, str]:
+    """The closed-loop tool (wrk unless told python or not installed) and its version."""
+    if preference == "python" or not tool_path("wrk"):
+        return "python", f"aiohttp {aiohttp.__version__}"
     out = subprocess.run([str(tool_path("wrk")), "-v"], capture_output=True, text=True, check=False)
     match = re.search(r"wrk (\S+)", out.stdout + out.stderr)
-    return f"wrk {match.group(1) if match else 'unknown'}"
+    return "wrk", f"wrk {match.group(1) if match else 'unknown'}"
 
 
 def closed_loop(
@@ -171,15 +169,12 @@ def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], d
 async def _aiohttp_loop(workload: Workload, port: int, clients: int, seconds: float) -> dict:
     build = request_builder(workload, random.Random(len(workload.payers) + clients))
     latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
+    errors: Counter[str] = Counter()
     started = time.perf_counter()
-    deadline = started + seconds
 
     async def client(http: aiohttp.ClientSession, number: int) -> None:
-        nonlocal errors
         sent = 0
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < started + seconds:
             request = build(number + sent)  # users in turn, as wrk's script does
             sent += 1
             begin = time.perf_counter()
@@ -187,23 +182,20 @@ async def _aiohttp_loop(workload: Workload, port: int, clients: int, seconds: fl
                 async with http.request(**request) as response:
                     await response.read()
             except (aiohttp.ClientError, TimeoutError):
-                errors += 1
+                errors["transport"] += 1
                 continue
             latencies.append(time.perf_counter() - begin)
-            statuses[response.status] = statuses.get(response.status, 0) + 1
+            if response.status >= 400:
+                errors["status"] += 1
 
     async with session(port, limit=clients) as http:
         await asyncio.gather(*(client(http, n) for n in range(clients)))
     elapsed = time.perf_counter() - started
-    failed = {"transport": errors} if errors else {}
-    bad = sum(count for status, count in statuses.items() if status >= 400)
-    if bad:
-        failed["status"] = bad
     return {
         "tool": "python",
         "requests": len(latencies),
         "seconds": round(elapsed, 3),
         "requests_per_s": round(len(latencies) / elapsed, 1),
-        "errors": failed,
-        "latency_ms": summary_ms(latencies, ("p50", "p90", "p99", "max", "mean")),
+        "errors": {kind: count for kind, count in errors.items() if count},
+        "latency_ms": summary_ms(latencies, ("p50", "p90", "p99")),
     }

@@ -93,15 +93,6 @@ def _backlog(bench: Bench, count: int, seed: int) -> tuple[int, int]:
     return data.insert_random(bench.conn, users, bench.config.currencies, count, seed=seed)
 
 
-def _payers(bench: Bench) -> tuple[load.Payer, ...]:
-    code = bench.config.currencies[0]
-    return load.payers_for(bench.users[: bench.config.clients], bench.password, code)
-
-
-def _payees(bench: Bench) -> tuple[int, ...]:
-    return tuple(user.accounts[bench.config.currencies[0]] for user in bench.users)
-
-
 def warm_auth(bench: Bench) -> int:
     """Fill every web process's auth cache with the clients' credentials; the number of
     rounds it took.
@@ -113,7 +104,7 @@ def warm_auth(bench: Bench) -> int:
     web process), until three rounds in a row answered faster than a verification.
     """
     threshold = max(0.015, 0.6 * bench.verify_s)
-    payers = _payers(bench)
+    payers = bench.payers
 
     async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
         begin = time.perf_counter()
@@ -225,10 +216,10 @@ def ingest(bench: Bench) -> dict[str, Any]:
     from bench import stack
 
     config = bench.config
-    tool = load.choose_tool(config.load_tool)
+    tool, version = load.choose_tool(config.load_tool)
     if tool == "python" != config.load_tool:
         say(f"  wrk is not installed ({load.INSTALL_WRK}): aiohttp drives c instead")
-    payers, payees = _payers(bench), _payees(bench)
+    payers, payees = bench.payers, bench.payees
     workloads = {
         "trivial": load.Workload("get", "/currencies"),
         "health": load.Workload("get", "/health"),
@@ -237,7 +228,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
     }
     result: dict[str, Any] = {
         "tool": tool,
-        "tool_version": load.tool_version(tool),
+        "tool_version": version,
         "clients": config.clients,
         "seconds": config.ingest_seconds,
         "trivial_endpoint": "GET /currencies (no auth, no database query: Flask + gunicorn)",
@@ -297,8 +288,8 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
     followed by long polls (?wait=) until it is final. Latency counts from the moment
     an operation was due, so a server that falls behind cannot hide its queue (no
     coordinated omission)."""
-    payers = _payers(bench)
-    workload = load.Workload("post", payers=payers, payees=_payees(bench))
+    payers = bench.payers
+    workload = load.Workload("post", payers=payers, payees=bench.payees)
     build = load.request_builder(workload, random.Random(7))
     e2e: list[float] = []
     submit: list[float] = []
@@ -445,7 +436,7 @@ def reads(bench: Bench) -> dict[str, Any]:
     result["transfers_in_table"] = data.scalar(bench.conn, "SELECT count(*) FROM transfers")
     result["postings_in_table"] = data.scalar(bench.conn, "SELECT count(*) FROM postings")
 
-    payers = _payers(bench)
+    payers = bench.payers
     by_user = {payer.user_id: payer for payer in payers}
     # Random transfers of each client user, as many as the reads need.
     visible = bench.conn.execute(

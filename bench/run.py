@@ -14,13 +14,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
 import psutil
 import psycopg
 
-from bench import data, phases, procs, report, say
+from bench import data, load, phases, procs, report, say
 from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
 from bench.servers import PG_SETTINGS, Postgres, Redis, free_port
 
@@ -51,6 +52,8 @@ class Bench:
         self.port = 0
         self.password = secrets.token_urlsafe(12)
         self.users: list[data.BenchUser] = []
+        self.payers: tuple[load.Payer, ...] = ()
+        self.payees: tuple[int, ...] = ()
         self.loaded = 0  # settled transfers written by SQL (funding, history), not the worker
         self.verify_s = 0.1
         self.meter = procs.CpuMeter()
@@ -60,7 +63,7 @@ class Bench:
             "version": 2,
             "started_at": _now(),
             "mode": config.mode,
-            "config": config.as_json(),
+            "config": asdict(config),  # json.dumps writes its Path as text
             "machine": {
                 "cores": os.cpu_count(),
                 "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -110,6 +113,10 @@ class Bench:
         self.users = data.create_users(self.conn, self.config.users, password_hash)
         user_ids = [user.id for user in self.users]
         self.loaded += data.fund(self.conn, user_ids, self.config.currencies, FUND_MAJOR)
+        # The HTTP clients: the first --clients users pay, any user may be paid.
+        code = self.config.currencies[0]
+        self.payers = load.payers_for(self.users[: self.config.clients], self.password, code)
+        self.payees = tuple(user.accounts[code] for user in self.users)
         # What one verification costs here (the auth warm-up tells cache hits by it).
         started = time.perf_counter()
         verify_password(0, self.password, password_hash)
