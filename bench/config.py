@@ -92,8 +92,9 @@ def parse_args(argv: list[str] | None) -> Config:
     sizes = parser.add_argument_group("sizes (defaults: the full run's, or --quick's)")
     options = [f for f in fields(Config) if f.metadata.get("option")]
     for f in options:
-        kind = float if "float" in str(f.type) else int
-        sizes.add_argument(f.metadata["option"], dest=f.name, type=kind, help=f.metadata["help"])
+        name, kind = f.metadata["option"], float if "float" in str(f.type) else int
+        metavar = name[2:].upper().replace("-", "_")
+        sizes.add_argument(name, dest=f.name, type=kind, metavar=metavar, help=f.metadata["help"])
     sizes.add_argument(
         "--currencies",
         help="comma-separated currencies of the transfers (default USD: one hot "

@@ -1,12 +1,6 @@
-"""HTTP load: wrk for the closed loops of phase c when it is installed, else aiohttp;
-aiohttp for everything else (d's open loop, e's sequential reads, the auth warm-up).
-
-wrk (C, epoll) costs a few microseconds of CPU per request, a Python client tens; on
-two cores shared with the server, that difference is taken from what is measured,
-most of all on the trivial route. So wrk is preferred and the tool is recorded with
-the result. Both send the same requests: GET, POST of one transfer (form body), POST
-of a batch (JSON), Basic Auth on the POSTs, users in turn, payees at random.
-"""
+"""HTTP load: wrk for the closed loops of phase c when it is installed (a few µs of CPU
+per request where a Python client takes tens, on the cores it measures), else aiohttp;
+aiohttp for everything else. Both send the same requests (bench/README.md)."""
 
 from __future__ import annotations
 

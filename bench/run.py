@@ -10,7 +10,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -166,10 +165,6 @@ class Bench:
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        if "common.db" in sys.modules:
-            from common.db import dispose_engine
-
-            dispose_engine()
         for process in (self.web, self.worker):
             if process is not None:
                 process.stop()
