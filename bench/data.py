@@ -77,8 +77,8 @@ WITH payers AS (
 SELECT min(id), max(id) FROM inserted
 """
 
-# The settled transfers of an id range, in one deposit each from the currency's external
-# account to every bench user's account.
+# One settled deposit from each currency's external account to every bench user's
+# account in that currency.
 _FUNDING = """
 WITH inserted AS (
   INSERT INTO transfers (from_account_id, to_account_id, from_user_id, to_user_id, currency,
