@@ -49,20 +49,18 @@ class Config:
     latency_seconds: float = 20  # d (--seconds, as c), at latency_rate or factor x c's POST max
     latency_rate_factor: float = 0.5
     latency_rate: float | None = size(
-        None, None, "--rate", "open-loop rate of d (default: half of c's max)"
+        None, None, "--rate", "d's open-loop rate (default: c's max / 2)"
     )
-    history_total: int = size(
-        1_000_000, 5000, "--history", "transfers in the table for the reads of e"
-    )
+    history_total: int = size(1_000_000, 5000, "--history", "transfers in the table in e")
     reads: int = size(2000, 100, "--reads", "requests per read kind in e")
     settlements: int = size(100_000, 1000, "--settlements", "settlements before the RSS of f")
+    # gunicorn workers and Celery pool processes: WEB_CONCURRENCY, WORKER_CONCURRENCY or cores
     web_workers: int = size(
-        _env_int("WEB_CONCURRENCY"), None, "--web-workers", "gunicorn workers (WEB_CONCURRENCY)"
+        _env_int("WEB_CONCURRENCY"), None, "--web-workers", "gunicorn processes"
     )
     worker_processes: int = size(
-        _env_int("WORKER_CONCURRENCY"), None, "--workers",
-        "Celery worker processes (WORKER_CONCURRENCY)",
-    )  # fmt: skip
+        _env_int("WORKER_CONCURRENCY"), None, "--workers", "Celery processes"
+    )
     load_tool: str = "auto"
     keep: bool = False
     out_dir: Path = ROOT / "bench" / "results"
