@@ -94,15 +94,11 @@ def _backlog(bench: Bench, count: int, seed: int) -> tuple[int, int]:
 
 
 def warm_auth(bench: Bench) -> int:
-    """Fill every web process's auth cache with the clients' credentials; the number of
-    rounds it took.
-
-    A user's first request on a web process verifies the password (argon2id at
-    production cost, `argon2_verify_ms`); later ones hit the cache for AUTH_CACHE_TTL.
-    Measured runs should see that steady state, not a burst of verifications: rounds
-    of one request per user, each on a new connection (the kernel hands it to either
-    web process), until three rounds in a row answered faster than a verification.
-    """
+    """Fill every web process's auth cache with the clients' credentials, so measured
+    runs see active users' steady state rather than a burst of argon2 verifications:
+    rounds of one request per user, each on a new connection (the kernel hands it to
+    any web process), until three rounds in a row answer faster than a verification.
+    The number of rounds it took."""
     threshold = max(0.015, 0.6 * bench.verify_s)
     payers = bench.payers
 
