@@ -57,9 +57,8 @@ WITH payers AS (
          floor(random() * (cardinality(%(users)s) - 1))::int AS payee, random() AS size
   FROM generate_series(0, %(count)s - 1) AS g
 ), priced AS (
-  SELECT d.*, c.commission_rate, unit + floor(size * 99 * unit)::bigint AS amount
-  FROM draws d JOIN currencies c ON c.code = d.currency,
-       LATERAL (SELECT (10::numeric ^ c.decimals)::bigint AS unit) AS u
+  SELECT d.*, c.commission_rate, floor((1 + size * 99) * 10 ^ c.decimals)::bigint AS amount
+  FROM draws d JOIN currencies c ON c.code = d.currency
 ), inserted AS (
   INSERT INTO transfers (from_account_id, to_account_id, from_user_id, to_user_id, currency,
                          amount, commission, requested_by, status, attempts, created_at,
