@@ -6,8 +6,9 @@ import argparse
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = "abcdef"
@@ -24,63 +25,48 @@ def _env_int(name: str) -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else os.cpu_count() or 1
 
 
+def size(full: float | None, quick: float | None = None, option: str = "", text: str = "") -> Any:
+    """A size: the full run's value, --quick's, and the option that sets it (if any)."""
+    return field(default=full, metadata={"quick": quick, "option": option, "help": text})
+
+
 @dataclass(frozen=True)
 class Config:
     """The full run's sizes by default."""
 
     mode: str = "full"
     phases: str = PHASES
-    pgbench_scale: int = 10  # a
+    pgbench_scale: int = size(10, 1, "--pgbench-scale")  # a
     pgbench_clients: int = 8
-    pgbench_seconds: int = 20
-    users: int = 1000  # funded users, one account per bench currency each
+    pgbench_seconds: int = size(20, 3, "--pgbench-seconds")
+    users: int = size(1000, 100, "--users", "funded users (one account per currency each)")
     currencies: tuple[str, ...] = ("USD",)
-    backlog: int = 50_000  # b
-    clients: int = 32  # c
-    ingest_seconds: float = 20
-    warmup_seconds: float = 3
-    batch_items: int = 100
-    latency_seconds: float = 20  # d, at latency_rate or else factor x c's POST maximum
+    backlog: int = size(50_000, 300, "--backlog", "pending transfers drained in phase b")
+    clients: int = size(32, 8, "--clients", "concurrent keep-alive HTTP clients in c")
+    ingest_seconds: float = size(20, 2, "--seconds", "length of each measured run of c and d")
+    warmup_seconds: float = size(3, 1)
+    batch_items: int = size(100, 20, "--batch-items", "transfers per batch request in c")
+    latency_seconds: float = 20  # d (--seconds, as c), at latency_rate or factor x c's POST max
     latency_rate_factor: float = 0.5
-    latency_rate: float | None = None
-    history_total: int = 1_000_000  # e
-    reads: int = 2000
-    settlements: int = 100_000  # f
-    web_workers: int = _env_int("WEB_CONCURRENCY")
-    worker_processes: int = _env_int("WORKER_CONCURRENCY")
+    latency_rate: float | None = size(
+        None, None, "--rate", "d's open-loop rate (default: c's max / 2)"
+    )
+    history_total: int = size(1_000_000, 5000, "--history", "transfers in the table in e")
+    reads: int = size(2000, 100, "--reads", "requests per read kind in e")
+    settlements: int = size(100_000, 1000, "--settlements", "settlements before the RSS of f")
+    # gunicorn workers and Celery pool processes: WEB_CONCURRENCY, WORKER_CONCURRENCY or cores
+    web_workers: int = size(
+        _env_int("WEB_CONCURRENCY"), None, "--web-workers", "gunicorn processes"
+    )
+    worker_processes: int = size(
+        _env_int("WORKER_CONCURRENCY"), None, "--workers", "Celery processes"
+    )
     load_tool: str = "auto"
     keep: bool = False
     out_dir: Path = ROOT / "bench" / "results"
     seed: int = 20261127
     # Longest any wait for the worker pool to drain may take before the phase gives up.
     drain_timeout_s: float = 900.0
-
-    def as_json(self) -> dict[str, object]:
-        return {**asdict(self), "out_dir": str(self.out_dir), "currencies": list(self.currencies)}
-
-
-QUICK = {
-    "mode": "quick", "pgbench_scale": 1, "pgbench_seconds": 3, "users": 100, "backlog": 300,
-    "clients": 8, "ingest_seconds": 2, "warmup_seconds": 1, "batch_items": 20,
-    "latency_seconds": 2, "history_total": 5000, "reads": 100, "settlements": 1000,
-}  # fmt: skip
-
-# Positive numeric options: (option, Config field, type, help).
-SIZES = (
-    ("--backlog", "backlog", int, "pending transfers drained in phase b"),
-    ("--users", "users", int, "funded users (one account per currency each)"),
-    ("--clients", "clients", int, "concurrent keep-alive HTTP clients in c"),
-    ("--seconds", "ingest_seconds", float, "length of each measured run of c and d"),
-    ("--batch-items", "batch_items", int, "transfers per batch request in c"),
-    ("--rate", "latency_rate", float, "open-loop rate of d (default: half of c's max)"),
-    ("--history", "history_total", int, "transfers in the table for the reads of e"),
-    ("--reads", "reads", int, "requests per read kind in e"),
-    ("--settlements", "settlements", int, "settlements before the RSS of f"),
-    ("--pgbench-seconds", "pgbench_seconds", int, None),
-    ("--pgbench-scale", "pgbench_scale", int, None),
-    ("--web-workers", "web_workers", int, "gunicorn workers (WEB_CONCURRENCY)"),
-    ("--workers", "worker_processes", int, "Celery worker processes (WORKER_CONCURRENCY)"),
-)
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -102,8 +88,11 @@ def parse_args(argv: list[str] | None) -> Config:
     option("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")
     option("--out", type=Path, help="folder for <timestamp>.json/.png (default bench/results)")
     sizes = parser.add_argument_group("sizes (defaults: the full run's, or --quick's)")
-    for name, _, kind, text in SIZES:
-        sizes.add_argument(name, type=kind, help=text)
+    options = [f for f in fields(Config) if f.metadata.get("option")]
+    for f in options:
+        name, kind = f.metadata["option"], float if "float" in str(f.type) else int
+        metavar = name[2:].upper().replace("-", "_")
+        sizes.add_argument(name, dest=f.name, type=kind, metavar=metavar, help=f.metadata["help"])
     sizes.add_argument(
         "--currencies",
         help="comma-separated currencies of the transfers (default USD: one hot "
@@ -114,20 +103,21 @@ def parse_args(argv: list[str] | None) -> Config:
     phases = "".join(p for p in PHASES if p in args.phases.lower())
     if not phases or set(args.phases.lower()) - set(PHASES):
         parser.error(f"--phases takes letters of {PHASES}")
-    overrides = {**(QUICK if args.quick else {}), "phases": phases}
-    overrides |= {"load_tool": args.load_tool, "keep": args.keep}
-    for name, field, _, _ in SIZES:
-        if (value := getattr(args, name[2:].replace("-", "_"))) is not None:
+    changes: dict[str, object] = {"phases": phases, "load_tool": args.load_tool, "keep": args.keep}
+    if args.quick:
+        changes["mode"] = "quick"
+        changes |= {f.name: f.metadata["quick"] for f in fields(Config) if f.metadata.get("quick")}
+    for f in options:
+        if (value := getattr(args, f.name)) is not None:
             if value <= 0:
-                parser.error(f"{name} must be positive")
-            overrides[field] = value
-    if args.seconds is not None:
-        overrides["latency_seconds"] = args.seconds
+                parser.error(f"{f.metadata['option']} must be positive")
+            changes[f.name] = value
+    changes["latency_seconds"] = changes.get("ingest_seconds", Config.ingest_seconds)
     if args.currencies:
-        overrides["currencies"] = tuple(c.strip().upper() for c in args.currencies.split(","))
+        changes["currencies"] = tuple(c.strip().upper() for c in args.currencies.split(","))
     if args.out is not None:
-        overrides["out_dir"] = args.out.resolve()
-    config = replace(Config(), **overrides)
+        changes["out_dir"] = args.out.resolve()
+    config = replace(Config(), **changes)
     if config.users < 2:
         parser.error("--users must be at least 2 (transfers go between users)")
     if config.load_tool == "wrk" and tool_path("wrk") is None:

@@ -1,12 +1,6 @@
-"""HTTP load: wrk for the closed loops of phase c when it is installed, else aiohttp;
-aiohttp for everything else (d's open loop, e's sequential reads, the auth warm-up).
-
-wrk (C, epoll) costs a few microseconds of CPU per request, a Python client tens; on
-two cores shared with the server, that difference is taken from what is measured,
-most of all on the trivial route. So wrk is preferred and the tool is recorded with
-the result. Both send the same requests: GET, POST of one transfer (form body), POST
-of a batch (JSON), Basic Auth on the POSTs, users in turn, payees at random.
-"""
+"""HTTP load: wrk for the closed loops of phase c when it is installed (a few µs of CPU
+per request where a Python client takes tens, on the cores it measures), else aiohttp;
+aiohttp for everything else. Both send the same requests (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +12,7 @@ import random
 import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,28 +49,20 @@ class Workload:
     items: int = 100
 
 
-def summary_ms(
-    seconds: Iterable[float], keys: Sequence[str] = ("p50", "p95", "p99", "max")
-) -> dict[str, float | None]:
-    """Nearest-rank percentiles (and max, mean) of durations in seconds, in ms."""
+def summary_ms(seconds: Iterable[float], keys: Sequence[str] = ("p50", "p95", "p99")) -> dict:
+    """Count, nearest-rank percentiles, max and mean of durations in seconds, in ms."""
     ordered = sorted(seconds)
-    out: dict[str, float | None] = {"count": len(ordered)}
-    for key in keys:
-        if not ordered:
-            out[key] = None
-            continue
-        if key == "max":
-            value = ordered[-1]
-        elif key == "mean":
-            value = sum(ordered) / len(ordered)
-        else:
-            rank = max(1, math.ceil(float(key[1:]) / 100 * len(ordered)))
-            value = ordered[min(rank, len(ordered)) - 1]
-        out[key] = round(value * 1000, 3)
-    return out
+    n = len(ordered)
+    if not n:
+        return {"count": 0} | dict.fromkeys([*keys, "max", "mean"])
+    values = {key: ordered[max(1, math.ceil(int(key[1:]) * n / 100)) - 1] for key in keys}
+    values |= {"max": ordered[-1], "mean": sum(ordered) / n}
+    return {"count": n} | {key: round(value * 1000, 3) for key, value in values.items()}
 
 
-def session(port: int, **connector: Any) -> aiohttp.ClientSession:
+def session(
+    port: int, trace_configs: list | None = None, **connector: Any
+) -> aiohttp.ClientSession:
     """A session on the bench's web port. gunicorn closes a connection idle for 5 s:
     one idle for 3 s is not reused (a POST on a closing connection is not retried)."""
     if not connector.get("force_close"):
@@ -85,47 +72,30 @@ def session(port: int, **connector: Any) -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(**connector),
         timeout=aiohttp.ClientTimeout(total=120),
         auto_decompress=False,
+        trace_configs=trace_configs,
     )
 
 
-def choose_tool(preference: str) -> str:
-    return "wrk" if preference != "python" and tool_path("wrk") else "python"
-
-
-def tool_version(tool: str) -> str:
-    if tool != "wrk":
-        return f"aiohttp {aiohttp.__version__}"
+def choose_tool(preference: str) -> tuple[str, str]:
+    """The closed-loop tool (wrk unless told python or not installed) and its version."""
+    if preference == "python" or not tool_path("wrk"):
+        return "python", f"aiohttp {aiohttp.__version__}"
     out = subprocess.run([str(tool_path("wrk")), "-v"], capture_output=True, text=True, check=False)
     match = re.search(r"wrk (\S+)", out.stdout + out.stderr)
-    return f"wrk {match.group(1) if match else 'unknown'}"
+    return "wrk", f"wrk {match.group(1) if match else 'unknown'}"
 
 
 def closed_loop(
-    tool: str,
-    workload: Workload,
-    *,
-    port: int,
-    clients: int,
-    seconds: float,
-    folder: Path,
-    tick: Callable[[float], None],
+    tool: str, workload: Workload, *, port: int, clients: int, seconds: float, folder: Path
 ) -> dict[str, Any]:
     """`clients` keep-alive connections each sending its next request as soon as the
     last was answered, for `seconds`: requests, req/s, errors, latency."""
     if tool == "wrk":
-        return _wrk(workload, port=port, clients=clients, seconds=seconds, folder=folder, tick=tick)
-    return asyncio.run(_aiohttp_loop(workload, port, clients, seconds, tick))
+        return _wrk(workload, port, clients, seconds, folder)
+    return asyncio.run(_aiohttp_loop(workload, port, clients, seconds))
 
 
-def _wrk(
-    workload: Workload,
-    *,
-    port: int,
-    clients: int,
-    seconds: float,
-    folder: Path,
-    tick: Callable[[float], None],
-) -> dict[str, Any]:
+def _wrk(workload: Workload, port: int, clients: int, seconds: float, folder: Path) -> dict:
     payers, payees = folder / "wrk-payers.txt", folder / "wrk-payees.txt"
     payers.write_text(
         "".join(f"{p.user_id} {p.account} {p.authorization}\n" for p in workload.payers)
@@ -139,22 +109,11 @@ def _wrk(
         f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(LUA),
         f"http://127.0.0.1:{port}",
     ]  # fmt: skip
-    started = time.monotonic()
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        while process.poll() is None:
-            time.sleep(0.25)
-            tick(time.monotonic() - started)
-        out, err = process.communicate()
-    finally:
-        if process.poll() is None:  # interrupted: wrk must not outlive the run
-            process.kill()
-            process.wait()
-    match = re.search(r"^BENCH_JSON (\{.*\})$", out, re.MULTILINE)
-    if process.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
+    # subprocess.run kills wrk if the run is interrupted: it must not outlive the bench.
+    run = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    match = re.search(r"^BENCH_JSON (\{.*\})$", run.stdout, re.MULTILINE)
+    if run.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({run.returncode}): {(run.stderr or run.stdout).strip()}")
     raw = json.loads(match.group(1))
     duration = raw["duration_us"] / 1e6
     return {
@@ -201,20 +160,15 @@ def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], d
     return build
 
 
-async def _aiohttp_loop(
-    workload: Workload, port: int, clients: int, seconds: float, tick: Callable[[float], None]
-) -> dict[str, Any]:
+async def _aiohttp_loop(workload: Workload, port: int, clients: int, seconds: float) -> dict:
     build = request_builder(workload, random.Random(len(workload.payers) + clients))
     latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
+    errors: Counter[str] = Counter()
     started = time.perf_counter()
-    deadline = started + seconds
 
     async def client(http: aiohttp.ClientSession, number: int) -> None:
-        nonlocal errors
         sent = 0
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < started + seconds:
             request = build(number + sent)  # users in turn, as wrk's script does
             sent += 1
             begin = time.perf_counter()
@@ -222,28 +176,20 @@ async def _aiohttp_loop(
                 async with http.request(**request) as response:
                     await response.read()
             except (aiohttp.ClientError, TimeoutError):
-                errors += 1
+                errors["transport"] += 1
                 continue
             latencies.append(time.perf_counter() - begin)
-            statuses[response.status] = statuses.get(response.status, 0) + 1
-
-    async def ticker() -> None:
-        while time.perf_counter() < deadline:
-            await asyncio.sleep(0.5)
-            tick(time.perf_counter() - started)
+            if response.status >= 400:
+                errors["status"] += 1
 
     async with session(port, limit=clients) as http:
-        await asyncio.gather(ticker(), *(client(http, n) for n in range(clients)))
+        await asyncio.gather(*(client(http, n) for n in range(clients)))
     elapsed = time.perf_counter() - started
-    failed = {"transport": errors} if errors else {}
-    bad = sum(count for status, count in statuses.items() if status >= 400)
-    if bad:
-        failed["status"] = bad
     return {
         "tool": "python",
         "requests": len(latencies),
         "seconds": round(elapsed, 3),
         "requests_per_s": round(len(latencies) / elapsed, 1),
-        "errors": failed,
-        "latency_ms": summary_ms(latencies, ("p50", "p90", "p99", "max", "mean")),
+        "errors": {kind: count for kind, count in errors.items() if count},
+        "latency_ms": summary_ms(latencies, ("p50", "p90", "p99")),
     }

@@ -1,4 +1,5 @@
-"""The six phases of the benchmark (a-f). Each returns its JSON section."""
+"""The six phases of the benchmark (a-f). Each returns its JSON section; bench.run
+drains the queue before each phase of the stack and records its time and CPU."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import random
 import re
 import subprocess
 import time
-from datetime import datetime, timedelta
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import psycopg
 import redis
 
-from bench import data, load, ui
+from bench import data, load, say
 from bench.config import tool_path
 
 if TYPE_CHECKING:
@@ -27,11 +30,8 @@ if TYPE_CHECKING:
 
 def _queue_busy(bench: Bench) -> int:
     """Doorbells waiting in Redis plus those a worker has taken and not yet acknowledged."""
-    connection = redis.Redis.from_url(bench.env["REDIS_URL"])
-    try:
+    with redis.Redis.from_url(bench.env["REDIS_URL"]) as connection:
         return int(connection.llen("celery")) + int(connection.hlen("unacked"))
-    finally:
-        connection.close()
 
 
 def _ring_all(bench: Bench) -> None:
@@ -42,24 +42,31 @@ def _ring_all(bench: Bench) -> None:
             raise RuntimeError("the doorbell could not be published")
 
 
-def drain(bench: Bench, label: str) -> dict[str, Any]:
+def wait_for_zero(count: Callable[[], int], timeout: float, series: list | None = None) -> float:
+    """Poll `count()` every 0.1 s until it is 0; the seconds it took. `series` gets
+    every sample as [seconds, count]."""
+    started = time.perf_counter()
+    while True:
+        left, elapsed = count(), time.perf_counter() - started
+        if series is not None:
+            series.append([round(elapsed, 2), left])
+        if not left:
+            return elapsed
+        if elapsed > timeout:
+            raise RuntimeError(f"{left} transfers or doorbells still queued after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def drain(bench: Bench) -> dict[str, Any]:
     """Wait until nothing is pending and no doorbell is queued; how long each took."""
-    timeout = bench.config.drain_timeout_s
-    pending_start = data.pending_count(bench.conn)
-    done, seconds = ui.wait_until(
-        f"{label}: pending", lambda: data.pending_count(bench.conn), timeout
-    )
-    queued_start = _queue_busy(bench)
-    queue_done, queue_seconds = ui.wait_until(
-        f"{label}: doorbells", lambda: _queue_busy(bench), timeout
-    )
-    if not (done and queue_done):
-        raise RuntimeError(f"{label}: transfers or doorbells still queued after {timeout:.0f} s")
+    timeout, pending = bench.config.drain_timeout_s, data.pending_count(bench.conn)
+    seconds = wait_for_zero(lambda: data.pending_count(bench.conn), timeout)
+    queued = _queue_busy(bench)
     return {
-        "pending_at_start": pending_start,
+        "pending_at_start": pending,
         "pending_drained_s": round(seconds, 2),
-        "doorbells_queued_after": queued_start,
-        "doorbells_drained_s": round(queue_seconds, 2),
+        "doorbells_queued_after": queued,
+        "doorbells_drained_s": round(wait_for_zero(lambda: _queue_busy(bench), timeout), 2),
     }
 
 
@@ -80,27 +87,20 @@ def _audit(bench: Bench) -> dict[str, Any]:
     }
 
 
-def _payers(bench: Bench) -> tuple[load.Payer, ...]:
-    code = bench.config.currencies[0]
-    return load.payers_for(bench.users[: bench.config.clients], bench.password, code)
-
-
-def _payees(bench: Bench) -> tuple[int, ...]:
-    return tuple(user.accounts[bench.config.currencies[0]] for user in bench.users)
+def _backlog(bench: Bench, count: int, seed: int) -> tuple[int, int]:
+    say(f"  inserting {count:,} pending transfers")
+    users = [user.id for user in bench.users]
+    return data.insert_random(bench.conn, users, bench.config.currencies, count, seed=seed)
 
 
 def warm_auth(bench: Bench) -> int:
-    """Fill every web process's auth cache with the clients' credentials; the number of
-    rounds it took.
-
-    A user's first request on a web process verifies the password (argon2id at
-    production cost, `argon2_verify_ms`); later ones hit the cache for AUTH_CACHE_TTL.
-    Measured runs should see that steady state, not a burst of verifications: rounds
-    of one request per user, each on a new connection (the kernel hands it to either
-    web process), until three rounds in a row answered faster than a verification.
-    """
+    """Fill every web process's auth cache with the clients' credentials, so measured
+    runs see active users' steady state rather than a burst of argon2 verifications:
+    rounds of one request per user, each on a new connection (the kernel hands it to
+    any web process), until three rounds in a row answer faster than a verification.
+    The number of rounds it took."""
     threshold = max(0.015, 0.6 * bench.verify_s)
-    payers = _payers(bench)
+    payers = bench.payers
 
     async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
         begin = time.perf_counter()
@@ -123,13 +123,6 @@ def warm_auth(bench: Bench) -> int:
     return asyncio.run(rounds())
 
 
-def _backlog(bench: Bench, count: int, seed: int, label: str) -> tuple[int, int]:
-    config = bench.config
-    rows = data.random_rows(bench.users, bench.table, config.currencies, count, random.Random(seed))
-    with ui.bar(f"{label}: insert pending", count, "transfers") as progress:
-        return data.insert_pending(bench.conn, rows, count, progress.update)
-
-
 # --- a: pgbench -----------------------------------------------------------------------------
 
 
@@ -141,7 +134,7 @@ def pgbench(bench: Bench) -> dict[str, Any]:
     with psycopg.connect(bench.pg.conninfo("postgres"), autocommit=True) as conn:
         conn.execute("CREATE DATABASE pgbench")
     target = ["-h", "127.0.0.1", "-p", str(bench.pg.port), "-U", "postgres", "pgbench"]
-    ui.say(f"pgbench -i -s {config.pgbench_scale}")
+    say(f"  pgbench -i -s {config.pgbench_scale}")
     init = [*command, "-i", "-q", "-s", str(config.pgbench_scale), *target]
     subprocess.run(init, check=True, capture_output=True)
     command += [
@@ -149,22 +142,20 @@ def pgbench(bench: Bench) -> dict[str, Any]:
         "-j", str(min(config.pgbench_clients, bench.results["machine"]["cores"] or 1)),
         "-T", str(config.pgbench_seconds), "-P", "1", *target,
     ]  # fmt: skip
-    ui.say(f"a: pgbench TPC-B-like, {config.pgbench_seconds} s")
+    say(f"  pgbench TPC-B-like, {config.pgbench_seconds} s")
     run = subprocess.run(command, capture_output=True, text=True, check=False)
-    out = run.stdout
-    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", run.stdout)
     if run.returncode != 0 or tps is None:
-        raise RuntimeError(f"pgbench failed: {out[-2000:]}")
-    latency = re.search(r"latency average = ([\d.]+) ms", out)
+        raise RuntimeError(f"pgbench failed: {run.stdout[-2000:]}")
+    latency = re.search(r"latency average = ([\d.]+) ms", run.stdout)
+    progress = re.findall(r"progress: \S+ s, ([\d.]+) tps", run.stderr)
     return {
         "tps": round(float(tps.group(1)), 1),
         "latency_avg_ms": float(latency.group(1)) if latency else None,
         "scale": config.pgbench_scale,
         "clients": config.pgbench_clients,
         "seconds": config.pgbench_seconds,
-        "tps_per_second": [
-            float(x) for x in re.findall(r"progress: \S+ s, ([\d.]+) tps", run.stderr)
-        ],
+        "tps_per_second": [float(x) for x in progress],
         "command": " ".join(["pgbench", *command[1:]]),
     }
 
@@ -176,54 +167,40 @@ def settlement(bench: Bench) -> dict[str, Any]:
     from common.settings import DEFAULT_SETTLE_BATCH_SIZE
 
     config = bench.config
-    drain(bench, "before b")
     # Doorbells with nothing to settle, a few per pool process: each process opens its
     # database pool and imports what settling needs before the clock starts.
     for _ in range(2 * config.worker_processes):
         _ring_all(bench)
-    drain(bench, "b: worker warm-up")
-    first, last = _backlog(bench, config.backlog, config.seed, "b")
+    drain(bench)
+    ids = _backlog(bench, config.backlog, config.seed)
     series: list[list[float]] = []
+    say("  settling the backlog")
     started = time.perf_counter()
     _ring_all(bench)
-    finished, _ = ui.wait_until(
-        "b: settling the backlog",
-        lambda: data.pending_count(bench.conn),
-        config.drain_timeout_s,
-        on_sample=lambda t, n: series.append([round(t, 2), n]),
-    )
+    wait_for_zero(lambda: data.pending_count(bench.conn), config.drain_timeout_s, series)
     seconds = time.perf_counter() - started
-    if not finished:
-        raise RuntimeError(f"backlog not drained within {config.drain_timeout_s:.0f} s")
-    ids = (first, last)
-    counts = dict(
-        bench.conn.execute(
-            "SELECT status, count(*) FROM transfers WHERE id BETWEEN %s AND %s GROUP BY status", ids
-        ).fetchall()
-    )
-    span = data.scalar(
-        bench.conn,
-        "SELECT extract(epoch FROM max(settled_at) - min(settled_at)) * 1000 FROM transfers "
-        "WHERE id BETWEEN %s AND %s",
+    settled, rejected, failed, span = bench.conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'settled'), "
+        "count(*) FILTER (WHERE status = 'rejected'), count(*) FILTER (WHERE status = 'failed'), "
+        "extract(epoch FROM max(settled_at) - min(settled_at))::float8 "
+        "FROM transfers WHERE id BETWEEN %s AND %s",
         ids,
-    )
-    decided = counts.get("settled", 0) + counts.get("rejected", 0)
+    ).fetchone()
     result: dict[str, Any] = {
         "backlog": config.backlog,
         "currencies": list(config.currencies),
-        "settled": counts.get("settled", 0),
-        "rejected": counts.get("rejected", 0),
-        "failed": counts.get("failed", 0),
+        "settled": settled,
+        "rejected": rejected,
+        "failed": failed,
         "seconds": round(seconds, 2),
-        "settled_per_s": round(decided / seconds, 1),
-        "server_side_per_s": round(decided / (span / 1000), 1) if span else None,
+        "settled_per_s": round((settled + rejected) / seconds, 1),
+        "server_side_per_s": round((settled + rejected) / span, 1) if span else None,
         "batch_size": int(bench.env.get("SETTLE_BATCH_SIZE") or DEFAULT_SETTLE_BATCH_SIZE),
         "pending_over_time": series,
     }
-    reference = bench.results["phases"].get("a", {}).get("tps")
-    if reference:
+    if reference := bench.results["phases"].get("a", {}).get("tps"):
         result["ratio_to_pgbench"] = round(result["settled_per_s"] / reference, 2)
-    result["queue"] = drain(bench, "after b")
+    result["queue"] = drain(bench)
     result["audit"] = _audit(bench)
     return result
 
@@ -235,11 +212,10 @@ def ingest(bench: Bench) -> dict[str, Any]:
     from bench import stack
 
     config = bench.config
-    tool = load.choose_tool(config.load_tool)
-    if tool != config.load_tool != "python":
-        ui.say(f"c: wrk is not installed ({load.INSTALL_WRK}): aiohttp drives c instead")
-    drain(bench, "before c")
-    payers, payees = _payers(bench), _payees(bench)
+    tool, version = load.choose_tool(config.load_tool)
+    if tool == "python" != config.load_tool:
+        say(f"  wrk is not installed ({load.INSTALL_WRK}): aiohttp drives c instead")
+    payers, payees = bench.payers, bench.payees
     workloads = {
         "trivial": load.Workload("get", "/currencies"),
         "health": load.Workload("get", "/health"),
@@ -248,7 +224,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
     }
     result: dict[str, Any] = {
         "tool": tool,
-        "tool_version": load.tool_version(tool),
+        "tool_version": version,
         "clients": config.clients,
         "seconds": config.ingest_seconds,
         "trivial_endpoint": "GET /currencies (no auth, no database query: Flask + gunicorn)",
@@ -263,16 +239,12 @@ def ingest(bench: Bench) -> dict[str, Any]:
         for name, workload in workloads.items():
             if workload.payers:
                 result[f"{name}_auth_warmup_rounds"] = warm_auth(bench)
-            with ui.timed(f"c: {name} warm-up", config.warmup_seconds) as tick:
-                load.closed_loop(tool, workload, seconds=config.warmup_seconds, tick=tick, **args)
+            say(f"  {name}: {config.warmup_seconds:g} s warm-up, {config.ingest_seconds:g} s")
+            load.closed_loop(tool, workload, seconds=config.warmup_seconds, **args)
             # The worker is paused and nothing was pending before: every transfer
             # committed during the run is pending, and counting them is cheap.
-            before = data.pending_count(bench.conn)
-            cpu_before = bench.meter.sample()
-            with ui.timed(f"c: {name}", config.ingest_seconds) as tick:
-                run = load.closed_loop(
-                    tool, workload, seconds=config.ingest_seconds, tick=tick, **args
-                )
+            before, cpu_before = data.pending_count(bench.conn), bench.meter.sample()
+            run = load.closed_loop(tool, workload, seconds=config.ingest_seconds, **args)
             run["cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
             if workload.payers:
                 # Committed between the run's start and end (a batch commits its items
@@ -292,7 +264,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
     result["ratio_post_to_trivial"] = round(result["post"]["requests_per_s"] / trivial, 3)
     result["ratio_batch_to_trivial"] = round(result["batch"]["transfers_per_s"] / trivial, 3)
     _ring_all(bench)
-    after = result["drain_after"] = drain(bench, "after c")
+    after = result["drain_after"] = drain(bench)
     if after["pending_at_start"] and after["pending_drained_s"]:
         after["settled_per_s"] = round(after["pending_at_start"] / after["pending_drained_s"], 1)
     return result
@@ -300,116 +272,100 @@ def ingest(bench: Bench) -> dict[str, Any]:
 
 # --- d: end-to-end latency ------------------------------------------------------------------
 
-
-async def _fetch(
-    http: aiohttp.ClientSession, method: str, url: str, **options: Any
-) -> tuple[int, Any, str]:
-    """Status, JSON body (None unless 2xx) and Retry-After of one request."""
-    async with http.request(method, url, **options) as response:
-        body = await response.read()
-        retry_after = response.headers.get("Retry-After", "")
-    ok = 200 <= response.status < 300
-    return response.status, json.loads(body) if ok else None, retry_after
+WAIT_S = 10  # the long polls' ?wait=
+# An operation still pending this long after it was due counts as still_pending.
+DEADLINE_S = 3 * WAIT_S
+# Connections at most; an operation beyond waits for one, and that counts in its latency.
+CONNECTIONS = 512
 
 
-class OpenLoop:
+async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
     """Transfers submitted at a fixed rate whatever the answers (open loop), each
     followed by long polls (?wait=) until it is final. Latency counts from the moment
     an operation was due, so a server that falls behind cannot hide its queue (no
     coordinated omission)."""
+    payers = bench.payers
+    workload = load.Workload("post", payers=payers, payees=bench.payees)
+    build = load.request_builder(workload, random.Random(7))
+    e2e: list[float] = []
+    submit: list[float] = []
+    server: list[float] = []
+    # Outcomes by name, long polls answered at once with Retry-After (no slot free) and
+    # connections opened.
+    outcomes: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
 
-    WAIT_S = 10
-    # An operation still pending this long after it was due counts as still_pending.
-    DEADLINE_S = 3 * WAIT_S
-    # Connections at most; an operation beyond waits for one, and that counts in its latency.
-    CONNECTIONS = 512
+    async def fetch(http: aiohttp.ClientSession, **request: Any) -> tuple[int, Any, str]:
+        """Status, JSON body (None unless 2xx) and Retry-After of one request."""
+        async with http.request(**request) as response:
+            body, retry_after = await response.read(), response.headers.get("Retry-After", "")
+        ok = 200 <= response.status < 300
+        return response.status, json.loads(body) if ok else None, retry_after
 
-    def __init__(self, payers: tuple[load.Payer, ...], payees: tuple[int, ...]) -> None:
-        self.build = load.request_builder(
-            load.Workload("post", payers=payers, payees=payees), random.Random(7)
-        )
-        self.payers = payers
-        self.e2e: list[float] = []
-        self.submit: list[float] = []
-        self.server: list[float] = []
-        self.outcomes: dict[str, int] = {}
-        self.unheld = 0  # long polls answered at once with Retry-After (no slot free)
-        self.opened = 0
-
-    def _outcome(self, name: str) -> None:
-        self.outcomes[name] = self.outcomes.get(name, 0) + 1
-
-    async def _operation(self, http: aiohttp.ClientSession, number: int, due: float) -> None:
-        payer = self.payers[number % len(self.payers)]
-        status, transfer, _ = await _fetch(http, **self.build(number))
+    async def operation(http: aiohttp.ClientSession, number: int, due: float) -> str:
+        payer = payers[number % len(payers)]
+        status, transfer, _ = await fetch(http, **build(number))
         if status != 202:
-            self._outcome(f"post_{status}")
-            return
-        self.submit.append(time.perf_counter() - due)
-        url = f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={self.WAIT_S}"
+            return f"post_{status}"
+        submit.append(time.perf_counter() - due)
+        url = f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={WAIT_S}"
         headers = {"Authorization": payer.authorization}
-        while transfer["status"] == "pending" and time.perf_counter() < due + self.DEADLINE_S:
-            status, transfer, retry_after = await _fetch(http, "GET", url, headers=headers)
+        while transfer["status"] == "pending" and time.perf_counter() < due + DEADLINE_S:
+            status, transfer, retry_after = await fetch(
+                http, method="GET", url=url, headers=headers
+            )
             if status != 200:
-                self._outcome(f"get_{status}")
-                return
+                return f"get_{status}"
             if transfer["status"] == "pending" and retry_after.isdigit():
                 # Every long-poll slot was taken: ask again when told, as a client would.
-                self.unheld += 1
+                counts["unheld"] += 1
                 await asyncio.sleep(int(retry_after))
         if transfer["status"] == "pending":
-            self._outcome("still_pending")
-            return
-        self.e2e.append(time.perf_counter() - due)
-        self._outcome(transfer["status"])
-        created, settled = transfer.get("created_at"), transfer.get("settled_at")
-        if created and settled:
-            elapsed = datetime.fromisoformat(settled) - datetime.fromisoformat(created)
-            self.server.append(elapsed / timedelta(seconds=1))
+            return "still_pending"
+        e2e.append(time.perf_counter() - due)
+        if transfer.get("created_at") and transfer.get("settled_at"):
+            created = datetime.fromisoformat(transfer["created_at"])
+            server.append(
+                (datetime.fromisoformat(transfer["settled_at"]) - created).total_seconds()
+            )
+        return transfer["status"]
 
-    async def _one(
-        self, http: aiohttp.ClientSession, number: int, due: float, progress: Any
-    ) -> None:
+    async def one(http: aiohttp.ClientSession, number: int, due: float) -> None:
         try:
-            await self._operation(http, number, due)
+            outcomes[await operation(http, number, due)] += 1
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            self._outcome(type(error).__name__)
-        progress.update()
+            outcomes[type(error).__name__] += 1
 
-    async def _opened(self, *_: object) -> None:
-        self.opened += 1
+    async def opened(*_: object) -> None:
+        counts["opened"] += 1
 
-    async def run(self, port: int, rate: float, count: int, progress: Any) -> dict[str, Any]:
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_end.append(self._opened)
-        http = load.session(port, limit=self.CONNECTIONS)
-        http.trace_configs.append(trace)
-        trace.freeze()
-        async with http:
-            start = time.perf_counter() + 0.2
-            tasks = []
-            for number in range(count):
-                due = start + number / rate
-                if (delay := due - time.perf_counter()) > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(self._one(http, number, due, progress)))
-            # Every operation ends by its deadline and one more long poll: this bounds a
-            # stuck server.
-            await asyncio.wait_for(asyncio.gather(*tasks), self.DEADLINE_S + self.WAIT_S + 60)
-        return {
-            "operations": count,
-            "connections_opened": self.opened,
-            "outcomes": self.outcomes,
-            "long_polls_unheld": self.unheld,
-            "submit_to_settled_ms": load.summary_ms(self.e2e),
-            "submit_response_ms": load.summary_ms(self.submit),
-            "server_created_to_settled_ms": load.summary_ms(self.server),
-        }
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(opened)
+    http = load.session(bench.port, limit=CONNECTIONS, trace_configs=[trace])
+    async with http:
+        start = time.perf_counter() + 0.2
+        tasks = []
+        for number in range(count):
+            due = start + number / rate
+            if (delay := due - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(http, number, due)))
+        # Every operation ends by its deadline and one more long poll: this bounds a
+        # stuck server.
+        await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S + WAIT_S + 60)
+    return {
+        "operations": count,
+        "connections_opened": counts["opened"],
+        "outcomes": dict(outcomes),
+        "long_polls_unheld": counts["unheld"],
+        "submit_to_settled_ms": load.summary_ms(e2e),
+        "submit_response_ms": load.summary_ms(submit),
+        "server_created_to_settled_ms": load.summary_ms(server),
+    }
 
 
 def latency(bench: Bench) -> dict[str, Any]:
     config = bench.config
-    drain(bench, "before d")
     post_rate = bench.results["phases"].get("c", {}).get("post", {}).get("requests_per_s")
     rate = config.latency_rate or (config.latency_rate_factor * post_rate if post_rate else 20.0)
     rate = max(rate, 1.0)
@@ -418,9 +374,8 @@ def latency(bench: Bench) -> dict[str, Any]:
     # The phase's own cpu_s also counts the drains and the auth warm-up (argon2 for every
     # user in every web process): the open loop's CPU alone is what an operation costs.
     cpu_before = bench.meter.sample()
-    with ui.bar("d: open-loop submit -> settled", count, "ops") as progress:
-        loop = OpenLoop(_payers(bench), _payees(bench))
-        result = asyncio.run(loop.run(bench.port, rate, count, progress))
+    say(f"  {count:,} transfers at {rate:.1f}/s, each long-polled until final")
+    result = asyncio.run(open_loop(bench, rate, count))
     result["open_loop_cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
     result["auth_warmup_rounds"] = rounds
     result["rate_per_s"] = round(rate, 1)
@@ -430,8 +385,8 @@ def latency(bench: Bench) -> dict[str, Any]:
         else f"{config.latency_rate_factor} x phase c's POST maximum"
     )
     result["seconds"] = config.latency_seconds
-    result["wait_param_s"] = OpenLoop.WAIT_S
-    result["drain_after"] = drain(bench, "after d")
+    result["wait_param_s"] = WAIT_S
+    result["drain_after"] = drain(bench)
     return result
 
 
@@ -441,75 +396,66 @@ def latency(bench: Bench) -> dict[str, Any]:
 async def _sequential(port: int, requests: list[tuple[str, str]], warmup: int) -> dict[str, Any]:
     """(url, authorization) one after another on one keep-alive connection."""
     latencies: list[float] = []
-    statuses: dict[int, int] = {}
+    statuses: Counter[int] = Counter()
     async with load.session(port, limit=1) as http:
         for number, (url, authorization) in enumerate(requests):
             begin = time.perf_counter()
             async with http.get(url, headers={"Authorization": authorization}) as response:
                 await response.read()
-            elapsed = time.perf_counter() - begin
-            statuses[response.status] = statuses.get(response.status, 0) + 1
+            statuses[response.status] += 1
             if number >= warmup:
-                latencies.append(elapsed)
-    return {"statuses": statuses, "latency_ms": load.summary_ms(latencies)}
+                latencies.append(time.perf_counter() - begin)
+    return {"statuses": dict(statuses), "latency_ms": load.summary_ms(latencies)}
 
 
 def reads(bench: Bench) -> dict[str, Any]:
     config = bench.config
-    drain(bench, "before e")
     total = data.scalar(bench.conn, "SELECT count(*) FROM transfers")
     missing = config.history_total - total
     result: dict[str, Any] = {"transfers_before_load": total}
     if missing > 0:
-        rng = random.Random(config.seed + 5)
-        rows = data.random_rows(bench.users, bench.table, config.currencies, missing, rng)
+        say(f"  writing {missing:,} settled transfers of history")
         started = time.perf_counter()
-        with ui.bar("e: load settled history", missing, "transfers") as progress:
-            first_last = data.insert_settled(
-                bench.conn,
-                rows,
-                missing,
-                commission_accounts=bench.commission_accounts(),
-                started=data.now(bench.conn) - timedelta(days=2),
-                progress=progress.update,
-            )
-        bench.loaded.ranges.append(first_last)
+        two_days_ago = datetime.now(UTC) - timedelta(days=2)
+        users, codes = [user.id for user in bench.users], config.currencies
+        data.insert_random(
+            bench.conn, users, codes, missing, seed=config.seed + 5, settled_from=two_days_ago
+        )
+        bench.loaded += missing
         result["history_loaded"] = missing
         result["history_load_s"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
-    ui.say("e: VACUUM ANALYZE (as autovacuum would have, for a table of that age)")
+    say("  VACUUM ANALYZE (as autovacuum would have, for a table of that age)")
     for table in ("transfers", "postings", "accounts"):
         bench.conn.execute(f"VACUUM ANALYZE {table}")
     result["vacuum_analyze_s"] = round(time.perf_counter() - started, 1)
     result["transfers_in_table"] = data.scalar(bench.conn, "SELECT count(*) FROM transfers")
     result["postings_in_table"] = data.scalar(bench.conn, "SELECT count(*) FROM postings")
 
-    payers = _payers(bench)
-    per_user = max(1, config.reads // len(payers) + 1)
-    visible: list[tuple[load.Payer, int]] = []
-    for payer in payers:
-        ids = bench.conn.execute(
-            "SELECT id FROM transfers WHERE from_user_id = %s ORDER BY random() LIMIT %s",
-            (payer.user_id, per_user),
-        ).fetchall()
-        visible += [(payer, row[0]) for row in ids]
+    payers = bench.payers
+    by_user = {payer.user_id: payer for payer in payers}
+    # Random transfers of each client user, as many as the reads need.
+    visible = bench.conn.execute(
+        "SELECT from_user_id, id FROM (SELECT from_user_id, id, row_number() OVER "
+        "(PARTITION BY from_user_id ORDER BY random()) AS n FROM transfers "
+        "WHERE from_user_id = ANY(%s)) AS s WHERE n <= %s",
+        (list(by_user), config.reads // len(payers) + 1),
+    ).fetchall()
     random.Random(config.seed + 6).shuffle(visible)
     result["auth_warmup_rounds"] = warm_auth(bench)
     # A short warm-up on the measuring connection itself (pools, caches, planner).
     warmup = 2 * len(payers)
     gets = [
-        (f"/users/{payer.user_id}/transfers/{transfer_id}", payer.authorization)
-        for payer, transfer_id in (visible * 2)[: warmup + config.reads]
+        (f"/users/{user_id}/transfers/{transfer_id}", by_user[user_id].authorization)
+        for user_id, transfer_id in (visible * 2)[: warmup + config.reads]
     ]
     lists = [
         (f"/users/{payer.user_id}/transfers?limit=100", payer.authorization)
         for payer in (payers[i % len(payers)] for i in range(warmup + config.reads))
     ]
-    with ui.bar("e: GET transfer, GET list (100)", 2, "kinds") as progress:
-        result["get_transfer"] = asyncio.run(_sequential(bench.port, gets, warmup))
-        progress.update()
-        result["list_100"] = asyncio.run(_sequential(bench.port, lists, warmup))
-        progress.update()
+    say(f"  {config.reads:,} GET transfer, then {config.reads:,} GET list (100)")
+    result["get_transfer"] = asyncio.run(_sequential(bench.port, gets, warmup))
+    result["list_100"] = asyncio.run(_sequential(bench.port, lists, warmup))
     result["method"] = (
         f"one keep-alive connection, requests one after another ({config.reads} measured per "
         f"kind after {warmup} warm-up), the {len(payers)} client users in turn"
@@ -520,18 +466,23 @@ def reads(bench: Bench) -> dict[str, Any]:
 # --- f: memory ------------------------------------------------------------------------------
 
 
+def _decided_by_worker(bench: Bench) -> int:
+    """Transfers the worker settled or rejected (not those written here as settled)."""
+    sql = "SELECT count(*) FROM transfers WHERE status IN ('settled', 'rejected')"
+    return data.scalar(bench.conn, sql) - bench.loaded
+
+
 def memory(bench: Bench) -> dict[str, Any]:
     config = bench.config
-    drain(bench, "before f")
-    decided = data.decided_by_worker(bench.conn, bench.loaded)
+    decided = _decided_by_worker(bench)
     result: dict[str, Any] = {"settlements_before_top_up": decided}
     if decided < config.settlements:
         missing = config.settlements - decided
-        _backlog(bench, missing, config.seed + 7, "f")
+        _backlog(bench, missing, config.seed + 7)
         _ring_all(bench)
-        result["top_up"] = drain(bench, "f: top-up")
+        result["top_up"] = drain(bench)
         result["top_up_transfers"] = missing
-    result["settlements"] = data.decided_by_worker(bench.conn, bench.loaded)
+    result["settlements"] = _decided_by_worker(bench)
     bench.remember_memory("after_settlements")
     snapshots = bench.results["memory"]
     # "Warm": after the first phase that made the group work (b for the worker, c for
@@ -556,3 +507,14 @@ def memory(bench: Bench) -> dict[str, Any]:
             section["rss_growth_since_warm_pct"] = round(growth, 1)
     result["final_audit"] = _audit(bench)
     return result
+
+
+# Each phase's title and function, in the order they run.
+ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
+    "a": ("pgbench TPC-B-like, the reference", pgbench),
+    "b": ("settlement throughput (backlog drained by the worker pool)", settlement),
+    "c": ("ingest through gunicorn (closed loop)", ingest),
+    "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", latency),
+    "e": ("read latency with a big transfers table", reads),
+    "f": ("worker and web memory after many settlements", memory),
+}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
 GONE = (psutil.NoSuchProcess, psutil.ZombieProcess)
+# (monotonic time, CPU seconds per group, the machine's psutil.cpu_times())
+Sample = tuple[float, dict[str, float], Any]
 
 
 def _processes(root: int) -> list[psutil.Process]:
@@ -33,15 +35,14 @@ def memory_snapshot(groups: dict[str, int]) -> dict[str, object]:
         processes = []
         for process in _processes(root):
             try:
-                info = process.memory_full_info()
-                cmd = " ".join(process.cmdline())[:120]
+                info, cmd = process.memory_full_info(), " ".join(process.cmdline())[:120]
             except GONE:
                 continue
-            rss, pss = info.rss // 1024, getattr(info, "pss", info.rss) // 1024
-            role = "main" if process.pid == root else "child"
-            processes.append(
-                {"pid": process.pid, "role": role, "rss_kib": rss, "pss_kib": pss, "cmd": cmd}
-            )
+            processes.append({
+                "pid": process.pid, "role": "main" if process.pid == root else "child",
+                "rss_kib": info.rss // 1024, "pss_kib": getattr(info, "pss", info.rss) // 1024,
+                "cmd": cmd,
+            })  # fmt: skip
         snapshot[name] = {
             "rss_kib": sum(p["rss_kib"] for p in processes),
             "pss_kib": sum(p["pss_kib"] for p in processes),
@@ -50,21 +51,14 @@ def memory_snapshot(groups: dict[str, int]) -> dict[str, object]:
     return snapshot
 
 
-def _cpu_seconds(process: psutil.Process, reaped: bool) -> float:
+def _cpu_seconds(process: psutil.Process, root: int) -> float:
     try:
         times = process.cpu_times()
     except GONE:
         return 0.0
-    seconds = times.user + times.system
     # A root's reaped children (postgres backends, pgbench) count too.
-    return seconds + (times.children_user + times.children_system if reaped else 0.0)
-
-
-@dataclass
-class CpuSample:
-    at: float
-    groups: dict[str, float]
-    machine: dict[str, float]
+    reaped = times.children_user + times.children_system if process.pid == root else 0.0
+    return times.user + times.system + reaped
 
 
 class CpuMeter:
@@ -72,36 +66,32 @@ class CpuMeter:
     of the machine (other engineers' test runs share it)."""
 
     def __init__(self) -> None:
-        self.groups: dict[str, int] = {}
+        self.groups: dict[str, int] = {}  # name -> root pid
 
-    def sample(self) -> CpuSample:
-        groups: dict[str, float] = {}
-        for name, root in self.groups.items():
-            members = _processes(root)
-            groups[name] = sum(_cpu_seconds(p, reaped=p.pid == root) for p in members)
-        own = os.times()
-        groups["bench"] = own.user + own.system + own.children_user + own.children_system
-        cpu = psutil.cpu_times()
-        machine = {
-            "processes": cpu.user + cpu.nice + cpu.system,
-            "irq": cpu.irq + cpu.softirq,
-            "steal": getattr(cpu, "steal", 0.0),
-            "idle": cpu.idle + getattr(cpu, "iowait", 0.0),
+    def sample(self) -> Sample:
+        used = {
+            name: sum(_cpu_seconds(p, root) for p in _processes(root))
+            for name, root in self.groups.items()
         }
-        return CpuSample(time.monotonic(), groups, machine)
+        own = os.times()
+        used["bench"] = own.user + own.system + own.children_user + own.children_system
+        return time.monotonic(), used, psutil.cpu_times()
 
     @staticmethod
-    def between(start: CpuSample, end: CpuSample) -> dict[str, float]:
-        used = {
-            name: round(end.groups.get(name, 0.0) - start.groups.get(name, 0.0), 2)
-            for name in end.groups
-        }
-        machine = {name: end.machine[name] - start.machine[name] for name in end.machine}
+    def between(start: Sample, end: Sample) -> dict[str, float]:
+        (t0, groups0, cpu0), (t1, groups1, cpu1) = start, end
+        used = {name: round(groups1[name] - groups0.get(name, 0.0), 2) for name in groups1}
+
+        def machine(*fields: str) -> float:
+            return sum(getattr(cpu1, f, 0.0) - getattr(cpu0, f, 0.0) for f in fields)
+
         # Processes that are not the bench's: other engineers' test runs.
-        used["other"] = round(max(machine["processes"] - sum(used.values()), 0.0), 2)
+        other = machine("user", "nice", "system") - sum(used.values())
+        used["other"] = round(max(other, 0.0), 2)
         # Kernel time in interrupts (loopback networking), and time the hypervisor gave
         # to other virtual machines.
-        for name in ("irq", "steal", "idle"):
-            used[name] = round(machine[name], 2)
-        used["wall_s"] = round(max(end.at - start.at, 1e-9), 2)
+        used["irq"] = round(machine("irq", "softirq"), 2)
+        used["steal"] = round(machine("steal"), 2)
+        used["idle"] = round(machine("idle", "iowait"), 2)
+        used["wall_s"] = round(max(t1 - t0, 1e-9), 2)
         return used

@@ -17,13 +17,9 @@ def _get(data: Any, *path: str) -> Any:
 
 
 def _num(value: Any, digits: int = 0) -> str:
-    return (
-        "-"
-        if value is None
-        else f"{value:,.{digits}f}"
-        if isinstance(value, int | float)
-        else str(value)
-    )
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, int | float) else str(value)
 
 
 def _ms(section: dict[str, Any] | None, *keys: str) -> str:

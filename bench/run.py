@@ -10,22 +10,27 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
 import psutil
+import psycopg
 
-from bench import procs, report, ui
+from bench import data, load, phases, procs, report, say
 from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
-from bench.servers import PG_SETTINGS, Postgres, Redis
+from bench.servers import PG_SETTINGS, Postgres, Redis, free_port
 
 # Every funded account starts with this many major units: no bench transfer is ever
 # refused for lack of funds, so every one is a real settlement.
 FUND_MAJOR = 10_000_000
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Bench:
@@ -41,22 +46,23 @@ class Bench:
         self.redis = Redis(self.folder / "redis")
         self.web: Any = None
         self.worker: Any = None
+        self.conn: Any = None
         self.env: dict[str, str] = {}
         self.port = 0
         self.password = secrets.token_urlsafe(12)
-        self.users: list[Any] = []
-        self.table: dict[str, Any] = {}
-        self.loaded: Any = None
-        self.conn: Any = None
+        self.users: list[data.BenchUser] = []
+        self.payers: tuple[load.Payer, ...] = ()
+        self.payees: tuple[int, ...] = ()
+        self.loaded = 0  # settled transfers written by SQL (funding, history), not the worker
         self.verify_s = 0.1
         self.meter = procs.CpuMeter()
         self.failed = False
         self.started = time.monotonic()
         self.results: dict[str, Any] = {
             "version": 2,
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "started_at": _now(),
             "mode": config.mode,
-            "config": config.as_json(),
+            "config": asdict(config),  # json.dumps writes its Path as text
             "machine": {
                 "cores": os.cpu_count(),
                 "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -72,7 +78,7 @@ class Bench:
         }
 
     def start_servers(self) -> None:
-        ui.say(f"run folder {self.folder.relative_to(ROOT)}")
+        say(f"run folder {self.folder.relative_to(ROOT)}")
         self.pg.start()
         self.redis.start()
         self.meter.groups["postgres"] = self.pg.postmaster_pid() or 0
@@ -81,130 +87,119 @@ class Bench:
             "postgres": {"version": self.pg.version, "port": self.pg.port, "settings": PG_SETTINGS},
             "redis": {"port": self.redis.port},
         }
-        ui.say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
+        say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
 
-    def prepare_project(self) -> None:
-        """Point this process and the stack at the bench's servers, migrate, load users."""
-        from bench.servers import free_port
-        from bench.stack import migrate, stack_environment
+    def start_stack(self) -> None:
+        """Migrate, load the users and their funding, start gunicorn and the worker."""
+        from bench import stack
 
-        self.port = free_port()
-        self.env = stack_environment(
-            self.config, self.pg.url("remit"), self.redis.url(0), self.port, self.folder
-        )
-        # This process imports the project (data loading, doorbells, audit): its
+        pg_url, redis_url, self.port = self.pg.url("remit"), self.redis.url(0), free_port()
+        self.env = stack.stack_environment(self.config, pg_url, redis_url, self.port, self.folder)
+        # This process imports the project (doorbells, audit, password hashing): its
         # settings must name the same servers. Nothing of the project is imported yet.
         os.environ.update(self.env)
         self.results["knobs"] = {k: self.env[k] for k in RECORDED_KNOBS if self.env.get(k)}
-        migrate(self.env, self.logs / "migrate.log")
+        stack.migrate(self.env, self.logs / "migrate.log")
 
-        import psycopg
-
-        from bench import data
         from common.passwords import hash_password, verify_password
 
         self.conn = psycopg.connect(self.pg.conninfo("remit"), autocommit=True)
-        self.loaded = data.Loaded()
-        ui.say("loading users and their funding")
+        known = {code for (code,) in self.conn.execute("SELECT code FROM currencies")}
+        if unknown := set(self.config.currencies) - known:
+            raise ValueError(f"--currencies: no currency {', '.join(sorted(unknown))}")
+        say("loading users and their funding")
         password_hash = hash_password(self.password)
         self.users = data.create_users(self.conn, self.config.users, password_hash)
+        user_ids = [user.id for user in self.users]
+        self.loaded += data.fund(self.conn, user_ids, self.config.currencies, FUND_MAJOR)
+        # The HTTP clients: the first --clients users pay, any user may be paid.
+        code = self.config.currencies[0]
+        self.payers = load.payers_for(self.users[: self.config.clients], self.password, code)
+        self.payees = tuple(user.accounts[code] for user in self.users)
         # What one verification costs here (the auth warm-up tells cache hits by it).
         started = time.perf_counter()
         verify_password(0, self.password, password_hash)
         self.verify_s = time.perf_counter() - started
         self.results["argon2_verify_ms"] = round(self.verify_s * 1000, 1)
-        self.table = data.currencies(self.conn)
-        if unknown := set(self.config.currencies) - set(self.table):
-            raise ValueError(f"--currencies: no currency {', '.join(sorted(unknown))}")
-        rows = data.funding_rows(self.users, self.table, self.config.currencies, FUND_MAJOR)
-        self.loaded.ranges.append(
-            data.insert_settled(
-                self.conn,
-                rows,
-                len(rows),
-                commission_accounts=self.commission_accounts(),
-                started=data.now(self.conn),
-            )
-        )
 
-    def commission_accounts(self) -> dict[str, int]:
-        return {code: row.commission_account_id for code, row in self.table.items()}
-
-    def start_stack(self) -> None:
-        from bench import stack
-
-        ui.say(
-            f"starting gunicorn ({self.config.web_workers} workers) and a Celery worker "
-            f"({self.config.worker_processes} processes)"
+        config = self.config
+        say(
+            f"starting gunicorn ({config.web_workers} workers) and a Celery worker "
+            f"({config.worker_processes} processes)"
         )
         self.web = stack.start_web(self.env, self.port, self.logs)
         self.worker = stack.start_worker(self.env, self.logs)
-        self.meter.groups["web"] = self.web.pid
-        self.meter.groups["worker"] = self.worker.pid
+        self.meter.groups |= {"web": self.web.pid, "worker": self.worker.pid}
         stack.wait_for_http(self.web, self.port)
-        stack.wait_for_worker(self.worker, self.config.worker_processes)
+        stack.wait_for_worker(self.worker, config.worker_processes)
         self.remember_memory("start")
 
     def remember_memory(self, label: str) -> None:
-        processes = {"web": self.web, "worker": self.worker}
-        snapshot = procs.memory_snapshot({k: p.pid for k, p in processes.items() if p})
+        snapshot = procs.memory_snapshot({"web": self.web.pid, "worker": self.worker.pid})
         snapshot["at_s"] = round(time.monotonic() - self.started, 1)
         self.results["memory"][label] = snapshot
+
+    def phase(self, key: str, title: str, work: Callable[[Bench], dict]) -> None:
+        """Run one phase: its result, wall time and CPU split, memory after it. Phases of
+        the stack start with nothing pending or queued."""
+        say(f"phase {key}: {title}")
+        before, started = self.meter.sample(), time.perf_counter()
+        try:
+            if self.web is not None:
+                phases.drain(self)
+            result = work(self)
+        except Exception as error:
+            self.failed = True
+            (self.logs / f"phase-{key}-error.txt").write_text(traceback.format_exc())
+            say(f"phase {key} failed: {error!r} (traceback in {self.logs}/phase-{key}-error.txt)")
+            result = {"error": repr(error)}
+        result["title"] = title
+        result["phase_seconds"] = round(time.perf_counter() - started, 1)
+        result["cpu_s"] = self.meter.between(before, self.meter.sample())
+        self.results["phases"][key] = result
+        if self.web is not None:
+            self.remember_memory(f"after_{key}")
+            self.web.check()
+            self.worker.check()
 
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        if "common.db" in sys.modules:
-            from common.db import dispose_engine
-
-            dispose_engine()
         for process in (self.web, self.worker):
             if process is not None:
                 process.stop()
         self.redis.stop()
         self.pg.stop()
 
-    def phase(self, key: str, title: str, work: Callable[[Bench], dict[str, Any]]) -> None:
-        """Run one phase: its result, wall time and CPU split, memory after it."""
-        ui.say(f"phase {key}: {title}")
-        before = self.meter.sample()
-        started = time.perf_counter()
+    def write_results(self) -> None:
+        """<timestamp>.json, <timestamp>.png and the table on stdout."""
+        self.results["finished_at"] = _now()
+        self.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        self.results["ok"] = not self.failed
+        self.config.out_dir.mkdir(parents=True, exist_ok=True)
+        json_path = self.config.out_dir / f"{self.stamp}.json"
+        json_path.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        png_path = json_path.with_suffix(".png")
         try:
-            result = work(self)
-        except KeyboardInterrupt:
-            raise
+            report.chart(self.results, png_path)
         except Exception as error:
-            self.failed = True
-            (self.logs / f"phase-{key}-error.txt").write_text(traceback.format_exc())
-            ui.say(
-                f"phase {key} failed: {error!r} (traceback in {self.logs}/phase-{key}-error.txt)"
-            )
-            result = {"error": repr(error)}
-        result["title"] = title
-        result["phase_seconds"] = round(time.perf_counter() - started, 1)
-        after = self.meter.sample()
-        result["cpu_s"] = procs.CpuMeter.between(before, after)
-        self.results["phases"][key] = result
-        if self.web is not None:
-            self.remember_memory(f"after_{key}")
-        for process in (self.web, self.worker):
-            if process is not None:
-                process.check()
+            say(f"chart not drawn: {error!r}")
+        print(report.table(self.results))
+        say(f"results: {json_path}" + (f" and {png_path.name}" if png_path.exists() else ""))
 
 
 def code_info() -> dict[str, Any]:
     """Which code was measured: the commit, and how many files of the work tree differed."""
-    git = shutil.which("git") or "git"
+
+    def git(*args: str) -> str:
+        command = [shutil.which("git") or "git", *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
     try:
-        commit, status = (
-            subprocess.run(
-                [git, *args], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-            for args in (["rev-parse", "HEAD"], ["status", "--porcelain"])
-        )
+        changed = len(git("status", "--porcelain").splitlines())
+        return {"commit": git("rev-parse", "HEAD").strip(), "changed_files": changed}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "changed_files": None}
-    return {"commit": commit, "changed_files": len(status.splitlines())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,66 +208,38 @@ def main(argv: list[str] | None = None) -> int:
     # run cleanly, even when started where SIGINT was ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    from bench import phases
-
     bench = Bench(config)
-    steps = {
-        "b": ("settlement throughput (backlog drained by the worker pool)", phases.settlement),
-        "c": ("ingest through gunicorn (closed loop)", phases.ingest),
-        "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", phases.latency),
-        "e": ("read latency with a big transfers table", phases.reads),
-        "f": ("worker and web memory after many settlements", phases.memory),
-    }
     interrupted = False
     try:
         bench.start_servers()
-        if "a" in config.phases:
-            bench.phase("a", "pgbench TPC-B-like, the reference", phases.pgbench)
-        bench.prepare_project()
+        if "a" in config.phases:  # pgbench measures the server alone, before Remit starts
+            bench.phase("a", *phases.ALL["a"])
         bench.start_stack()
-        for key, (title, work) in steps.items():
-            if key in config.phases:
-                bench.phase(key, title, work)
+        for key in config.phases.replace("a", ""):
+            bench.phase(key, *phases.ALL[key])
     except KeyboardInterrupt:
         interrupted = bench.failed = True
-        ui.say("interrupted: stopping everything")
+        say("interrupted: stopping everything")
     except Exception as error:
         bench.failed = True
         (bench.logs / "error.txt").write_text(traceback.format_exc())
-        ui.say(f"failed: {error!r} (traceback in {bench.logs}/error.txt)")
+        say(f"failed: {error!r} (traceback in {bench.logs}/error.txt)")
         bench.results["error"] = repr(error)
     finally:
         # Stopping is bounded (about 30 s at worst) and must not be cut short: a server
         # left running would outlive the run.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        ui.say("stopping the stack and the servers")
+        say("stopping the stack and the servers")
         bench.stop()
-    write_results(bench)
+    bench.write_results()
     # The run's data and logs are deleted after a successful run, unless --keep.
     folders = [bench.folder]
     if not bench.pg.folder.is_relative_to(bench.folder):
         folders.append(bench.pg.folder)  # its user could not reach the run folder
     if bench.failed or config.keep:
-        ui.say(f"kept {' and '.join(map(str, folders))} (logs, data)")
+        say(f"kept {' and '.join(map(str, folders))} (logs, data)")
     else:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
     return 130 if interrupted else 1 if bench.failed else 0
-
-
-def write_results(bench: Bench) -> None:
-    """<timestamp>.json, <timestamp>.png and the table on stdout."""
-    bench.results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    bench.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    bench.results["ok"] = not bench.failed
-    bench.config.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = bench.config.out_dir / f"{bench.stamp}.json"
-    json_path.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
-    png_path = json_path.with_suffix(".png")
-    try:
-        report.chart(bench.results, png_path)
-    except Exception as error:
-        ui.say(f"chart not drawn: {error!r}")
-    print(report.table(bench.results))
-    ui.say(f"results: {json_path}" + (f" and {png_path.name}" if png_path.exists() else ""))
