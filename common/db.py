@@ -12,22 +12,27 @@ Which helper, where:
     opening an account, the batch route). One transaction, retried on deadlock.
 - Settlement (worker/): `settlement_transaction(work)`, one transaction retried on
   deadlock, for a batch, a failed attempt and the sweep.
-- A script (the CLI, migrations, tests): `script_session()`, a plain session whose
-  transactions the script begins and ends itself (`session.begin()`).
+- A script (the CLI, tests): `script_session()`, a plain session whose transactions
+  the script begins and ends itself (`session.begin()`). Migrations use an engine of
+  their own (common.migrate): they may have to create the database first.
 
 Which query style, where:
 
 - ORM (mapped classes, `session.get`, `select(Account)`) for work that loads or changes
-  whole objects off the hot paths: registration, accounts, statements, the CLI.
+  whole objects off the hot paths: registration, accounts, statements, the CLI. A page
+  that is only read and may be long (the transfers list) is a Core select run on the
+  session's connection: typed rows, not mapped objects.
 - Core statements built from the models, compiled once at import (`compiled`) and run
   by psycopg (`execute_direct`) with typed rows (`args_row` of a NamedTuple or dataclass)
   on the hot paths: the credentials lookup, accepting and reading transfers, the
   settlement batch. Rows, not ORM objects: building them costs more than the query.
 - `text()` only for SQL that is PostgreSQL's own and clearer written out than composed:
   settlement's data-modifying CTEs over `unnest`, advisory locks, `make_interval`,
-  the claim's `FOR NO KEY UPDATE SKIP LOCKED`, predicates that must match a partial
-  index's literally, and the audit's invariant checks. Anything a Core statement says
-  as clearly is written in Core (docs/decisions/0008, 0060).
+  settlement's row locks (`FOR NO KEY UPDATE [SKIP LOCKED]`), a partial index's
+  predicate in statements run often (`status = 'failed'` as a literal: once psycopg
+  prepares a statement, a generic plan cannot prove a bound value), the audit's
+  invariant checks, and DDL (`CREATE DATABASE`). Anything a Core statement says as clearly is
+  written in Core (docs/decisions/0008, 0060).
 """
 
 from __future__ import annotations
