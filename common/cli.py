@@ -87,10 +87,10 @@ def set_superuser_password(password_stdin: bool) -> None:
 def audit() -> None:
     """Check every ledger invariant; print each violation and exit 1 on any."""
     from common.audit import audit as check  # noqa: PLC0415
-    from common.db import transaction  # noqa: PLC0415
+    from common.db import script_session  # noqa: PLC0415
 
     # REPEATABLE READ: all checks see one snapshot even while settlements commit.
-    with transaction() as session:
+    with script_session() as session, session.begin():
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         violations = check(session)
     for line in violations:

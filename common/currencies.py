@@ -6,7 +6,8 @@ import threading
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import select
+from psycopg.rows import args_row
+from sqlalchemy import func, literal_column, select
 
 from common.db import Db, execute_direct
 from common.errors import NotFound
@@ -27,22 +28,20 @@ _lock = threading.Lock()
 _known: dict[str, CurrencyInfo] = {}
 
 
-_ALL = select(*Currency.__table__.c).order_by(Currency.code)
+# CurrencyInfo's fields, in order; an account id not set yet reads as 0.
+_ALL = select(
+    Currency.code,
+    Currency.name,
+    Currency.decimals,
+    Currency.commission_rate,
+    func.coalesce(Currency.commission_account_id, literal_column("0")),
+    func.coalesce(Currency.external_account_id, literal_column("0")),
+).order_by(Currency.code)
+_ROWS = args_row(CurrencyInfo)
 
 
 def _load(db: Db) -> dict[str, CurrencyInfo]:
-    rows = execute_direct(db, _ALL, {})
-    return {
-        row.code: CurrencyInfo(
-            code=row.code,
-            name=row.name,
-            decimals=row.decimals,
-            commission_rate=row.commission_rate,
-            commission_account_id=row.commission_account_id or 0,
-            external_account_id=row.external_account_id or 0,
-        )
-        for row in rows
-    }
+    return {info.code: info for info in execute_direct(db, _ALL, {}, _ROWS)}
 
 
 def all_currencies(db: Db) -> list[CurrencyInfo]:

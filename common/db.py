@@ -1,17 +1,52 @@
-"""The database engine and units of work shared by web, worker and scripts."""
+"""The database engine, and one unit of work per use.
+
+Which helper, where:
+
+- A request (web/):
+  - `request_statements(work)`: the hot paths (the credentials lookup, POST and GET of
+    a transfer, a deposit). A pooled psycopg connection in autocommit; statements that
+    are each correct alone, run by `execute_direct`.
+  - `request_session()`: ORM reads (lists, an account, a statement, health). A session
+    in autocommit.
+  - `request_transaction(work)`: writes that must commit together (registration,
+    opening an account, the batch route). One transaction, retried on deadlock.
+- Settlement (worker/): `settlement_transaction(work)`, one transaction retried on
+  deadlock, for a batch, a failed attempt and the sweep.
+- A script (the CLI, tests): `script_session()`, a plain session whose transactions
+  the script begins and ends itself (`session.begin()`). Migrations use an engine of
+  their own (common.migrate): they may have to create the database first.
+
+Which query style, where:
+
+- ORM (mapped classes, `session.get`, `select(Account)`) for work that loads or changes
+  whole objects off the hot paths: registration, accounts, statements, the CLI. A page
+  that is only read and may be long (the transfers list) is a Core select run on the
+  session's connection: typed rows, not mapped objects.
+- Core statements built from the models, compiled once at import (`compiled`) and run
+  by psycopg (`execute_direct`) with typed rows (`args_row` of a NamedTuple or dataclass)
+  on the hot paths: the credentials lookup, accepting and reading transfers, the
+  settlement batch. Rows, not ORM objects: building them costs more than the query.
+- `text()` only for SQL that is PostgreSQL's own and clearer written out than composed:
+  settlement's data-modifying CTEs over `unnest`, advisory locks, `make_interval`,
+  settlement's row locks (`FOR NO KEY UPDATE [SKIP LOCKED]`), a partial index's
+  predicate in statements run often (`status = 'failed'` as a literal: once psycopg
+  prepares a statement, a generic plan cannot prove a bound value), the audit's
+  invariant checks, and DDL (`CREATE DATABASE`). Anything a Core statement says as clearly is
+  written in Core (docs/decisions/0008, 0060).
+"""
 
 from __future__ import annotations
 
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 from typing import Any, TypeVar, cast
 
 import psycopg
-from psycopg.rows import namedtuple_row
+from psycopg.rows import RowFactory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -87,12 +122,8 @@ def _session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
-def new_session() -> Session:
-    return _session_factory()()
-
-
 @cache
-def _statement_session_factory() -> sessionmaker[Session]:
+def _autocommit_session_factory() -> sessionmaker[Session]:
     # Same pool; SQLAlchemy sets autocommit on checkout and restores it on return.
     return sessionmaker(
         bind=get_engine().execution_options(isolation_level="AUTOCOMMIT"),
@@ -100,35 +131,22 @@ def _statement_session_factory() -> sessionmaker[Session]:
     )
 
 
-def statement_session() -> Session:
-    """A session in which every statement is a transaction of its own.
-
-    For reads and writes that are each correct alone (a single SELECT, an INSERT ...
-    ON CONFLICT): no BEGIN, COMMIT or ROLLBACK round trips. Under load the API's
-    requests spent most of their database time on those three, not on their queries.
-    """
-    return _statement_session_factory()()
-
-
-@contextmanager
-def transaction() -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any exception."""
-    with new_session() as session, session.begin():
-        yield session
-
-
 # Where a direct statement runs: a session (on its connection, in its transaction if it
-# has one) or a psycopg connection from autocommit_connection().
+# has one) or the psycopg connection of request_statements().
 Db = Session | psycopg.Connection[Any]
 
+R = TypeVar("R")
 
-def execute_direct(db: Db, statement: ClauseElement, params: dict[str, Any]) -> Any:
-    """Run a Core statement with psycopg itself; returns the cursor, whose rows have
-    attributes named as the columns.
 
-    For the API's hottest statements (the credentials lookup, accepting a payment,
-    reading a transfer): SQLAlchemy's Core execution costs more than the round trip
-    itself here. The statement is compiled from the models once (`compiled`), and
+def execute_direct(
+    db: Db, statement: ClauseElement, params: Mapping[str, Any], rows: RowFactory[R]
+) -> psycopg.Cursor[R]:
+    """Run a Core statement with psycopg itself; returns the cursor, whose rows `rows`
+    builds (`args_row(SomeNamedTuple)` for a typed row, `tuple_row` for a value).
+
+    For the hot paths (the credentials lookup, accepting a payment, reading a transfer,
+    the settlement batch): SQLAlchemy's Core execution costs more than the round trip
+    itself there. The statement is compiled from the models once (`compiled`), and
     errors reach the caller as SQLAlchemy's DBAPIError, so `is_outage` and
     `is_retryable` apply unchanged.
     """
@@ -138,7 +156,7 @@ def execute_direct(db: Db, statement: ClauseElement, params: dict[str, Any]) -> 
     else:
         pooled, driver = None, db
     try:
-        return driver.cursor(row_factory=namedtuple_row).execute(compiled(statement), params)
+        return driver.cursor(row_factory=rows).execute(compiled(statement), params)
     except psycopg.Error as error:
         broken = driver.broken or driver.closed
         if broken and pooled is not None:
@@ -156,7 +174,7 @@ def _as_sqlalchemy_error(error: psycopg.Error, broken: bool) -> DBAPIError:
 
 
 @contextmanager
-def autocommit_connection() -> Iterator[psycopg.Connection[Any]]:
+def _autocommit_connection() -> Iterator[psycopg.Connection[Any]]:
     """A pooled psycopg connection on which every statement is its own transaction:
     no BEGIN, COMMIT or ROLLBACK round trips, and no session to set up. For work whose
     statements are each correct alone (a lookup, an INSERT ... ON CONFLICT)."""
@@ -222,24 +240,62 @@ def retrying(work: Callable[[], T], attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
-def in_transaction(work: Callable[[Session], T]) -> T:
-    """`work(session)` in one transaction, retried as a whole on deadlock or serialization."""
+@contextmanager
+def _transaction() -> Iterator[Session]:
+    with _session_factory()() as session, session.begin():
+        yield session
 
+
+def _retried_transaction(work: Callable[[Session], T]) -> T:
     def attempt() -> T:
-        with transaction() as session:
+        with _transaction() as session:
             return work(session)
 
     return retrying(attempt)
 
 
-def in_statements(work: Callable[[psycopg.Connection[Any]], T]) -> T:
-    """`work(connection)` on an autocommit_connection(), retried as a whole on deadlock."""
+# The units of work, one per use (the module docstring says which to use where).
+
+
+def request_statements(work: Callable[[psycopg.Connection[Any]], T]) -> T:
+    """A request's hot path: `work(connection)` on a pooled psycopg connection in
+    autocommit, retried as a whole on deadlock. Every statement is its own transaction
+    (no BEGIN, COMMIT or ROLLBACK round trips) and no session is set up, so `work`'s
+    statements must each be correct alone: a lookup, an INSERT ... ON CONFLICT."""
 
     def attempt() -> T:
-        with autocommit_connection() as connection:
+        with _autocommit_connection() as connection:
             return work(connection)
 
     return retrying(attempt)
+
+
+def request_session() -> Session:
+    """A request's ORM reads: a session in which every statement is a transaction of
+    its own (no BEGIN/COMMIT/ROLLBACK round trips); it checks out a connection only
+    when it first runs a statement. Use as `with request_session() as session:`."""
+    return _autocommit_session_factory()()
+
+
+def request_transaction(work: Callable[[Session], T]) -> T:
+    """A request's writes that must commit together (registration, opening an account,
+    the batch route): `work(session)` in one transaction, committed on return, rolled
+    back on any exception, and retried as a whole on deadlock or serialization failure."""
+    return _retried_transaction(work)
+
+
+def settlement_transaction(work: Callable[[Session], T]) -> T:
+    """The worker's unit of work (a settlement batch, a failed attempt, the sweep):
+    `work(session)` in one transaction, retried as a whole on deadlock or serialization
+    failure. The same rules as request_transaction today; its own name so that each
+    call site says which use it serves, and either can change without the other."""
+    return _retried_transaction(work)
+
+
+def script_session() -> Session:
+    """A session for scripts, the CLI and tests, which decide themselves where their
+    transactions begin and end (`with script_session() as session, session.begin():`)."""
+    return _session_factory()()
 
 
 def is_outage(error: BaseException) -> bool:

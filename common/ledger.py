@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from psycopg.rows import args_row, tuple_row
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -154,11 +155,15 @@ _CLAIM = text(
 )
 
 
+_PENDING_ROWS = args_row(PendingTransfer)
+
+
 def _claim(session: Session, currency: str, limit: int) -> list[PendingTransfer]:
-    rows = execute_direct(session, _CLAIM, {"currency": currency, "limit": limit})
-    return [PendingTransfer(*row) for row in rows]
+    params = {"currency": currency, "limit": limit}
+    return execute_direct(session, _CLAIM, params, _PENDING_ROWS).fetchall()
 
 
+_ACCOUNT_ROWS = args_row(AccountState)
 _LOCK_ACCOUNTS = text(
     "SELECT id, kind, balance FROM accounts WHERE id = ANY(CAST(:ids AS bigint[])) "
     "ORDER BY id FOR NO KEY UPDATE"
@@ -170,8 +175,9 @@ def _lock_accounts(session: Session, account_ids: Iterable[int]) -> dict[int, Ac
     # NO KEY UPDATE, not UPDATE: a new transfer's foreign-key check takes KEY SHARE
     # on its accounts, which FOR UPDATE would block (and deadlock with, since the
     # web locks from/to in request order while settlement locks in id order).
-    rows = execute_direct(session, _LOCK_ACCOUNTS, {"ids": sorted(set(account_ids))})
-    return {row.id: AccountState(row.id, row.kind, row.balance) for row in rows}
+    params = {"ids": sorted(set(account_ids))}
+    rows = execute_direct(session, _LOCK_ACCOUNTS, params, _ACCOUNT_ROWS)
+    return {row.id: row for row in rows}
 
 
 # The three writes of a batch in one statement (data-modifying CTEs), whatever the
@@ -218,8 +224,11 @@ def _apply(session: Session, plan: Plan) -> datetime:
             "statuses": [d.status.value for d in plan.decisions],
             "reasons": [d.reason for d in plan.decisions],
         },
+        tuple_row,
     )
-    settled_at: datetime = cursor.fetchone().settled_at
+    row = cursor.fetchone()
+    assert row is not None  # the statement's SELECT returns one row
+    settled_at: datetime = row[0]
     return settled_at
 
 
@@ -272,7 +281,8 @@ _SETTLEMENT_LOCK = text("SELECT pg_try_advisory_xact_lock(:cls, hashtext(:curren
 def _try_settlement_lock(session: Session, currency: str) -> bool:
     # Held until the transaction ends; one settler per currency at a time.
     params = {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency}
-    return bool(execute_direct(session, _SETTLEMENT_LOCK, params).fetchone()[0])
+    row = execute_direct(session, _SETTLEMENT_LOCK, params, tuple_row).fetchone()
+    return row is not None and bool(row[0])
 
 
 SETTLEMENT_ERROR = "settlement_error"

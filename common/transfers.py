@@ -9,20 +9,21 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
+from psycopg.rows import args_row
 from sqlalchemy import (
-    Row,
     Select,
     Table,
     and_,
+    any_,
     bindparam,
     cast,
     func,
     literal_column,
     select,
-    text,
     union,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
@@ -33,7 +34,7 @@ from common.db import Db, execute_direct
 from common.errors import Invalid, NotFound, RemitError
 from common.limits import BIGINT_MAX
 from common.logs import request_id as current_request_id
-from common.models import SUPERUSER_ID, Transfer, TransferStatus
+from common.models import SUPERUSER_ID, Account, Transfer, TransferStatus
 from common.money import InvalidAmount, commission_for, parse_amount
 
 
@@ -47,12 +48,43 @@ class TransferRequest:
 
 
 TRANSFERS: Table = Transfer.__table__  # type: ignore[assignment]  # a mapped class's table
+ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
+
+
+class TransferRow(NamedTuple):
+    """A transfer as the statements of this module read it: one row of `transfers`."""
+
+    id: int
+    status: str
+    from_account_id: int
+    to_account_id: int
+    from_user_id: int
+    to_user_id: int
+    currency: str
+    amount: int
+    commission: int
+    comment: str
+    reason: str | None
+    requested_by: int
+    idempotency_key: str | None
+    request_fingerprint: str | None
+    request_id: str | None
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    settled_at: datetime | None
+
+
+# Every statement here selects or returns these columns, in TransferRow's order, so
+# psycopg builds TransferRows directly (args_row: one call per row, like a named tuple).
+_TRANSFER_COLUMNS = tuple(TRANSFERS.c[name] for name in TransferRow._fields)
+_TRANSFER_ROWS = args_row(TransferRow)
 
 
 @dataclass(frozen=True)
 class Accepted:
-    # The transfer's row (attributes named as the columns of `transfers`).
-    transfer: Any
+    transfer: TransferRow
     # False when an idempotent replay returned an earlier transfer.
     created: bool
 
@@ -66,14 +98,15 @@ def _fingerprint(kind: str, request: TransferRequest) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-_BY_KEY = select(*TRANSFERS.c).where(
+_BY_KEY = select(*_TRANSFER_COLUMNS).where(
     TRANSFERS.c.requested_by == bindparam("requested_by"),
     TRANSFERS.c.idempotency_key == bindparam("key"),
 )
 
 
-def _replay(db: Db, requested_by: int, key: str, fingerprint: str) -> Any:
-    existing = execute_direct(db, _BY_KEY, {"requested_by": requested_by, "key": key}).fetchone()
+def _replay(db: Db, requested_by: int, key: str, fingerprint: str) -> TransferRow | None:
+    params = {"requested_by": requested_by, "key": key}
+    existing = execute_direct(db, _BY_KEY, params, _TRANSFER_ROWS).fetchone()
     if existing is not None and existing.request_fingerprint != fingerprint:
         raise Invalid(
             "idempotency_key_mismatch",
@@ -105,7 +138,10 @@ class _Account:
     currency: str
 
 
-_ACCOUNTS = text("SELECT id, user_id, currency FROM accounts WHERE id = ANY(:ids)")
+_ACCOUNTS = select(ACCOUNTS.c.id, ACCOUNTS.c.user_id, ACCOUNTS.c.currency).where(
+    ACCOUNTS.c.id == any_(bindparam("ids", type_=ARRAY(ACCOUNTS.c.id.type)))
+)
+_ACCOUNT_ROWS = args_row(_Account)
 
 # An account's owner and currency never change and accounts are never deleted, so
 # once read they are kept: a payment needs no query to check its accounts. Bounded;
@@ -123,8 +159,8 @@ def _accounts(db: Db, *ids: int) -> dict[int, AccountRef]:
         found: dict[int, AccountRef] = {i: _account_cache[i] for i in wanted if i in _account_cache}
     missing = wanted - found.keys()
     if missing:
-        rows = execute_direct(db, _ACCOUNTS, {"ids": sorted(missing)})
-        read = {row.id: _Account(row.id, row.user_id, row.currency) for row in rows}
+        rows = execute_direct(db, _ACCOUNTS, {"ids": sorted(missing)}, _ACCOUNT_ROWS)
+        read = {row.id: row for row in rows}
         with _account_cache_lock:
             if len(_account_cache) + len(read) > ACCOUNT_CACHE_SIZE:
                 _account_cache.clear()
@@ -193,7 +229,7 @@ _INSERT_ONE = (
     insert(TRANSFERS)
     .values({column: bindparam(column) for column in _ROW_COLUMNS})
     .on_conflict_do_nothing(index_elements=["requested_by", "idempotency_key"])
-    .returning(*TRANSFERS.c)
+    .returning(*_TRANSFER_COLUMNS)
 )
 # Many rows in one statement of fixed text (compiled once, whatever the count): one
 # array per column. Ids come from the sequence in the arrays' order.
@@ -207,9 +243,9 @@ _INSERT_MANY = (
             )
         ),
     )
-    .returning(*TRANSFERS.c)
+    .returning(*_TRANSFER_COLUMNS)
 )
-_BY_ID = select(*TRANSFERS.c).where(TRANSFERS.c.id == bindparam("id"))
+_BY_ID = select(*_TRANSFER_COLUMNS).where(TRANSFERS.c.id == bindparam("id"))
 
 
 def _record(db: Db, row: dict[str, Any]) -> Accepted:
@@ -217,8 +253,8 @@ def _record(db: Db, row: dict[str, Any]) -> Accepted:
     # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
     # nothing: of twenty simultaneous requests with one key, one row wins and the
     # others read it back below.
-    # Core, not ORM: the row comes back as a plain Row, which is all the response needs.
-    transfer = execute_direct(db, _INSERT_ONE, row).fetchone()
+    # Core, not ORM: the row comes back as a plain row, which is all the response needs.
+    transfer = execute_direct(db, _INSERT_ONE, row, _TRANSFER_ROWS).fetchone()
     if transfer is not None:
         return Accepted(transfer, created=True)
     assert row["idempotency_key"] is not None
@@ -282,7 +318,7 @@ def submit_transfers(
         plain.append((index, row))
     if plain:
         columns = {column: [row[column] for _, row in plain] for column in _ROW_COLUMNS}
-        inserted = execute_direct(session, _INSERT_MANY, columns).fetchall()
+        inserted = execute_direct(session, _INSERT_MANY, columns, _TRANSFER_ROWS).fetchall()
         # Ids come from the sequence in VALUES order: sorted ids match the rows' order.
         by_id = sorted(inserted, key=lambda transfer: transfer.id)
         for (index, _), transfer in zip(plain, by_id, strict=True):
@@ -321,9 +357,9 @@ def submit_deposit(db: Db, account_id: int, amount: str, idempotency_key: str | 
     )
 
 
-def get_visible_transfer(db: Db, transfer_id: int, user_id: int) -> Any:
+def get_visible_transfer(db: Db, transfer_id: int, user_id: int) -> TransferRow:
     """A transfer from or to `user_id`'s accounts (the superuser sees every transfer)."""
-    transfer = execute_direct(db, _BY_ID, {"id": transfer_id}).fetchone()
+    transfer = execute_direct(db, _BY_ID, {"id": transfer_id}, _TRANSFER_ROWS).fetchone()
     if transfer is None or (
         user_id not in (transfer.from_user_id, transfer.to_user_id) and user_id != SUPERUSER_ID
     ):
@@ -346,11 +382,11 @@ def list_transfers(
     descending: bool,
     after_id: int | None,
     limit: int,
-) -> Sequence[Row[Any]]:
+) -> list[TransferRow]:
     """Transfers from or to the user's accounts, one page in id order."""
     query = transfers_page(user_id, filters, descending=descending, after_id=after_id, limit=limit)
     # On the connection: a Core query executed by the Session goes through ORM loading.
-    return session.connection().execute(query).all()
+    return [TransferRow._make(row) for row in session.connection().execute(query)]
 
 
 def transfers_page(
@@ -382,4 +418,4 @@ def transfers_page(
     ids = select(page.c.id)
     # Rows, not ORM objects: a page is read, never changed, and building a hundred
     # mapped objects cost ten times the query.
-    return select(*TRANSFERS.c).where(Transfer.id.in_(ids)).order_by(order).limit(limit)
+    return select(*_TRANSFER_COLUMNS).where(Transfer.id.in_(ids)).order_by(order).limit(limit)

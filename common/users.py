@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from sqlalchemy import func, insert, select, text
+from psycopg.rows import args_row
+from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from common.currencies import all_currencies
@@ -25,12 +28,10 @@ def register(session: Session, username: str, password: str, full_name: str) -> 
     # ON CONFLICT on the lower(username) index: two concurrent registrations of
     # "Alice" and "alice" cannot both succeed, and neither surfaces an IntegrityError.
     user_id = session.scalar(
-        text(
-            "INSERT INTO users (username, password_hash, full_name) "
-            "VALUES (:username, :hash, :full_name) "
-            "ON CONFLICT ((lower(username))) DO NOTHING RETURNING id"
-        ),
-        {"username": username, "hash": password_hash, "full_name": full_name},
+        pg_insert(User)
+        .values(username=username, password_hash=password_hash, full_name=full_name)
+        .on_conflict_do_nothing(index_elements=[func.lower(User.username)])
+        .returning(User.id)
     )
     if user_id is None:
         raise Conflict("username_taken", f"the username {username!r} is taken")
@@ -54,10 +55,17 @@ class Principal:
     username: str
 
 
+class _Credentials(NamedTuple):
+    id: int
+    username: str
+    password_hash: str
+
+
 # Core, not ORM: this runs on every authenticated request.
-_BY_USERNAME = text(
-    "SELECT id, username, password_hash FROM users WHERE lower(username) = lower(:username)"
+_BY_USERNAME = select(User.id, User.username, User.password_hash).where(
+    func.lower(User.username) == func.lower(bindparam("username", type_=User.username.type))
 )
+_CREDENTIALS_ROWS = args_row(_Credentials)
 
 
 # Credentials that logged in a moment ago, so that a client's next requests need no
@@ -117,7 +125,8 @@ def authenticate(db: Db, username: str, password: str) -> Principal | None:
     generation = _recent_logins().generation()
     user = None
     if lookup:
-        user = execute_direct(db, _BY_USERNAME, {"username": username}).fetchone()
+        params = {"username": username}
+        user = execute_direct(db, _BY_USERNAME, params, _CREDENTIALS_ROWS).fetchone()
     if user is None:
         burn_verification(password)
         return None

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from common import passwords
-from common.db import transaction
+from common.db import script_session
 from common.passwords import hash_password
 from common.settings import Settings
 from common.users import announce_credentials_changed
@@ -606,7 +606,7 @@ def test_a_changed_password_hash_defeats_the_cache_at_once(api, argon2_calls) ->
     assert api.client.get(path, headers=member.auth).status_code == 200
     assert argon2_calls.verifications == before, "the second login should be a cache hit"
 
-    with transaction() as session:
+    with script_session() as session, session.begin():
         session.execute(
             text("UPDATE users SET password_hash = :hash WHERE id = :id"),
             {"hash": hash_password("a completely new password"), "id": member.id},

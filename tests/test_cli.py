@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from common.audit import audit
-from common.db import new_session, transaction
+from common.db import script_session
 from tests.conftest import SUPERUSER, SUPERUSER_PASSWORD, Api, basic_auth
 from worker.cli import main
 
@@ -44,13 +44,13 @@ def test_deposit_refuses_bad_input(api: Api, capsys: Any) -> None:
 
 def test_requeue_settles_a_failed_transfer(api: Api, capsys: Any) -> None:
     alice, bob = api.funded("10.00"), api.register()
-    with new_session() as holder:
+    with script_session() as holder:
         holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('USD'))"))
         try:
             body = api.transfer(
                 alice, alice.accounts["USD"], bob.accounts["USD"], "1.00"
             ).get_json()
-            with transaction() as session:
+            with script_session() as session, session.begin():
                 # As the settler leaves a transfer after its last failed attempt.
                 session.execute(
                     text(
@@ -79,7 +79,7 @@ def test_audit_passes_on_a_sound_ledger(api: Api, capsys: Any) -> None:
 
 
 def test_audit_names_each_violation() -> None:
-    with transaction() as session:
+    with script_session() as session, session.begin():
         # Corrupt inside a transaction that is rolled back: the check sees it, nobody else does.
         session.execute(text("UPDATE accounts SET balance = balance + 1 WHERE id = 5"))
         violations = audit(session)

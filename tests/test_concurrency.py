@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from common.audit import audit
-from common.db import new_session, transaction
+from common.db import script_session
 from common.doorbells import ring
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import SUPERUSER, Api, Member
@@ -89,7 +89,7 @@ def _usd_balances(api: Api, members: list[Member]) -> dict[int, int]:
 
 
 def _commission_balance() -> int:
-    with new_session() as session:
+    with script_session() as session:
         return session.scalar(
             text(
                 "SELECT a.balance FROM accounts a JOIN currencies c "
@@ -107,7 +107,7 @@ def test_200_concurrent_transfers_settle_as_if_applied_in_id_order(api: Api, app
 
     # Hold the USD settlement lock while the 200 requests race in, so that the worker
     # settles them only once all are committed: then "id order" is well defined.
-    with new_session() as holder:
+    with script_session() as holder:
         holder.execute(
             text("SELECT pg_advisory_lock(:c, hashtext('USD'))"), {"c": SETTLEMENT_LOCK_CLASS}
         )
@@ -131,7 +131,7 @@ def test_200_concurrent_transfers_settle_as_if_applied_in_id_order(api: Api, app
     assert _usd_balances(api, members) == {k: v for k, v in expected_balances.items() if k != -1}
     assert _commission_balance() - commission_start == expected_balances.get(-1, 0)
     assert all(balance >= 0 for balance in _usd_balances(api, members).values())
-    with new_session() as session:
+    with script_session() as session:
         # Each transfer final exactly once: settled ones have their legs once, rejected none.
         legs = Counter(
             session.scalars(
@@ -164,7 +164,7 @@ def test_transfers_racing_the_worker_never_overdraw(api: Api, app: Any) -> None:
     assert all(balance >= 0 for balance in balances.values())
     # No lost update: the money among these accounts and the commission account is conserved.
     assert sum(balances.values()) + _commission_balance() == total_before
-    with new_session() as session:
+    with script_session() as session:
         assert audit(session) == []
 
 
@@ -186,7 +186,7 @@ def test_twenty_concurrent_requests_with_one_key_make_one_transfer(api: Api, app
     transfer_id = results[0][1]["id"]
     assert api.wait_final(alice, transfer_id)["status"] == "settled"
     assert api.balance(bob, bob.accounts["USD"]) == "5.00"
-    with new_session() as session:
+    with script_session() as session:
         count = session.scalar(
             text("SELECT count(*) FROM transfers WHERE requested_by = :u"), {"u": alice.id}
         )
@@ -216,5 +216,5 @@ def test_duplicate_doorbells_under_load_settle_each_transfer_once(api: Api) -> N
     assert all(api.wait_final(alice, i)["status"] == "settled" for i in ids)
     assert api.balance(bob, bob.accounts["USD"]) == "20.00"
     assert api.balance(alice, alice.accounts["USD"]) == "79.80"
-    with transaction() as session:
+    with script_session() as session, session.begin():
         assert audit(session) == []

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from common.audit import audit
-from common.db import new_session, transaction
+from common.db import script_session
 from common.doorbells import ring
 from common.ledger import requeue_failed
 from common.transfers import TransferRequest, submit_transfer
@@ -26,7 +26,7 @@ from worker.tasks import sweep
 @pytest.fixture
 def poison() -> Iterator[Any]:
     """poison(id) makes settling transfer `id` raise inside PostgreSQL; cure(id) stops it."""
-    with transaction() as session:
+    with script_session() as session, session.begin():
         session.execute(text("CREATE TABLE IF NOT EXISTS test_poisoned (id bigint PRIMARY KEY)"))
         session.execute(
             text(
@@ -50,23 +50,23 @@ def poison() -> Iterator[Any]:
 
     class Poison:
         def __call__(self, transfer_id: int) -> None:
-            with transaction() as session:
+            with script_session() as session, session.begin():
                 session.execute(text("INSERT INTO test_poisoned VALUES (:id)"), {"id": transfer_id})
 
         def cure(self, transfer_id: int) -> None:
-            with transaction() as session:
+            with script_session() as session, session.begin():
                 session.execute(
                     text("DELETE FROM test_poisoned WHERE id = :id"), {"id": transfer_id}
                 )
 
     yield Poison()
-    with transaction() as session:
+    with script_session() as session, session.begin():
         session.execute(text("DROP TRIGGER test_poison ON postings"))
         session.execute(text("DROP TABLE test_poisoned"))
 
 
 def _row(transfer_id: int) -> Any:
-    with new_session() as session:
+    with script_session() as session:
         return session.execute(
             text("SELECT status, reason, attempts, last_error FROM transfers WHERE id = :id"),
             {"id": transfer_id},
@@ -90,7 +90,7 @@ def _submit_with_poisoned_middle(
     # Hold back settlement by poisoning the next id before it exists: create it first
     # with the lock of a pending doorbell-less insert, then poison, then ring.
     ids = []
-    with new_session() as holder:
+    with script_session() as holder:
         holder.execute(text("SELECT pg_advisory_lock(7301, hashtext(:c))"), {"c": currency})
         try:
             for _ in range(5):
@@ -124,7 +124,7 @@ def test_a_poisoned_transfer_fails_alone_and_its_currency_keeps_settling(
     assert shown["reason"] == "settlement_error"
     assert shown["settled_at"] is None
     assert api.balance(bob, bob.accounts["EUR"]) == "4.00", "no money moved for it"
-    with new_session() as session:
+    with script_session() as session:
         assert audit(session) == []
 
     # Beat retries it once it is due (1 s in tests); cured, it settles.
@@ -137,7 +137,7 @@ def test_failed_transfers_outside_their_window_wait_for_the_operator(api: Api, p
     alice, bob, ids = _submit_with_poisoned_middle(api, poison, "CNY")
     _sweep_until(lambda: _row(ids[2]).status == "failed")
     poison.cure(ids[2])
-    with transaction() as session:
+    with script_session() as session, session.begin():
         # Its retry window (a day by default) closed long ago.
         session.execute(
             text("UPDATE transfers SET created_at = now() - interval '2 days' WHERE id = :id"),
@@ -149,21 +149,21 @@ def test_failed_transfers_outside_their_window_wait_for_the_operator(api: Api, p
     time.sleep(0.5)
     assert _row(ids[2]).status == "failed"
 
-    with transaction() as session:
+    with script_session() as session, session.begin():
         requeued = requeue_failed(session, [ids[2], ids[0]])
     assert requeued == [(ids[2], "CNY")], "only failed transfers are requeued"
     ring("CNY")
     assert api.wait_final(alice, ids[2])["status"] == "settled"
     assert _row(ids[2]).attempts == 1, "the budget started over: one attempt, the one that settled"
     assert api.balance(bob, bob.accounts["CNY"]) == "5.00"
-    with new_session() as session:
+    with script_session() as session:
         assert audit(session) == []
 
 
 def test_sweep_rings_for_transfers_whose_doorbell_was_lost(api: Api) -> None:
 
     alice, bob = api.funded("10.00"), api.register()
-    with transaction() as session:
+    with script_session() as session, session.begin():
         accepted = submit_transfer(
             session,
             alice.id,

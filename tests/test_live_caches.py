@@ -19,7 +19,7 @@ import redis
 from sqlalchemy import text
 
 from common import pubsub, users
-from common.db import transaction
+from common.db import script_session
 from common.live_cache import LiveCache
 from common.passwords import hash_password
 from common.settings import get_settings
@@ -261,7 +261,7 @@ def short_login_cache(monkeypatch, subscribed) -> LiveCache:
 
 
 def _set_hash_by_hand(member: Member, password: str) -> None:
-    with transaction() as session:
+    with script_session() as session, session.begin():
         session.execute(
             text("UPDATE users SET password_hash = :hash WHERE id = :id"),
             {"hash": hash_password(password), "id": member.id},

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from common import backlog
-from common.db import new_session
+from common.db import script_session
 from tests.conftest import Api
 
 
@@ -58,12 +58,12 @@ def test_metrics_follow_transfers_through_their_life(api: Api) -> None:
 
 def test_metrics_show_pending_transfers_and_their_age(api: Api) -> None:
     alice, bob = api.funded("5.00", "CNY"), api.register()
-    with new_session() as holder:
+    with script_session() as holder:
         holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('CNY'))"))
         try:
             api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00")
             samples = _samples(api.client)
-            with new_session() as session:
+            with script_session() as session:
                 pending = backlog.pending_by_currency(session)
                 failed = backlog.failed_count(session)
         finally:

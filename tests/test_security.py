@@ -27,7 +27,7 @@ import requests
 from argon2 import Type, extract_parameters
 from sqlalchemy import text
 
-from common.db import transaction
+from common.db import script_session
 from common.logs import json_formatter
 from tests.conftest import SUPERUSER, Api, assert_problem, basic_auth
 
@@ -202,7 +202,7 @@ def _command_lines() -> list[str]:
 def trip_wire() -> Iterator[str]:
     """Registering this username makes PostgreSQL refuse the INSERT: a real database error."""
     username = "trip-the-database"
-    with transaction() as session:
+    with script_session() as session, session.begin():
         session.execute(
             text(
                 """
@@ -225,7 +225,7 @@ def trip_wire() -> Iterator[str]:
     try:
         yield username
     finally:
-        with transaction() as session:
+        with script_session() as session, session.begin():
             session.execute(text("DROP TRIGGER IF EXISTS test_trip_wire ON users"))
             session.execute(text("DROP FUNCTION IF EXISTS test_trip_wire()"))
 

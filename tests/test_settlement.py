@@ -26,7 +26,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from common.currencies import CurrencyInfo, all_currencies
-from common.db import get_engine, retrying, transaction
+from common.db import get_engine, retrying, script_session
 from common.ledger import SETTLEMENT_LOCK_CLASS, settle_batch
 from common.money import format_amount
 from common.transfers import TransferRequest, submit_transfer
@@ -37,17 +37,17 @@ from worker.tasks import settle, sweep
 
 
 def currencies() -> dict[str, CurrencyInfo]:
-    with transaction() as session:
+    with script_session() as session, session.begin():
         return {currency.code: currency for currency in all_currencies(session)}
 
 
 def fetch(sql: str, **params: Any) -> list[Any]:
-    with transaction() as session:
+    with script_session() as session, session.begin():
         return list(session.execute(text(sql), params).all())
 
 
 def scalar(sql: str, **params: Any) -> Any:
-    with transaction() as session:
+    with script_session() as session, session.begin():
         return session.scalar(text(sql), params)
 
 
@@ -89,7 +89,7 @@ def wait_until_final(transfer_ids: list[int], timeout: float = 30) -> dict[int, 
 
 def submit_without_doorbell(member: Member, source: int, target: int, amount: str) -> int:
     """Accept a transfer exactly as the API does (committed, pending) but ring nothing."""
-    with transaction() as session:
+    with script_session() as session, session.begin():
         accepted = submit_transfer(session, member.id, TransferRequest(source, target, amount))
         assert accepted.created
         return accepted.transfer.id
@@ -299,7 +299,7 @@ def test_a_doorbell_for_final_transfers_changes_nothing(
     deliver("EUR", ids)
     settle("EUR", ids)
     settle.apply(args=("EUR", ids)).get()
-    with transaction() as session:
+    with script_session() as session, session.begin():
         # The batch itself finds nothing of ours to claim.
         result = settle_batch(session, "EUR", 500, money["EUR"].commission_account_id)
         assert not set(ids) & {d.transfer_id for d in result.decisions}
@@ -456,7 +456,7 @@ def test_settlement_lock_holds_settlers_off_then_applies_in_id_order(
         deliver("USD", ids)
         # ...so does a direct call, and the batch itself says so.
         assert settle("USD", ids) == {"settled": 0, "rejected": 0}
-        with transaction() as session:
+        with script_session() as session, session.begin():
             assert settle_batch(session, "USD", 500, usd.commission_account_id).claimed is None
         assert set(statuses(ids).values()) == {"pending"}
         assert balance_of(source) == 1000
@@ -614,7 +614,7 @@ def test_ledger_invariants_hold_over_everything_settled_so_far(
 def scratch_user_ids() -> list[int]:
     """Two users with no accounts: rows to fight over without touching any money."""
     names = [f"retry_{time.monotonic_ns()}_{n}" for n in range(2)]
-    with transaction() as session:
+    with script_session() as session, session.begin():
         return [
             session.scalar(
                 text(

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from common import announcements, pubsub
-from common.db import new_session
+from common.db import script_session
 from common.doorbells import ring
 from common.ledger import SETTLEMENT_LOCK_CLASS
 from tests.conftest import Api
@@ -22,7 +22,7 @@ from web.long_poll import grace_slots, long_poll_slots
 
 
 def _hold_settlement_lock(currency: str):
-    session = new_session()
+    session = script_session()
     session.execute(
         text("SELECT pg_advisory_lock(:c, hashtext(:cur))"),
         {"c": SETTLEMENT_LOCK_CLASS, "cur": currency},

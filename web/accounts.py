@@ -4,12 +4,12 @@ from flask import Blueprint, Response
 
 from common import accounts
 from common.currencies import get_currency
-from common.db import in_statements, in_transaction, statement_session
+from common.db import request_session, request_transaction
 from common.transfers import submit_deposit
 from web.auth import authenticated, authorize_path_user, current_user, require_superuser
 from web.fields import DepositCreate, PageQuery, idempotency_key, parse_body, parse_query
 from web.render import account_json, decode_cursor, json_response, page_response, posting_json
-from web.transfers import accepted_response
+from web.transfers import accept
 
 bp = Blueprint("accounts", __name__)
 
@@ -18,7 +18,7 @@ bp = Blueprint("accounts", __name__)
 @authenticated
 def list_accounts(user_id: int) -> Response:
     authorize_path_user(user_id, write=False)
-    with statement_session() as session:
+    with request_session() as session:
         rows = accounts.list_accounts(session, user_id)
         return json_response([account_json(session, account) for account in rows])
 
@@ -27,7 +27,7 @@ def list_accounts(user_id: int) -> Response:
 @authenticated
 def open_account(user_id: int, currency: str) -> Response:
     authorize_path_user(user_id, write=True)
-    body = in_transaction(
+    body = request_transaction(
         lambda session: account_json(session, accounts.open_account(session, user_id, currency))
     )
     return json_response(body, 201, {"Location": f"/accounts/{body['id']}"})
@@ -36,7 +36,7 @@ def open_account(user_id: int, currency: str) -> Response:
 @bp.get("/accounts/<id:account_id>")
 @authenticated
 def get_account(account_id: int) -> Response:
-    with statement_session() as session:
+    with request_session() as session:
         account = accounts.get_visible_account(session, account_id, current_user().id)
         return json_response(account_json(session, account))
 
@@ -46,7 +46,7 @@ def get_account(account_id: int) -> Response:
 def list_postings(account_id: int) -> Response:
     query = parse_query(PageQuery)
     after_id = decode_cursor(query.cursor, query.sort)
-    with statement_session() as session:
+    with request_session() as session:
         account = accounts.get_visible_account(session, account_id, current_user().id)
         decimals = get_currency(session, account.currency).decimals
         rows = accounts.list_postings(
@@ -66,7 +66,4 @@ def deposit(account_id: int) -> Response:
     require_superuser()
     fields = parse_body(DepositCreate)
     key = idempotency_key()
-    accepted = in_statements(
-        lambda session: submit_deposit(session, account_id, fields.amount, key)
-    )
-    return accepted_response(accepted)
+    return accept(lambda db: submit_deposit(db, account_id, fields.amount, key))

@@ -14,7 +14,7 @@ from typing import ParamSpec, TypeVar
 
 from flask import g, request
 
-from common.db import autocommit_connection, statement_session
+from common.db import request_session, request_statements
 from common.models import SUPERUSER_ID
 from common.users import Principal, authenticate, recent_login, user_exists
 from web import throttle
@@ -49,8 +49,7 @@ def _check_credentials() -> Principal:
         )
     user = recent_login(username, password)
     if user is None:
-        with autocommit_connection() as connection:
-            user = authenticate(connection, username, password)
+        user = request_statements(lambda db: authenticate(db, username, password))
     if user is None:
         throttle.record_failure(username, address)
         raise _unauthorized("wrong username or password")
@@ -82,7 +81,7 @@ def authorize_path_user(user_id: int, *, write: bool) -> None:
         if write:
             raise ApiError("forbidden", "the superuser moves money only by deposits")
         if user_id != SUPERUSER_ID:
-            with statement_session() as session:
+            with request_session() as session:
                 if not user_exists(session, user_id):
                     raise ApiError("user_not_found", f"no user {user_id}")
         return

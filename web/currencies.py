@@ -3,7 +3,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from common.currencies import all_currencies
-from common.db import statement_session
+from common.db import request_session
 from web.render import json_response
 
 bp = Blueprint("currencies", __name__)
@@ -11,7 +11,7 @@ bp = Blueprint("currencies", __name__)
 
 @bp.get("/currencies")
 def list_currencies() -> Response:
-    with statement_session() as session:
+    with request_session() as session:
         currencies = all_currencies(session)
     return json_response(
         [

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response
-from sqlalchemy import text
+from sqlalchemy import literal, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from common.db import statement_session
+from common.db import request_session
 from web import throttle
 from web.render import json_response
 
@@ -14,8 +14,8 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 def health() -> Response:
     try:
-        with statement_session() as session:
-            session.execute(text("SELECT 1"))
+        with request_session() as session:
+            session.execute(select(literal(1)))
         database = "ok"
     except SQLAlchemyError:
         database = "unavailable"

@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common import backlog
 from common import metrics as settlement_metrics
-from common.db import new_session
+from common.db import request_session
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class LedgerCollector(Collector):
         )
         failed = GaugeMetricFamily("remit_transfers_failed", "Transfers in status failed")
         try:
-            with new_session() as session:
+            with request_session() as session:
                 rows = backlog.pending_by_currency(session)
                 failed_count = backlog.failed_count(session)
         except SQLAlchemyError as error:

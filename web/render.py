@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 from flask import Response, json, request
@@ -17,6 +17,7 @@ from common.db import Db
 from common.limits import BIGINT_MAX
 from common.models import Account, Posting
 from common.money import format_amount
+from common.transfers import TransferRow
 from web.problems import ApiError
 
 
@@ -50,8 +51,8 @@ def account_json(session: Session, account: Account) -> dict[str, Any]:
     }
 
 
-def transfer_json(db: Db, transfer: Any) -> dict[str, Any]:
-    """A transfer's resource, from its ORM object or its row."""
+def transfer_json(db: Db, transfer: TransferRow) -> dict[str, Any]:
+    """A transfer's resource, from its row."""
     decimals = _decimals(db, transfer.currency)
     return {
         "id": transfer.id,
@@ -100,7 +101,14 @@ def decode_cursor(cursor: str | None, sort: str) -> int | None:
         raise ApiError("invalid_query", "cursor: not a cursor of this listing") from None
 
 
-def page_response(items: Sequence[Any], rows: Sequence[Any], limit: int, sort: str) -> Response:
+class _Listed(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+def page_response(
+    items: Sequence[dict[str, Any]], rows: Sequence[_Listed], limit: int, sort: str
+) -> Response:
     """A JSON list of one page; a Link header to the next page when there is one.
 
     `rows` were fetched with limit + 1: the extra row only says that more exist.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -7,7 +8,7 @@ from flask import Blueprint, Response
 from sqlalchemy.orm import Session
 
 from common import transfers
-from common.db import autocommit_connection, in_statements, in_transaction, statement_session
+from common.db import Db, request_session, request_statements, request_transaction
 from common.doorbells import Doorbells
 from common.errors import RemitError
 from common.models import SUPERUSER_ID, TransferStatus
@@ -36,8 +37,16 @@ bp = Blueprint("transfers", __name__)
 doorbells = Doorbells()
 
 
-def accepted_response(accepted: transfers.Accepted) -> Response:
-    """202 with the transfer; ring the settlement doorbell for a new one (after commit)."""
+def accept(submit: Callable[[Db], transfers.Accepted]) -> Response:
+    """Run `submit` (a payment or a deposit) on the request's hot path and answer 202
+    with the transfer; ring the settlement doorbell for a new one (after commit)."""
+
+    def submitted(db: Db) -> tuple[transfers.Accepted, dict[str, Any]]:
+        accepted = submit(db)
+        # Rendered on the same connection: the currency is cached after the first time.
+        return accepted, transfer_json(db, accepted.transfer)
+
+    accepted, body = request_statements(submitted)
     transfer = accepted.transfer
     if accepted.created:
         kind = "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
@@ -49,9 +58,6 @@ def accepted_response(accepted: transfers.Accepted) -> Response:
         # A replay of a still-pending transfer rings again: if the first doorbell was
         # lost, the client's retry is the fastest way to get it settled.
         doorbells.ring_soon(transfer.currency, [transfer.id])
-    # A session checks out a connection only if the currency is not cached yet.
-    with statement_session() as session:
-        body = transfer_json(session, transfer)
     location = f"/users/{transfer.from_user_id}/transfers/{transfer.id}"
     return json_response(body, 202, {"Location": location})
 
@@ -68,8 +74,7 @@ def submit(user_id: int) -> Response:
         comment=fields.comment,
         idempotency_key=idempotency_key(),
     )
-    accepted = in_statements(lambda session: transfers.submit_transfer(session, user_id, request))
-    return accepted_response(accepted)
+    return accept(lambda db: transfers.submit_transfer(db, user_id, request))
 
 
 @bp.post("/users/<id:user_id>/transfers/batch")
@@ -78,7 +83,7 @@ def submit_batch(user_id: int) -> Response:
     """Up to 1000 transfers in one request, each accepted or refused on its own."""
     authorize_path_user(user_id, write=True)
     items = parse_body(BatchCreate).transfers
-    results, to_ring, created = in_transaction(
+    results, to_ring, created = request_transaction(
         lambda session: _accept_items(session, user_id, items)
     )
     for currency, ids in to_ring.items():
@@ -153,9 +158,10 @@ def get(user_id: int, transfer_id: int) -> Response:
 
 
 def _read_visible(transfer_id: int, user_id: int) -> dict[str, Any]:
-    with autocommit_connection() as connection:
-        transfer = transfers.get_visible_transfer(connection, transfer_id, user_id)
-        return transfer_json(connection, transfer)
+    def read(db: Db) -> dict[str, Any]:
+        return transfer_json(db, transfers.get_visible_transfer(db, transfer_id, user_id))
+
+    return request_statements(read)
 
 
 @bp.get("/users/<id:user_id>/transfers")
@@ -169,7 +175,7 @@ def list_(user_id: int) -> Response:
         payee_id=query.payee,
         status=TransferStatus(query.status) if query.status else None,
     )
-    with statement_session() as session:
+    with request_session() as session:
         rows = transfers.list_transfers(
             session,
             user_id,

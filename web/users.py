@@ -3,7 +3,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from common import users
-from common.db import in_transaction
+from common.db import request_transaction
 from web.fields import UserCreate, parse_body
 from web.render import json_response, timestamp
 
@@ -13,7 +13,7 @@ bp = Blueprint("users", __name__)
 @bp.post("/users")
 def register() -> Response:
     fields = parse_body(UserCreate)
-    user = in_transaction(
+    user = request_transaction(
         lambda session: users.register(session, fields.username, fields.password, fields.full_name)
     )
     body = {

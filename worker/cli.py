@@ -11,17 +11,18 @@ import sys
 from collections.abc import Sequence
 
 import click
-from sqlalchemy import text
+from sqlalchemy import select
 
 from common import backlog
 from common import cli as common_cli
 from common.cli import fail, print_json
-from common.db import in_transaction, new_session
+from common.db import retrying, script_session
 from common.doorbells import ring
 from common.errors import RemitError
 from common.ledger import requeue_failed
 from common.limits import IDEMPOTENCY_KEY_RULE, is_idempotency_key
-from common.transfers import submit_deposit
+from common.models import Transfer, TransferStatus
+from common.transfers import Accepted, submit_deposit
 from worker.tasks import sweep
 
 
@@ -54,8 +55,13 @@ def deposit(account: int, amount: str, key: str | None) -> None:
     AMOUNT is a decimal string in major units, e.g. "100.00". Prints the transfer's
     id and status, and whether it was created or replayed (same --key).
     """
+
+    def submit() -> Accepted:
+        with script_session() as session, session.begin():
+            return submit_deposit(session, account, amount, key)
+
     try:
-        accepted = in_transaction(lambda session: submit_deposit(session, account, amount, key))
+        accepted = retrying(submit)
     except RemitError as error:
         fail(f"{error.code}: {error.detail}", 1)
     transfer = accepted.transfer
@@ -71,11 +77,17 @@ def requeue(ids: tuple[int, ...], all_failed: bool) -> None:
     """Give failed transfers (IDS, or --all-failed) a fresh attempt budget and settle them."""
     wanted = list(ids)
     if all_failed:
-        with new_session() as session:
-            wanted = list(session.scalars(text("SELECT id FROM transfers WHERE status = 'failed'")))
+        with script_session() as session:
+            failed = select(Transfer.id).where(Transfer.status == TransferStatus.FAILED)
+            wanted = list(session.scalars(failed))
     if not wanted:
         fail("name transfer ids, or --all-failed", 2)
-    requeued = in_transaction(lambda session: requeue_failed(session, wanted))
+
+    def requeue_wanted() -> list[tuple[int, str]]:
+        with script_session() as session, session.begin():
+            return requeue_failed(session, wanted)
+
+    requeued = retrying(requeue_wanted)
     for currency in sorted({currency for _, currency in requeued}):
         ring(currency, [i for i, c in requeued if c == currency])
     skipped = sorted(set(wanted) - {i for i, _ in requeued})
@@ -91,7 +103,7 @@ def sweep_now() -> None:
 @cli.command(short_help="Pending and failed transfers, queue depth.")
 def stats() -> None:
     """Pending transfers per currency, failed transfers, the broker's queue depth."""
-    with new_session() as session:
+    with script_session() as session:
         pending = backlog.pending_by_currency(session)
         failed = backlog.failed_count(session)
     queue_depth = backlog.queue_depth()

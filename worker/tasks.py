@@ -10,11 +10,12 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy.orm import Session
 
 from common import broker
 from common.announcements import announce_decided, announce_final
 from common.currencies import CurrencyInfo, get_currency, known_currency
-from common.db import is_outage, retrying, transaction
+from common.db import is_outage, settlement_transaction
 from common.doorbells import marks, ring
 from common.errors import NotFound
 from common.ledger import (
@@ -119,7 +120,7 @@ def _settle_until_done(
             ring(currency)
             break
         try:
-            result = retrying(partial(_settle_one_batch, currency, limit, info))
+            result = settlement_transaction(partial(_settle_one_batch, currency, limit, info))
         except Exception as error:
             if is_outage(error):
                 raise
@@ -167,14 +168,15 @@ def _after_failed_batch(settings: Settings, currency: str, limit: int, error: Ex
     if limit > 1:
         log.warning("batch of %d %s transfers failed (%r); halving", limit, currency, error)
         return limit // 2
-    with transaction() as session:
-        attempt = record_failed_attempt(
+    attempt = settlement_transaction(
+        lambda session: record_failed_attempt(
             session,
             currency,
             f"{type(error).__name__}: {error}",
             max_attempts=settings.settle_max_attempts,
             retry_failed_after_s=settings.failed_retry_interval_s,
         )
+    )
     if attempt is not None:
         log.error(
             "settlement attempt %d of transfer %d failed%s: %r",
@@ -220,23 +222,23 @@ def _currency(code: str) -> CurrencyInfo | None:
     if cached is not None:
         return cached
     try:
-        with transaction() as session:
-            return get_currency(session, code)
+        return settlement_transaction(lambda session: get_currency(session, code))
     except NotFound:
         return None
 
 
-def _settle_one_batch(currency: str, limit: int, info: CurrencyInfo) -> BatchResult:
+def _settle_one_batch(
+    currency: str, limit: int, info: CurrencyInfo, session: Session
+) -> BatchResult:
     # marks.clear runs inside the transaction, once the lock is held and before the
     # claim; it is bounded and never raises (docs/decisions/0020).
-    with transaction() as session:
-        return settle_batch(
-            session,
-            currency,
-            limit,
-            info.commission_account_id,
-            on_locked=lambda: marks.clear(currency),
-        )
+    return settle_batch(
+        session,
+        currency,
+        limit,
+        info.commission_account_id,
+        on_locked=lambda: marks.clear(currency),
+    )
 
 
 @remit_task(broker.SWEEP)
@@ -244,10 +246,13 @@ def sweep(self: Task) -> dict[str, int]:
     """Beat: ring for transfers whose doorbell was lost, and retry failed ones when due."""
     settings = get_settings()
     log_context.set(None)
+
+    def reopen_and_find_due(session: Session) -> tuple[list[tuple[int, str]], dict[str, int]]:
+        reopened = reopen_failed(session, settings.failed_retry_window_s)
+        return reopened, currencies_due(session, settings.sweep_pending_after_s)
+
     try:
-        with transaction() as session:
-            reopened = reopen_failed(session, settings.failed_retry_window_s)
-            due = currencies_due(session, settings.sweep_pending_after_s)
+        reopened, due = settlement_transaction(reopen_and_find_due)
     except Exception as error:
         if not is_outage(error):
             raise
