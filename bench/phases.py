@@ -71,7 +71,7 @@ def drain(bench: Bench) -> dict[str, Any]:
 
 
 def _audit(bench: Bench) -> dict[str, Any]:
-    """common.audit's checks in one REPEATABLE READ snapshot, as `python -m common.audit`."""
+    """common.audit's checks in one REPEATABLE READ snapshot, as `./run.sh audit`."""
     from common.audit import CHECKS
 
     started = time.perf_counter()

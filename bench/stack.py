@@ -74,7 +74,7 @@ def migrate(env: dict, log: Path) -> None:
             stderr=subprocess.STDOUT, check=False, timeout=300,
         )  # fmt: skip
     if result.returncode != 0:
-        raise StackError(f"python -m common.migrate failed, see {log}")
+        raise StackError(f"python -m worker.cli migrate failed, see {log}")
 
 
 def start_web(env: dict, port: int, logs: Path) -> Process:

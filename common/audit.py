@@ -88,9 +88,3 @@ def audit(session: Session) -> list[str]:
         for row in session.execute(text(check.sql)).all():
             violations.append(f"{check.name}: {tuple(row)}")
     return violations
-
-
-if __name__ == "__main__":
-    from common import cli
-
-    cli.audit(prog_name="python -m common.audit")

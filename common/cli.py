@@ -1,8 +1,7 @@
 """The operator commands that need only the database and the settings.
 
-They are commands of the one operator CLI (`python -m worker.cli`, which adds the
-commands that need the worker); `python -m common.migrate`, `common.settings` and
-`common.audit` run the matching command alone. Messages go to standard error,
+They are commands of the one operator CLI, `python -m worker.cli` (`./run.sh cli`), which
+adds the commands that need the worker. Messages go to standard error,
 results to standard output; exit status 1 means a failed check, 2 bad input or
 configuration.
 

@@ -82,9 +82,3 @@ def migrate(database_url: str | None = None, settings: Settings | None = None) -
     ensure_database(url)
     command.upgrade(alembic_config(url), "head")
     set_superuser_password(url, password)
-
-
-if __name__ == "__main__":
-    from common import cli
-
-    cli.migrate(prog_name="python -m common.migrate")

@@ -368,10 +368,3 @@ def get_settings() -> Settings:
                 _current = load_settings()
             current = _current
     return current
-
-
-if __name__ == "__main__":
-    # `python -m common.settings`: the CLI's check-config.
-    from common.cli import check_config
-
-    check_config(prog_name="python -m common.settings")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ def command(
     python = sys.executable
     celery = [python, "-m", "celery", "--app", "worker.app"]
     if name == "migrate":
-        return [python, "-m", "common.migrate"]
+        return [python, "-m", "worker.cli", "migrate"]
     if name == "web":
         binding = ["--bind", bind] if bind else []
         return [python, "-m", "gunicorn", "--config", "python:web.gunicorn_conf", *binding,
@@ -109,8 +108,12 @@ def check_settings() -> None:
     """Refuses, with the one line that says why, a configuration the processes would refuse
     at start (REMIT_ENV=production without SUPERUSER_PASSWORD...): their own check, before
     anything starts."""
-    if subprocess.run([sys.executable, "-m", "common.settings"], check=False).returncode:
-        raise SystemExit(2)
+    from common.settings import ConfigurationError, load_settings
+
+    try:
+        load_settings()
+    except ConfigurationError as error:
+        die(str(error), 2)
 
 
 def flower_auth() -> bool:

@@ -419,4 +419,4 @@ def migrate() -> None:
     if interrupted:
         raise SystemExit(130)  # the traceback above says enough
     if status:
-        die(f"migrations failed (python -m common.migrate exited with {status})")
+        die(f"migrations failed (python -m worker.cli migrate exited with {status})")

@@ -158,20 +158,18 @@ def test_migrate_is_idempotent(capsys: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("module", "status", "err"),
+    ("command", "status", "err"),
     [
-        ("common.settings", 2, "remit: SETTLE_BATCH_SIZE must be an integer, got 'many'\n"),
-        ("common.audit", 0, "audit: ledger is consistent\n"),
+        ("check-config", 2, "remit: SETTLE_BATCH_SIZE must be an integer, got 'many'\n"),
+        ("audit", 0, "audit: ledger is consistent\n"),
     ],
 )
-def test_the_old_module_entry_points_still_run_their_command(
-    module: str, status: int, err: str
-) -> None:
+def test_the_module_runs_the_cli(command: str, status: int, err: str) -> None:
     env = dict(os.environ)
-    if module == "common.settings":
+    if command == "check-config":
         env["SETTLE_BATCH_SIZE"] = "many"
     result = subprocess.run(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", "worker.cli", command],
         env=env,
         capture_output=True,
         text=True,

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_each_service_has_one_command_line(monkeypatch) -> None:
     monkeypatch.setenv("FLOWER_PORT", "5999")
     python = sys.executable
-    assert services.command("migrate") == [python, "-m", "common.migrate"]
+    assert services.command("migrate") == [python, "-m", "worker.cli", "migrate"]
     assert services.command("web") == [
         python, "-m", "gunicorn", "--config", "python:web.gunicorn_conf", "web.wsgi:app",
     ]  # fmt: skip

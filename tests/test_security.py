@@ -86,7 +86,7 @@ def _refusal(command: list[str], **changes: str | None) -> subprocess.CompletedP
 @pytest.mark.parametrize(
     "command",
     [
-        [sys.executable, "-m", "common.migrate"],
+        [sys.executable, "-m", "worker.cli", "migrate"],
         ["bash", "run.sh", "migrate"],
         ["bash", "run.sh", "web"],
         ["bash", "run.sh", "worker"],

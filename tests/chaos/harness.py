@@ -215,11 +215,11 @@ class Stack:
         )
 
     def migrate(self) -> None:
-        result = self.run("-m", "common.migrate")
+        result = self.run("-m", "worker.cli", "migrate")
         assert result.returncode == 0, result.stdout + result.stderr
 
     def audit(self) -> tuple[int, str]:
-        result = self.run("-m", "common.audit")
+        result = self.run("-m", "worker.cli", "audit")
         return result.returncode, (result.stdout + result.stderr).strip()
 
     def _add(self, name: str, argv: list[str], redis_url: str | None) -> AppProcess:

@@ -177,9 +177,9 @@ def test_settings_from_values_ignore_the_environment(monkeypatch) -> None:
 
 
 def test_the_settings_check_is_one_line_and_status_2() -> None:
-    # run.sh runs `python -m common.settings` before starting a service.
+    # ./run.sh makes the same check before it starts a service.
     result = subprocess.run(
-        [sys.executable, "-m", "common.settings"],
+        [sys.executable, "-m", "worker.cli", "check-config"],
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", "REMIT_ENV": "production"},
         capture_output=True,
