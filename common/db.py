@@ -32,7 +32,7 @@ Which query style, where:
   predicate in statements run often (`status = 'failed'` as a literal: once psycopg
   prepares a statement, a generic plan cannot prove a bound value), the audit's
   invariant checks, and DDL (`CREATE DATABASE`). Anything a Core statement says as clearly is
-  written in Core (docs/decisions/0008, 0060).
+  written in Core (docs/decisions/0008, 0028).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ class DoorbellMarks:
     def clear(self, currency: str) -> None:
         """The settler holds the lock and is about to claim: earlier marks are covered,
         and it is busy. Runs inside the settlement transaction: bounded by the
-        client's timeout, and never raises (docs/decisions/0020)."""
+        client's timeout, and never raises (docs/decisions/0017)."""
         try:
             pipe = self._redis().pipeline(transaction=False)
             pipe.delete(self._key(currency))

@@ -246,7 +246,7 @@ def settle_batch(
 
     `on_locked` runs once the lock is held and before the claim, inside the
     transaction (the settler clears its doorbell marks there): it must be quick and
-    must not raise (docs/decisions/0020).
+    must not raise (docs/decisions/0017).
     """
     if not _try_settlement_lock(session, currency):
         return BatchResult(currency, claimed=None)

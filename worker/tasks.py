@@ -231,7 +231,7 @@ def _settle_one_batch(
     currency: str, limit: int, info: CurrencyInfo, session: Session
 ) -> BatchResult:
     # marks.clear runs inside the transaction, once the lock is held and before the
-    # claim; it is bounded and never raises (docs/decisions/0020).
+    # claim; it is bounded and never raises (docs/decisions/0017).
     return settle_batch(
         session,
         currency,

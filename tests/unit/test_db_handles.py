@@ -1,4 +1,4 @@
-"""The units of work and row types of common.db's rule (docs/decisions/0060)."""
+"""The units of work and row types of common.db's rule (docs/decisions/0028)."""
 
 from __future__ import annotations
 
