@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 
 from flask import Blueprint, Response
@@ -36,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from common import backlog
 from common import metrics as settlement_metrics
 from common.db import request_session
+from web.context import current_settings
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,9 @@ bp = Blueprint("metrics", __name__)
 @bp.get("/metrics")
 def scrape() -> Response:
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.MultiProcessCollector(registry)
+    shared_dir = current_settings().prometheus_multiproc_dir
+    if shared_dir:
+        multiprocess.MultiProcessCollector(registry, path=shared_dir)
         body = generate_latest(registry)
     else:
         body = generate_latest(REGISTRY)
