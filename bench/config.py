@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -78,13 +77,8 @@ def parse_args(argv: list[str] | None) -> Config:
     option = parser.add_argument
     option("--quick", action="store_true", help="tiny sizes, short phases (a smoke run, ~1 min)")
     option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abcdef)")
-    option(
-        "--load-tool",
-        choices=("auto", "wrk", "python"),
-        default="auto",
-        help="HTTP load generator for phase c: wrk when installed (auto; apt-get install wrk), "
-        "else aiohttp",
-    )
+    tools = ("auto", "wrk", "python")
+    option("--load-tool", choices=tools, default="auto", help="phase c's load: wrk, else aiohttp")
     option("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")
     option("--out", type=Path, help="folder for <timestamp>.json/.png (default bench/results)")
     sizes = parser.add_argument_group("sizes (defaults: the full run's, or --quick's)")
@@ -93,11 +87,7 @@ def parse_args(argv: list[str] | None) -> Config:
         name, kind = f.metadata["option"], float if "float" in str(f.type) else int
         metavar = name[2:].upper().replace("-", "_")
         sizes.add_argument(name, dest=f.name, type=kind, metavar=metavar, help=f.metadata["help"])
-    sizes.add_argument(
-        "--currencies",
-        help="comma-separated currencies of the transfers (default USD: one hot "
-        "commission account, one settler at a time)",
-    )
+    sizes.add_argument("--currencies", help="comma-separated currencies (default USD)")
     args = parser.parse_args(argv)
 
     phases = "".join(p for p in PHASES if p in args.phases.lower())
@@ -120,12 +110,6 @@ def parse_args(argv: list[str] | None) -> Config:
     config = replace(Config(), **changes)
     if config.users < 2:
         parser.error("--users must be at least 2 (transfers go between users)")
-    if config.load_tool == "wrk" and tool_path("wrk") is None:
+    if config.load_tool == "wrk" and not shutil.which("wrk"):
         parser.error("--load-tool wrk: wrk is not installed (apt-get install wrk)")
     return config
-
-
-def tool_path(name: str) -> str | None:
-    """A command from the venv's bin folder first, then PATH."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else shutil.which(name)

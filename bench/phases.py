@@ -18,14 +18,10 @@ import aiohttp
 import psycopg
 import redis
 
-from bench import data, load, say
-from bench.config import tool_path
+from bench import data, load, say, stack
 
 if TYPE_CHECKING:
     from bench.run import Bench
-
-
-# --- helpers --------------------------------------------------------------------------------
 
 
 def _queue_busy(bench: Bench) -> int:
@@ -34,17 +30,16 @@ def _queue_busy(bench: Bench) -> int:
         return int(connection.llen("celery")) + int(connection.hlen("unacked"))
 
 
-def _ring_all(bench: Bench) -> None:
+def _ring_all(bench: Bench, times: int = 1) -> None:
     from common.doorbells import ring
 
-    for code in bench.config.currencies:
-        if not ring(code):
+    for _ in range(times):
+        if not all(ring(code) for code in bench.config.currencies):
             raise RuntimeError("the doorbell could not be published")
 
 
 def wait_for_zero(count: Callable[[], int], timeout: float, series: list | None = None) -> float:
-    """Poll `count()` every 0.1 s until it is 0; the seconds it took. `series` gets
-    every sample as [seconds, count]."""
+    """Poll `count()` every 0.1 s until 0; the seconds it took (samples go to `series`)."""
     started = time.perf_counter()
     while True:
         left, elapsed = count(), time.perf_counter() - started
@@ -94,11 +89,8 @@ def _backlog(bench: Bench, count: int, seed: int) -> tuple[int, int]:
 
 
 def warm_auth(bench: Bench) -> int:
-    """Fill every web process's auth cache with the clients' credentials, so measured
-    runs see active users' steady state rather than a burst of argon2 verifications:
-    rounds of one request per user, each on a new connection (the kernel hands it to
-    any web process), until three rounds in a row answer faster than a verification.
-    The number of rounds it took."""
+    """Fill every web process's auth cache: rounds of one request per user on new
+    connections until three in a row beat an argon2 verification; how many rounds."""
     threshold = max(0.015, 0.6 * bench.verify_s)
     payers = bench.payers
 
@@ -123,14 +115,10 @@ def warm_auth(bench: Bench) -> int:
     return asyncio.run(rounds())
 
 
-# --- a: pgbench -----------------------------------------------------------------------------
-
-
 def pgbench(bench: Bench) -> dict[str, Any]:
     """TPC-B-like pgbench on the same server: the reference for phase b."""
     config = bench.config
-    binary = bench.pg.bin / "pgbench"
-    command = [str(binary) if binary.exists() else tool_path("pgbench") or "pgbench"]
+    command = [str(bench.pg.bin / "pgbench")]
     with psycopg.connect(bench.pg.conninfo("postgres"), autocommit=True) as conn:
         conn.execute("CREATE DATABASE pgbench")
     target = ["-h", "127.0.0.1", "-p", str(bench.pg.port), "-U", "postgres", "pgbench"]
@@ -160,17 +148,13 @@ def pgbench(bench: Bench) -> dict[str, Any]:
     }
 
 
-# --- b: settlement --------------------------------------------------------------------------
-
-
 def settlement(bench: Bench) -> dict[str, Any]:
     from common.settings import DEFAULT_SETTLE_BATCH_SIZE
 
     config = bench.config
     # Doorbells with nothing to settle, a few per pool process: each process opens its
     # database pool and imports what settling needs before the clock starts.
-    for _ in range(2 * config.worker_processes):
-        _ring_all(bench)
+    _ring_all(bench, 2 * config.worker_processes)
     drain(bench)
     ids = _backlog(bench, config.backlog, config.seed)
     series: list[list[float]] = []
@@ -205,16 +189,11 @@ def settlement(bench: Bench) -> dict[str, Any]:
     return result
 
 
-# --- c: ingest ------------------------------------------------------------------------------
-
-
 def ingest(bench: Bench) -> dict[str, Any]:
-    from bench import stack
-
     config = bench.config
     tool, version = load.choose_tool(config.load_tool)
     if tool == "python" != config.load_tool:
-        say(f"  wrk is not installed ({load.INSTALL_WRK}): aiohttp drives c instead")
+        say("  wrk is not installed (apt-get install wrk): aiohttp drives c instead")
     payers, payees = bench.payers, bench.payees
     workloads = {
         "trivial": load.Workload("get", "/currencies"),
@@ -227,14 +206,14 @@ def ingest(bench: Bench) -> dict[str, Any]:
         "tool_version": version,
         "clients": config.clients,
         "seconds": config.ingest_seconds,
-        "trivial_endpoint": "GET /currencies (no auth, no database query: Flask + gunicorn)",
         "workers_paused": True,
+        "trivial_endpoint": "GET /currencies (no auth, no query)",
     }
     args = {"port": bench.port, "clients": config.clients, "folder": bench.logs}
     # Settlement would share the two cores with the API and blur what the API costs:
     # the worker stops taking doorbells; they wait in Redis and are drained after.
     first_id = data.scalar(bench.conn, "SELECT coalesce(max(id), 0) FROM transfers")
-    stack.pause_consumers()
+    stack.consume(False)
     try:
         for name, workload in workloads.items():
             if workload.payers:
@@ -259,7 +238,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
             (first_id,),
         )
     finally:
-        stack.resume_consumers()
+        stack.consume(True)
     trivial = result["trivial"]["requests_per_s"]
     result["ratio_post_to_trivial"] = round(result["post"]["requests_per_s"] / trivial, 3)
     result["ratio_batch_to_trivial"] = round(result["batch"]["transfers_per_s"] / trivial, 3)
@@ -270,8 +249,6 @@ def ingest(bench: Bench) -> dict[str, Any]:
     return result
 
 
-# --- d: end-to-end latency ------------------------------------------------------------------
-
 WAIT_S = 10  # the long polls' ?wait=
 # An operation still pending this long after it was due counts as still_pending.
 DEADLINE_S = 3 * WAIT_S
@@ -280,18 +257,14 @@ CONNECTIONS = 512
 
 
 async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
-    """Transfers submitted at a fixed rate whatever the answers (open loop), each
-    followed by long polls (?wait=) until it is final. Latency counts from the moment
-    an operation was due, so a server that falls behind cannot hide its queue (no
-    coordinated omission)."""
+    """Transfers sent at a fixed rate whatever the answers, each long-polled until final;
+    latency counts from when it was due (no coordinated omission)."""
     payers = bench.payers
     workload = load.Workload("post", payers=payers, payees=bench.payees)
     build = load.request_builder(workload, random.Random(7))
     e2e: list[float] = []
     submit: list[float] = []
     server: list[float] = []
-    # Outcomes by name, long polls answered at once with Retry-After (no slot free) and
-    # connections opened.
     outcomes: Counter[str] = Counter()
     counts: Counter[str] = Counter()
 
@@ -379,18 +352,12 @@ def latency(bench: Bench) -> dict[str, Any]:
     result["open_loop_cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
     result["auth_warmup_rounds"] = rounds
     result["rate_per_s"] = round(rate, 1)
-    result["rate_rule"] = (
-        "given by --rate"
-        if config.latency_rate
-        else f"{config.latency_rate_factor} x phase c's POST maximum"
-    )
-    result["seconds"] = config.latency_seconds
-    result["wait_param_s"] = WAIT_S
+    result["rate_rule"] = f"{config.latency_rate_factor} x phase c's POST maximum"
+    if config.latency_rate:
+        result["rate_rule"] = "given by --rate"
+    result |= {"seconds": config.latency_seconds, "wait_param_s": WAIT_S}
     result["drain_after"] = drain(bench)
     return result
-
-
-# --- e: reads -------------------------------------------------------------------------------
 
 
 async def _sequential(port: int, requests: list[tuple[str, str]], warmup: int) -> dict[str, Any]:
@@ -454,16 +421,13 @@ def reads(bench: Bench) -> dict[str, Any]:
         for payer in (payers[i % len(payers)] for i in range(warmup + config.reads))
     ]
     say(f"  {config.reads:,} GET transfer, then {config.reads:,} GET list (100)")
-    result["get_transfer"] = asyncio.run(_sequential(bench.port, gets, warmup))
-    result["list_100"] = asyncio.run(_sequential(bench.port, lists, warmup))
+    for kind, requests in (("get_transfer", gets), ("list_100", lists)):
+        result[kind] = asyncio.run(_sequential(bench.port, requests, warmup))
     result["method"] = (
         f"one keep-alive connection, requests one after another ({config.reads} measured per "
         f"kind after {warmup} warm-up), the {len(payers)} client users in turn"
     )
     return result
-
-
-# --- f: memory ------------------------------------------------------------------------------
 
 
 def _decided_by_worker(bench: Bench) -> int:
@@ -485,10 +449,8 @@ def memory(bench: Bench) -> dict[str, Any]:
     result["settlements"] = _decided_by_worker(bench)
     bench.remember_memory("after_settlements")
     snapshots = bench.results["memory"]
-    # "Warm": after the first phase that made the group work (b for the worker, c for
-    # gunicorn). Growth from there on is what a leak would look like; growth from the
-    # start also counts first-use imports, pools, caches and copy-on-write of preloaded
-    # pages in the forked children.
+    # Growth since the first phase that made the group work is what a leak looks like;
+    # growth since the start also counts first-use imports, pools and caches.
     warm_after = {"worker": "after_b", "web": "after_c"}
     for group in ("web", "worker"):
         start, after = snapshots["start"][group], snapshots["after_settlements"][group]

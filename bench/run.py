@@ -20,9 +20,9 @@ from typing import Any
 import psutil
 import psycopg
 
-from bench import data, load, phases, procs, report, say
+from bench import data, load, phases, procs, report, say, stack
 from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
-from bench.servers import PG_SETTINGS, Postgres, Redis, free_port
+from ops.servers import Postgres, Redis, free_port
 
 # Every funded account starts with this many major units: no bench transfer is ever
 # refused for lack of funds, so every one is a real settlement.
@@ -42,7 +42,7 @@ class Bench:
         self.folder = ROOT / ".run" / "bench" / self.stamp
         self.logs = self.folder / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.pg = Postgres(self.folder / "pg")
+        self.pg = Postgres(self.folder / "pg", stack.PG_SETTINGS)
         self.redis = Redis(self.folder / "redis")
         self.web: Any = None
         self.worker: Any = None
@@ -84,19 +84,20 @@ class Bench:
         self.meter.groups["postgres"] = self.pg.postmaster_pid() or 0
         self.meter.groups["redis"] = self.redis.pid or 0
         self.results["servers"] = {
-            "postgres": {"version": self.pg.version, "port": self.pg.port, "settings": PG_SETTINGS},
+            "postgres": {
+                "version": self.pg.version,
+                "port": self.pg.port,
+                "settings": stack.PG_SETTINGS,
+            },
             "redis": {"port": self.redis.port},
         }
         say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
 
     def start_stack(self) -> None:
         """Migrate, load the users and their funding, start gunicorn and the worker."""
-        from bench import stack
-
         pg_url, redis_url, self.port = self.pg.url("remit"), self.redis.url(0), free_port()
-        self.env = stack.stack_environment(self.config, pg_url, redis_url, self.port, self.folder)
-        # This process imports the project (doorbells, audit, password hashing): its
-        # settings must name the same servers. Nothing of the project is imported yet.
+        self.env = stack.environment(self.config, pg_url, redis_url, self.port, self.folder)
+        # This process imports the project (doorbells, audit, hashing) only from here on.
         os.environ.update(self.env)
         self.results["knobs"] = {k: self.env[k] for k in RECORDED_KNOBS if self.env.get(k)}
         stack.migrate(self.env, self.logs / "migrate.log")
@@ -123,15 +124,13 @@ class Bench:
         self.results["argon2_verify_ms"] = round(self.verify_s * 1000, 1)
 
         config = self.config
-        say(
-            f"starting gunicorn ({config.web_workers} workers) and a Celery worker "
-            f"({config.worker_processes} processes)"
-        )
-        self.web = stack.start_web(self.env, self.port, self.logs)
-        self.worker = stack.start_worker(self.env, self.logs)
+        say(f"starting gunicorn ({config.web_workers}) and the worker ({config.worker_processes})")
+        self.web = stack.start("web", self.env, self.logs, bind=f"127.0.0.1:{self.port}")
+        self.worker = stack.start("worker", self.env, self.logs)
         self.meter.groups |= {"web": self.web.pid, "worker": self.worker.pid}
-        stack.wait_for_http(self.web, self.port)
-        stack.wait_for_worker(self.worker, config.worker_processes)
+        stack.wait_until(self.web, lambda: stack.http_ok(self.port), "gunicorn")
+        pool = config.worker_processes
+        stack.wait_until(self.worker, lambda: stack.worker_ready(self.worker, pool), "the worker")
         self.remember_memory("start")
 
     def remember_memory(self, label: str) -> None:
@@ -140,8 +139,7 @@ class Bench:
         self.results["memory"][label] = snapshot
 
     def phase(self, key: str, title: str, work: Callable[[Bench], dict]) -> None:
-        """Run one phase: its result, wall time and CPU split, memory after it. Phases of
-        the stack start with nothing pending or queued."""
+        """One phase, from a drained queue: its result, time, CPU split, memory after."""
         say(f"phase {key}: {title}")
         before, started = self.meter.sample(), time.perf_counter()
         try:
@@ -149,18 +147,21 @@ class Bench:
                 phases.drain(self)
             result = work(self)
         except Exception as error:
-            self.failed = True
-            (self.logs / f"phase-{key}-error.txt").write_text(traceback.format_exc())
-            say(f"phase {key} failed: {error!r} (traceback in {self.logs}/phase-{key}-error.txt)")
-            result = {"error": repr(error)}
+            result = {"error": self.fail(f"phase-{key}", error)}
         result["title"] = title
         result["phase_seconds"] = round(time.perf_counter() - started, 1)
         result["cpu_s"] = self.meter.between(before, self.meter.sample())
         self.results["phases"][key] = result
         if self.web is not None:
             self.remember_memory(f"after_{key}")
-            self.web.check()
-            self.worker.check()
+            stack.check(self.web)
+            stack.check(self.worker)
+
+    def fail(self, what: str, error: Exception) -> str:
+        self.failed = True
+        (path := self.logs / f"{what}-error.txt").write_text(traceback.format_exc())
+        say(f"{what} failed: {error!r} (traceback in {path})")
+        return repr(error)
 
     def stop(self) -> None:
         if self.conn is not None:
@@ -189,15 +190,12 @@ class Bench:
 
 
 def code_info() -> dict[str, Any]:
-    """Which code was measured: the commit, and how many files of the work tree differed."""
-
-    def git(*args: str) -> str:
-        command = [shutil.which("git") or "git", *args]
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
+    """The commit measured, and how many files of the work tree differed from it."""
+    git = ["git", "-C", str(ROOT)]
     try:
-        changed = len(git("status", "--porcelain").splitlines())
-        return {"commit": git("rev-parse", "HEAD").strip(), "changed_files": changed}
+        commit = subprocess.check_output([*git, "rev-parse", "HEAD"], text=True).strip()
+        changed = subprocess.check_output([*git, "status", "--porcelain"], text=True)
+        return {"commit": commit, "changed_files": len(changed.splitlines())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "changed_files": None}
 
@@ -221,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = bench.failed = True
         say("interrupted: stopping everything")
     except Exception as error:
-        bench.failed = True
-        (bench.logs / "error.txt").write_text(traceback.format_exc())
-        say(f"failed: {error!r} (traceback in {bench.logs}/error.txt)")
-        bench.results["error"] = repr(error)
+        bench.results["error"] = bench.fail("run", error)
     finally:
         # Stopping is bounded (about 30 s at worst) and must not be cut short: a server
         # left running would outlive the run.
@@ -233,13 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         say("stopping the stack and the servers")
         bench.stop()
     bench.write_results()
-    # The run's data and logs are deleted after a successful run, unless --keep.
-    folders = [bench.folder]
-    if not bench.pg.folder.is_relative_to(bench.folder):
-        folders.append(bench.pg.folder)  # its user could not reach the run folder
+    # PostgreSQL's folder is elsewhere when its OS user could not write the run folder.
     if bench.failed or config.keep:
-        say(f"kept {' and '.join(map(str, folders))} (logs, data)")
+        say(f"kept {bench.folder} and {bench.pg.folder} (logs, data)")
     else:
-        for folder in folders:
+        for folder in (bench.folder, bench.pg.folder):
             shutil.rmtree(folder, ignore_errors=True)
     return 130 if interrupted else 1 if bench.failed else 0
