@@ -74,8 +74,7 @@ WITH payers AS (
 SELECT min(id), max(id) FROM inserted
 """
 
-# One settled deposit from each currency's external account to every bench user's
-# account in that currency.
+# One settled deposit from each currency's external account to every bench account.
 _FUNDING = """
 WITH inserted AS (
   INSERT INTO transfers (from_account_id, to_account_id, from_user_id, to_user_id, currency,

@@ -57,9 +57,7 @@ def summary_ms(seconds: Iterable[float], keys: Sequence[str] = ("p50", "p95", "p
     return {"count": n} | {key: round(value * 1000, 3) for key, value in values.items()}
 
 
-def session(
-    port: int, trace_configs: list | None = None, **connector: Any
-) -> aiohttp.ClientSession:
+def session(port: int, traces: list | None = None, **connector: Any) -> aiohttp.ClientSession:
     """gunicorn closes a connection idle for 5 s: one idle for 3 s is not reused."""
     if not connector.get("force_close"):
         connector.setdefault("keepalive_timeout", 3)
@@ -68,7 +66,7 @@ def session(
         connector=aiohttp.TCPConnector(**connector),
         timeout=aiohttp.ClientTimeout(total=120),
         auto_decompress=False,
-        trace_configs=trace_configs,
+        trace_configs=traces,
     )
 
 

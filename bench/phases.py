@@ -1,5 +1,4 @@
-"""The six phases of the benchmark (a-f). Each returns its JSON section; bench.run
-drains the queue before each phase of the stack and records its time and CPU."""
+"""The phases a-f; each returns its JSON section (bench.run times them)."""
 
 from __future__ import annotations
 
@@ -152,8 +151,7 @@ def settlement(bench: Bench) -> dict[str, Any]:
     from common.settings import DEFAULT_SETTLE_BATCH_SIZE
 
     config = bench.config
-    # Doorbells with nothing to settle, a few per pool process: each process opens its
-    # database pool and imports what settling needs before the clock starts.
+    # Doorbells with nothing to settle warm every pool process up before the clock starts.
     _ring_all(bench, 2 * config.worker_processes)
     drain(bench)
     ids = _backlog(bench, config.backlog, config.seed)
@@ -210,8 +208,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
         "trivial_endpoint": "GET /currencies (no auth, no query)",
     }
     args = {"port": bench.port, "clients": config.clients, "folder": bench.logs}
-    # Settlement would share the two cores with the API and blur what the API costs:
-    # the worker stops taking doorbells; they wait in Redis and are drained after.
+    # The worker stops taking doorbells (drained after) so settlement takes no API CPU.
     first_id = data.scalar(bench.conn, "SELECT coalesce(max(id), 0) FROM transfers")
     stack.consume(False)
     try:
@@ -220,14 +217,12 @@ def ingest(bench: Bench) -> dict[str, Any]:
                 result[f"{name}_auth_warmup_rounds"] = warm_auth(bench)
             say(f"  {name}: {config.warmup_seconds:g} s warm-up, {config.ingest_seconds:g} s")
             load.closed_loop(tool, workload, seconds=config.warmup_seconds, **args)
-            # The worker is paused and nothing was pending before: every transfer
-            # committed during the run is pending, and counting them is cheap.
+            # Nothing was pending and the worker is paused: new transfers stay pending.
             before, cpu_before = data.pending_count(bench.conn), bench.meter.sample()
             run = load.closed_loop(tool, workload, seconds=config.ingest_seconds, **args)
             run["cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
             if workload.payers:
-                # Committed between the run's start and end (a batch commits its items
-                # together, seconds after they were sent): transfers/s of the window.
+                # Committed within the window (a batch commits its items together).
                 run["transfers_committed"] = data.pending_count(bench.conn) - before
                 run["transfers_per_s"] = round(run["transfers_committed"] / run["seconds"], 1)
             result[name] = run
@@ -314,7 +309,7 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_create_end.append(opened)
-    http = load.session(bench.port, limit=CONNECTIONS, trace_configs=[trace])
+    http = load.session(bench.port, limit=CONNECTIONS, traces=[trace])
     async with http:
         start = time.perf_counter() + 0.2
         tasks = []
@@ -323,8 +318,7 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
             if (delay := due - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(http, number, due)))
-        # Every operation ends by its deadline and one more long poll: this bounds a
-        # stuck server.
+        # Every operation ends by its deadline plus one long poll: a bound on a stuck server.
         await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S + WAIT_S + 60)
     return {
         "operations": count,
@@ -342,10 +336,9 @@ def latency(bench: Bench) -> dict[str, Any]:
     post_rate = bench.results["phases"].get("c", {}).get("post", {}).get("requests_per_s")
     rate = config.latency_rate or (config.latency_rate_factor * post_rate if post_rate else 20.0)
     rate = max(rate, 1.0)
-    count = max(1, int(rate * config.latency_seconds))
+    count = max(1, int(rate * config.ingest_seconds))
     rounds = warm_auth(bench)
-    # The phase's own cpu_s also counts the drains and the auth warm-up (argon2 for every
-    # user in every web process): the open loop's CPU alone is what an operation costs.
+    # The open loop's CPU alone, without the drains and the auth warm-up (argon2).
     cpu_before = bench.meter.sample()
     say(f"  {count:,} transfers at {rate:.1f}/s, each long-polled until final")
     result = asyncio.run(open_loop(bench, rate, count))
@@ -355,7 +348,7 @@ def latency(bench: Bench) -> dict[str, Any]:
     result["rate_rule"] = f"{config.latency_rate_factor} x phase c's POST maximum"
     if config.latency_rate:
         result["rate_rule"] = "given by --rate"
-    result |= {"seconds": config.latency_seconds, "wait_param_s": WAIT_S}
+    result |= {"seconds": config.ingest_seconds, "wait_param_s": WAIT_S}
     result["drain_after"] = drain(bench)
     return result
 
@@ -423,10 +416,7 @@ def reads(bench: Bench) -> dict[str, Any]:
     say(f"  {config.reads:,} GET transfer, then {config.reads:,} GET list (100)")
     for kind, requests in (("get_transfer", gets), ("list_100", lists)):
         result[kind] = asyncio.run(_sequential(bench.port, requests, warmup))
-    result["method"] = (
-        f"one keep-alive connection, requests one after another ({config.reads} measured per "
-        f"kind after {warmup} warm-up), the {len(payers)} client users in turn"
-    )
+    result["method"] = f"sequential on one connection, {warmup} warm-up, {len(payers)} users"
     return result
 
 
@@ -449,8 +439,7 @@ def memory(bench: Bench) -> dict[str, Any]:
     result["settlements"] = _decided_by_worker(bench)
     bench.remember_memory("after_settlements")
     snapshots = bench.results["memory"]
-    # Growth since the first phase that made the group work is what a leak looks like;
-    # growth since the start also counts first-use imports, pools and caches.
+    # Growth since "warm" is what a leak looks like; since the start, first-use costs too.
     warm_after = {"worker": "after_b", "web": "after_c"}
     for group in ("web", "worker"):
         start, after = snapshots["start"][group], snapshots["after_settlements"][group]

@@ -76,8 +76,7 @@ class CpuMeter:
         def machine(*fields: str) -> float:
             return round(sum(getattr(cpu1, f, 0.0) - getattr(cpu0, f, 0.0) for f in fields), 2)
 
-        # other: processes not the bench's (others' test runs); irq: loopback networking
-        # mostly; steal: time the hypervisor gave to other machines.
+        # other: others' processes; irq: mostly loopback networking; steal: the hypervisor's.
         used["other"] = max(round(machine("user", "nice", "system") - sum(used.values()), 2), 0.0)
         used |= {"irq": machine("irq", "softirq"), "steal": machine("steal")}
         used |= {"idle": machine("idle", "iowait"), "wall_s": round(max(t1 - t0, 1e-9), 2)}

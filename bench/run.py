@@ -24,8 +24,7 @@ from bench import data, load, phases, procs, report, say, stack
 from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
 from ops.servers import Postgres, Redis, free_port
 
-# Every funded account starts with this many major units: no bench transfer is ever
-# refused for lack of funds, so every one is a real settlement.
+# Major units per funded account: no bench transfer is refused for lack of funds.
 FUND_MAJOR = 10_000_000
 
 
@@ -83,15 +82,12 @@ class Bench:
         self.redis.start()
         self.meter.groups["postgres"] = self.pg.postmaster_pid() or 0
         self.meter.groups["redis"] = self.redis.pid or 0
+        pg, redis = self.pg, self.redis
         self.results["servers"] = {
-            "postgres": {
-                "version": self.pg.version,
-                "port": self.pg.port,
-                "settings": stack.PG_SETTINGS,
-            },
-            "redis": {"port": self.redis.port},
+            "postgres": {"version": pg.version, "port": pg.port, "settings": stack.PG_SETTINGS},
+            "redis": {"port": redis.port},
         }
-        say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
+        say(f"PostgreSQL on 127.0.0.1:{pg.port}, Redis on 127.0.0.1:{redis.port}")
 
     def start_stack(self) -> None:
         """Migrate, load the users and their funding, start gunicorn and the worker."""
@@ -100,7 +96,7 @@ class Bench:
         # This process imports the project (doorbells, audit, hashing) only from here on.
         os.environ.update(self.env)
         self.results["knobs"] = {k: self.env[k] for k in RECORDED_KNOBS if self.env.get(k)}
-        stack.migrate(self.env, self.logs / "migrate.log")
+        stack.migrate(self.env, self.logs)
 
         from common.passwords import hash_password, verify_password
 
@@ -202,8 +198,7 @@ def code_info() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    # Ctrl-C, run.sh's SIGINT (it passes SIGTERM on so) and a direct SIGTERM all stop the
-    # run cleanly, even when started where SIGINT was ignored (a background job).
+    # SIGINT and SIGTERM stop the run cleanly, even where SIGINT was ignored (background).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     bench = Bench(config)
@@ -221,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         bench.results["error"] = bench.fail("run", error)
     finally:
-        # Stopping is bounded (about 30 s at worst) and must not be cut short: a server
-        # left running would outlive the run.
+        # Stopping is bounded (30 s at worst) and must not be cut short: no server outlives us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         say("stopping the stack and the servers")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.config import ROOT, Config
+from bench.config import Config
 from ops import services
 from ops.supervisor import Process
 
@@ -44,10 +43,6 @@ PG_SETTINGS = {
 }
 
 
-class StackError(RuntimeError):
-    pass
-
-
 def environment(config: Config, database_url: str, redis_url: str, port: int, folder: Path) -> dict:
     """Every Remit process's environment (and this one's): the caller's knobs pass
     through, the servers' addresses and production mode are the bench's."""
@@ -72,19 +67,16 @@ def environment(config: Config, database_url: str, redis_url: str, port: int, fo
 
 def check(process: Process) -> None:
     if not process.alive():
-        raise StackError(
+        raise RuntimeError(
             f"{process.name} exited with status {process.returncode}, see {process.log_path}"
         )
 
 
-def migrate(env: dict, log: Path) -> None:
-    with log.open("ab") as out:
-        result = subprocess.run(
-            services.command("migrate"), cwd=ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT, check=False, timeout=300,
-        )  # fmt: skip
-    if result.returncode != 0:
-        raise StackError(f"python -m worker.cli migrate failed, see {log}")
+def migrate(env: dict, logs: Path) -> None:
+    process = start("migrate", env, logs)
+    if process.wait(300) != 0:
+        process.kill()
+        raise RuntimeError(f"python -m worker.cli migrate failed, see {process.log_path}")
 
 
 def start(name: str, env: dict, logs: Path, **options: str) -> Process:
@@ -98,7 +90,7 @@ def wait_until(process: Process, ready: Callable[[], bool], what: str, timeout: 
     while not ready():
         check(process)
         if time.monotonic() > deadline:
-            raise StackError(f"{what} not ready within {timeout:.0f} s")
+            raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
         time.sleep(0.2)
 
 
@@ -124,4 +116,4 @@ def consume(on: bool) -> None:
     control = app.control.add_consumer if on else app.control.cancel_consumer
     # One worker answers: limit=1 returns as soon as it has, instead of at the timeout.
     if not control("celery", reply=True, timeout=5, limit=1):
-        raise StackError(f"the worker did not acknowledge {control.__name__}")
+        raise RuntimeError(f"the worker did not acknowledge {control.__name__}")
