@@ -30,13 +30,6 @@ class Payer:
     account: int
 
 
-def payers_for(users: Sequence[Any], password: str, currency: str) -> tuple[Payer, ...]:
-    return tuple(
-        Payer(u.id, aiohttp.BasicAuth(u.username, password).encode(), u.accounts[currency])
-        for u in users
-    )
-
-
 @dataclass(frozen=True)
 class Workload:
     kind: str  # "get", "post" or "batch"
@@ -83,12 +76,8 @@ def closed_loop(
     tool: str, workload: Workload, *, port: int, clients: int, seconds: float, folder: Path
 ) -> dict[str, Any]:
     """`clients` keep-alive connections, each sending its next request once answered."""
-    if tool == "wrk":
-        requests, seconds, errors, latency = _wrk(workload, port, clients, seconds, folder)
-    else:
-        requests, seconds, errors, latency = asyncio.run(
-            _aiohttp_loop(workload, port, clients, seconds)
-        )
+    loop = _wrk if tool == "wrk" else _aiohttp
+    requests, seconds, errors, latency = loop(workload, port, clients, seconds, folder)
     return {
         "tool": tool,
         "requests": requests,
@@ -129,7 +118,7 @@ def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], d
     """n -> the keyword arguments of aiohttp's request() for the n-th request."""
 
     def payee(account: int) -> int:
-        while (to := workload.payees[rng.randrange(len(workload.payees))]) == account:
+        while (to := rng.choice(workload.payees)) == account:
             pass
         return to
 
@@ -156,7 +145,7 @@ def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], d
     return build
 
 
-async def _aiohttp_loop(workload: Workload, port: int, clients: int, seconds: float) -> tuple:
+def _aiohttp(workload: Workload, port: int, clients: int, seconds: float, _: Path) -> tuple:
     build = request_builder(workload, random.Random(len(workload.payers) + clients))
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -178,7 +167,10 @@ async def _aiohttp_loop(workload: Workload, port: int, clients: int, seconds: fl
             if response.status >= 400:
                 errors["status"] += 1
 
-    async with session(port, limit=clients) as http:
-        await asyncio.gather(*(client(http, n) for n in range(clients)))
+    async def clients_run() -> None:
+        async with session(port, limit=clients) as http:
+            await asyncio.gather(*(client(http, n) for n in range(clients)))
+
+    asyncio.run(clients_run())
     elapsed = time.perf_counter() - started
     return len(latencies), elapsed, errors, summary_ms(latencies, ("p50", "p90", "p99"))

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import psycopg
 import redis
 
 from bench import data, load, say, stack
@@ -81,10 +80,10 @@ def _audit(bench: Bench) -> dict[str, Any]:
     }
 
 
-def _backlog(bench: Bench, count: int, seed: int) -> tuple[int, int]:
-    say(f"  inserting {count:,} pending transfers")
-    users = [user.id for user in bench.users]
-    return data.insert_random(bench.conn, users, bench.config.currencies, count, seed=seed)
+def _insert(bench: Bench, count: int, seed: int, settled_from: datetime | None = None) -> tuple:
+    say(f"  inserting {count:,} {'settled' if settled_from else 'pending'} transfers")
+    users, codes = [user.id for user in bench.users], bench.config.currencies
+    return data.insert_random(bench.conn, users, codes, count, seed=seed, settled_from=settled_from)
 
 
 def warm_auth(bench: Bench) -> int:
@@ -118,8 +117,7 @@ def pgbench(bench: Bench) -> dict[str, Any]:
     """TPC-B-like pgbench on the same server: the reference for phase b."""
     config = bench.config
     command = [str(bench.pg.bin / "pgbench")]
-    with psycopg.connect(bench.pg.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute("CREATE DATABASE pgbench")
+    bench.pg.create_database("pgbench")
     target = ["-h", "127.0.0.1", "-p", str(bench.pg.port), "-U", "postgres", "pgbench"]
     say(f"  pgbench -i -s {config.pgbench_scale}")
     init = [*command, "-i", "-q", "-s", str(config.pgbench_scale), *target]
@@ -154,7 +152,7 @@ def settlement(bench: Bench) -> dict[str, Any]:
     # Doorbells with nothing to settle warm every pool process up before the clock starts.
     _ring_all(bench, 2 * config.worker_processes)
     drain(bench)
-    ids = _backlog(bench, config.backlog, config.seed)
+    ids = _insert(bench, config.backlog, config.seed)
     series: list[list[float]] = []
     say("  settling the backlog")
     started = time.perf_counter()
@@ -374,13 +372,8 @@ def reads(bench: Bench) -> dict[str, Any]:
     missing = config.history_total - total
     result: dict[str, Any] = {"transfers_before_load": total}
     if missing > 0:
-        say(f"  writing {missing:,} settled transfers of history")
         started = time.perf_counter()
-        two_days_ago = datetime.now(UTC) - timedelta(days=2)
-        users, codes = [user.id for user in bench.users], config.currencies
-        data.insert_random(
-            bench.conn, users, codes, missing, seed=config.seed + 5, settled_from=two_days_ago
-        )
+        _insert(bench, missing, config.seed + 5, datetime.now(UTC) - timedelta(days=2))
         bench.loaded += missing
         result["history_loaded"] = missing
         result["history_load_s"] = round(time.perf_counter() - started, 1)
@@ -432,7 +425,7 @@ def memory(bench: Bench) -> dict[str, Any]:
     result: dict[str, Any] = {"settlements_before_top_up": decided}
     if decided < config.settlements:
         missing = config.settlements - decided
-        _backlog(bench, missing, config.seed + 7)
+        _insert(bench, missing, config.seed + 7)
         _ring_all(bench)
         result["top_up"] = drain(bench)
         result["top_up_transfers"] = missing

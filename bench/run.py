@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import psycopg
+from aiohttp import BasicAuth
 
 from bench import data, load, phases, procs, report, say, stack
 from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
@@ -68,8 +69,7 @@ class Bench:
                 "kernel": platform.release(),
                 "python": platform.python_version(),
                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-                "note": "shared machine: other engineers' test runs may use CPU meanwhile "
-                "(see each phase's cpu_s.other)",
+                "note": "shared machine: others may use CPU meanwhile (cpu_s.other)",
             },
             "code": code_info(),
             "phases": {},
@@ -111,7 +111,10 @@ class Bench:
         self.loaded += data.fund(self.conn, user_ids, self.config.currencies, FUND_MAJOR)
         # The HTTP clients: the first --clients users pay, any user may be paid.
         code = self.config.currencies[0]
-        self.payers = load.payers_for(self.users[: self.config.clients], self.password, code)
+        self.payers = tuple(
+            load.Payer(u.id, BasicAuth(u.username, self.password).encode(), u.accounts[code])
+            for u in self.users[: self.config.clients]
+        )
         self.payees = tuple(user.accounts[code] for user in self.users)
         # What one verification costs here (the auth warm-up tells cache hits by it).
         started = time.perf_counter()

@@ -17,8 +17,6 @@ from ops.supervisor import Process
 # Sized for a benchmark on a shared 24 GiB machine, no checkpoint inside a 20 s phase, and
 # durable commits as in production so the comparison with pgbench is fair. Recorded.
 PG_SETTINGS = {
-    "listen_addresses": "'127.0.0.1'",
-    "unix_socket_directories": "''",
     "max_connections": "300",
     "shared_buffers": "'1GB'",
     "effective_cache_size": "'4GB'",
@@ -35,7 +33,6 @@ PG_SETTINGS = {
     "fsync": "on",
     "synchronous_commit": "on",
     "full_page_writes": "on",
-    "log_min_duration_statement": "-1",
     # Where PostgreSQL's time goes, per phase (a few % of overhead, for pgbench too).
     "shared_preload_libraries": "'pg_stat_statements'",
     "pg_stat_statements.track": "top",
