@@ -20,7 +20,6 @@ RECORDED_KNOBS = (
 
 
 def _cores(name: str) -> int:
-    """The variable's process count, else the core count."""
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw.isdigit() and int(raw) > 0 else os.cpu_count() or 1
 

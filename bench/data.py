@@ -8,8 +8,6 @@ from datetime import datetime
 
 import psycopg
 
-USERNAME_PREFIX = "bench_"
-
 
 @dataclass
 class BenchUser:
@@ -24,9 +22,9 @@ def create_users(conn: psycopg.Connection, count: int, password_hash: str) -> li
             user_id: BenchUser(user_id, username)
             for user_id, username in conn.execute(
                 "INSERT INTO users (username, password_hash, full_name) "
-                "SELECT %s || lpad(g::text, 6, '0'), %s, 'Bench User' "
+                "SELECT 'bench_' || lpad(g::text, 6, '0'), %s, 'Bench User' "
                 "FROM generate_series(0, %s - 1) AS g RETURNING id, username",
-                (USERNAME_PREFIX, password_hash, count),
+                (password_hash, count),
             )
         }
         # As registration does: one zero-balance account per currency.
@@ -158,8 +156,7 @@ def insert_random(
 
 
 def scalar(conn: psycopg.Connection, sql: str, params: tuple = ()) -> int:
-    row = conn.execute(sql, params).fetchone()
-    return int(row[0] or 0) if row else 0
+    return int(conn.execute(sql, params).fetchone()[0] or 0)
 
 
 def pending_count(conn: psycopg.Connection) -> int:

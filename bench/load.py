@@ -117,14 +117,12 @@ def _wrk(workload: Workload, port: int, clients: int, seconds: float, folder: Pa
 def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], dict[str, Any]]:
     """n -> the keyword arguments of aiohttp's request() for the n-th request."""
 
-    def payee(account: int) -> int:
-        while (to := rng.choice(workload.payees)) == account:
+    def transfer(payer: Payer) -> dict[str, Any]:
+        """To another random payee, 1.00 to 99.99."""
+        while (to := rng.choice(workload.payees)) == payer.account:
             pass
-        return to
-
-    def amount() -> str:
         minor = rng.randint(100, 9999)
-        return f"{minor // 100}.{minor % 100:02d}"
+        return {"from": payer.account, "to": to, "amount": f"{minor // 100}.{minor % 100:02d}"}
 
     def build(n: int) -> dict[str, Any]:
         if workload.kind == "get":
@@ -132,13 +130,10 @@ def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], d
         payer = workload.payers[n % len(workload.payers)]
         headers = {"Authorization": payer.authorization}
         if workload.kind == "post":
-            form = {"from": str(payer.account), "to": str(payee(payer.account)), "amount": amount()}
+            form = {key: str(value) for key, value in transfer(payer).items()}
             url = f"/users/{payer.user_id}/transfers"
             return {"method": "POST", "url": url, "headers": headers, "data": form}
-        items = [
-            {"from": payer.account, "to": payee(payer.account), "amount": amount()}
-            for _ in range(workload.items)
-        ]
+        items = [transfer(payer) for _ in range(workload.items)]
         url = f"/users/{payer.user_id}/transfers/batch"
         return {"method": "POST", "url": url, "headers": headers, "json": {"transfers": items}}
 

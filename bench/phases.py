@@ -54,11 +54,10 @@ def drain(bench: Bench) -> dict[str, Any]:
     """Wait until nothing is pending and no doorbell is queued; how long each took."""
     timeout, pending = bench.config.drain_timeout_s, data.pending_count(bench.conn)
     seconds = wait_for_zero(lambda: data.pending_count(bench.conn), timeout)
-    queued = _queue_busy(bench)
     return {
         "pending_at_start": pending,
         "pending_drained_s": round(seconds, 2),
-        "doorbells_queued_after": queued,
+        "doorbells_queued_after": _queue_busy(bench),
         "doorbells_drained_s": round(wait_for_zero(lambda: _queue_busy(bench), timeout), 2),
     }
 
@@ -90,7 +89,6 @@ def warm_auth(bench: Bench) -> int:
     """Fill every web process's auth cache: rounds of one request per user on new
     connections until three in a row beat an argon2 verification; how many rounds."""
     threshold = max(0.015, 0.6 * bench.verify_s)
-    payers = bench.payers
 
     async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
         begin = time.perf_counter()
@@ -104,7 +102,7 @@ def warm_auth(bench: Bench) -> int:
         async with load.session(bench.port, limit=4, force_close=True) as http:
             while count < 30 and fast < 3:
                 count += 1
-                answers = await asyncio.gather(*(one(http, payer) for payer in payers))
+                answers = await asyncio.gather(*(one(http, payer) for payer in bench.payers))
                 if any(status != 200 for _, status in answers):
                     raise RuntimeError(f"auth warm-up: unexpected statuses {answers}")
                 fast = fast + 1 if max(s for s, _ in answers) < threshold else 0
@@ -225,11 +223,8 @@ def ingest(bench: Bench) -> dict[str, Any]:
                 run["transfers_per_s"] = round(run["transfers_committed"] / run["seconds"], 1)
             result[name] = run
         # Should be 0: a doorbell taken before the pause would have settled meanwhile.
-        result["settled_while_paused"] = data.scalar(
-            bench.conn,
-            "SELECT count(*) FROM transfers WHERE id > %s AND status <> 'pending'",
-            (first_id,),
-        )
+        sql = "SELECT count(*) FROM transfers WHERE id > %s AND status <> 'pending'"
+        result["settled_while_paused"] = data.scalar(bench.conn, sql, (first_id,))
     finally:
         stack.consume(True)
     trivial = result["trivial"]["requests_per_s"]
@@ -243,10 +238,8 @@ def ingest(bench: Bench) -> dict[str, Any]:
 
 
 WAIT_S = 10  # the long polls' ?wait=
-# An operation still pending this long after it was due counts as still_pending.
-DEADLINE_S = 3 * WAIT_S
-# Connections at most; an operation beyond waits for one, and that counts in its latency.
-CONNECTIONS = 512
+DEADLINE_S = 3 * WAIT_S  # still pending this long after it was due: "still_pending"
+CONNECTIONS = 512  # at most: an operation beyond waits for one, within its latency
 
 
 async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
@@ -275,11 +268,9 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
             return f"post_{status}"
         submit.append(time.perf_counter() - due)
         url = f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={WAIT_S}"
-        headers = {"Authorization": payer.authorization}
+        poll = {"method": "GET", "url": url, "headers": {"Authorization": payer.authorization}}
         while transfer["status"] == "pending" and time.perf_counter() < due + DEADLINE_S:
-            status, transfer, retry_after = await fetch(
-                http, method="GET", url=url, headers=headers
-            )
+            status, transfer, retry_after = await fetch(http, **poll)
             if status != 200:
                 return f"get_{status}"
             if transfer["status"] == "pending" and retry_after.isdigit():
@@ -289,11 +280,9 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
         if transfer["status"] == "pending":
             return "still_pending"
         e2e.append(time.perf_counter() - due)
-        if transfer.get("created_at") and transfer.get("settled_at"):
-            created = datetime.fromisoformat(transfer["created_at"])
-            server.append(
-                (datetime.fromisoformat(transfer["settled_at"]) - created).total_seconds()
-            )
+        if (created := transfer.get("created_at")) and (settled := transfer.get("settled_at")):
+            span = datetime.fromisoformat(settled) - datetime.fromisoformat(created)
+            server.append(span.total_seconds())
         return transfer["status"]
 
     async def one(http: aiohttp.ClientSession, number: int, due: float) -> None:

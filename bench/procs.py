@@ -20,7 +20,7 @@ def _processes(root: int) -> list[psutil.Process]:
 
 
 def memory_snapshot(groups: dict[str, int]) -> dict[str, Any]:
-    """Per group (name -> root pid): each process's RSS and PSS and the sums, in KiB. PSS
+    """Per group (name -> root pid), per process and summed, in KiB: RSS, and PSS, which
     shares copy-on-write pages fairly between a prefork parent and its children."""
     snapshot: dict[str, Any] = {}
     for name, root in groups.items():

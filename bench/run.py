@@ -29,10 +29,6 @@ from ops.servers import Postgres, Redis, free_port
 FUND_MAJOR = 10_000_000
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 class Bench:
     """The run's servers, processes, data and results; phases (bench.phases) use it."""
 
@@ -60,7 +56,7 @@ class Bench:
         self.started = time.monotonic()
         self.results: dict[str, Any] = {
             "version": 2,
-            "started_at": _now(),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": config.mode,
             "config": asdict(config),  # json.dumps writes its Path as text
             "machine": {
@@ -173,7 +169,7 @@ class Bench:
 
     def write_results(self) -> None:
         """<timestamp>.json, <timestamp>.png and the table on stdout."""
-        self.results["finished_at"] = _now()
+        self.results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         self.results["ok"] = not self.failed
         self.config.out_dir.mkdir(parents=True, exist_ok=True)

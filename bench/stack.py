@@ -41,11 +41,10 @@ PG_SETTINGS = {
 
 
 def environment(config: Config, database_url: str, redis_url: str, port: int, folder: Path) -> dict:
-    """Every Remit process's environment (and this one's): the caller's knobs pass
-    through, the servers' addresses and production mode are the bench's."""
+    """The caller's environment and knobs, with the bench's servers, in production mode."""
     (folder / "metrics").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update({
+    env = {
+        **os.environ,
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "PORT": str(port),
@@ -56,7 +55,7 @@ def environment(config: Config, database_url: str, redis_url: str, port: int, fo
         "WORKER_CONCURRENCY": str(config.worker_processes),
         "PYTHONUNBUFFERED": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
-    })  # fmt: skip
+    }
     # Logging must stay as in production even when started from the test suite.
     env.pop("REMIT_LOG_SETUP", None)
     return env
@@ -64,9 +63,8 @@ def environment(config: Config, database_url: str, redis_url: str, port: int, fo
 
 def check(process: Process) -> None:
     if not process.alive():
-        raise RuntimeError(
-            f"{process.name} exited with status {process.returncode}, see {process.log_path}"
-        )
+        exited = f"{process.name} exited with status {process.returncode}"
+        raise RuntimeError(f"{exited}, see {process.log_path}")
 
 
 def migrate(env: dict, logs: Path) -> None:
