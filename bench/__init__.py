@@ -4,5 +4,4 @@ import sys
 
 
 def say(message: str) -> None:
-    """The bench's one kind of output besides the table: a line on stderr."""
     print(f"bench: {message}", file=sys.stderr, flush=True)

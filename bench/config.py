@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ RECORDED_KNOBS = (
 )  # fmt: skip
 
 
-def _env_int(name: str) -> int:
+def _cores(name: str) -> int:
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw.isdigit() and int(raw) > 0 else os.cpu_count() or 1
 
@@ -46,45 +45,28 @@ class Config:
     ingest_seconds: float = size(20, 2, "--seconds", "length of each measured run of c and d")
     warmup_seconds: float = size(3, 1)
     batch_items: int = size(100, 20, "--batch-items", "transfers per batch request in c")
-    latency_seconds: float = 20  # d (--seconds, as c), at latency_rate or factor x c's POST max
     latency_rate_factor: float = 0.5
-    latency_rate: float | None = size(
-        None, None, "--rate", "d's open-loop rate (default: c's max / 2)"
-    )
+    latency_rate: float | None = size(None, None, "--rate", "d's rate (default: c's POST max / 2)")
     history_total: int = size(1_000_000, 5000, "--history", "transfers in the table in e")
     reads: int = size(2000, 100, "--reads", "requests per read kind in e")
     settlements: int = size(100_000, 1000, "--settlements", "settlements before the RSS of f")
-    # gunicorn workers and Celery pool processes: WEB_CONCURRENCY, WORKER_CONCURRENCY or cores
-    web_workers: int = size(
-        _env_int("WEB_CONCURRENCY"), None, "--web-workers", "gunicorn processes"
-    )
-    worker_processes: int = size(
-        _env_int("WORKER_CONCURRENCY"), None, "--workers", "Celery processes"
-    )
+    web_workers: int = size(_cores("WEB_CONCURRENCY"), None, "--web-workers", "gunicorn processes")
+    worker_processes: int = size(_cores("WORKER_CONCURRENCY"), None, "--workers", "Celery pool")
     load_tool: str = "auto"
     keep: bool = False
     out_dir: Path = ROOT / "bench" / "results"
     seed: int = 20261127
-    # Longest any wait for the worker pool to drain may take before the phase gives up.
     drain_timeout_s: float = 900.0
 
 
 def parse_args(argv: list[str] | None) -> Config:
-    parser = argparse.ArgumentParser(
-        prog="./run.sh bench",
-        description="Start Remit's real stack on throwaway servers and measure it "
-        "(see bench/README.md).",
-    )
+    about = "Measure Remit's real stack on throwaway servers (see bench/README.md)."
+    parser = argparse.ArgumentParser(prog="./run.sh bench", description=about)
     option = parser.add_argument
     option("--quick", action="store_true", help="tiny sizes, short phases (a smoke run, ~1 min)")
     option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abcdef)")
-    option(
-        "--load-tool",
-        choices=("auto", "wrk", "python"),
-        default="auto",
-        help="HTTP load generator for phase c: wrk when installed (auto; apt-get install wrk), "
-        "else aiohttp",
-    )
+    tools = ("auto", "wrk", "python")
+    option("--load-tool", choices=tools, default="auto", help="phase c's load: wrk, else aiohttp")
     option("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")
     option("--out", type=Path, help="folder for <timestamp>.json/.png (default bench/results)")
     sizes = parser.add_argument_group("sizes (defaults: the full run's, or --quick's)")
@@ -93,11 +75,7 @@ def parse_args(argv: list[str] | None) -> Config:
         name, kind = f.metadata["option"], float if "float" in str(f.type) else int
         metavar = name[2:].upper().replace("-", "_")
         sizes.add_argument(name, dest=f.name, type=kind, metavar=metavar, help=f.metadata["help"])
-    sizes.add_argument(
-        "--currencies",
-        help="comma-separated currencies of the transfers (default USD: one hot "
-        "commission account, one settler at a time)",
-    )
+    sizes.add_argument("--currencies", help="comma-separated currencies (default USD)")
     args = parser.parse_args(argv)
 
     phases = "".join(p for p in PHASES if p in args.phases.lower())
@@ -112,7 +90,6 @@ def parse_args(argv: list[str] | None) -> Config:
             if value <= 0:
                 parser.error(f"{f.metadata['option']} must be positive")
             changes[f.name] = value
-    changes["latency_seconds"] = changes.get("ingest_seconds", Config.ingest_seconds)
     if args.currencies:
         changes["currencies"] = tuple(c.strip().upper() for c in args.currencies.split(","))
     if args.out is not None:
@@ -120,12 +97,6 @@ def parse_args(argv: list[str] | None) -> Config:
     config = replace(Config(), **changes)
     if config.users < 2:
         parser.error("--users must be at least 2 (transfers go between users)")
-    if config.load_tool == "wrk" and tool_path("wrk") is None:
+    if config.load_tool == "wrk" and not shutil.which("wrk"):
         parser.error("--load-tool wrk: wrk is not installed (apt-get install wrk)")
     return config
-
-
-def tool_path(name: str) -> str | None:
-    """A command from the venv's bin folder first, then PATH."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else shutil.which(name)

@@ -1,7 +1,5 @@
-"""Bulk data written with SQL rather than through the API (bench/README.md, "Data"):
-users and their accounts as registration opens them; backlogs of pending transfers as
-the API inserts them; funding and history as the worker would have settled them
-(postings in plan_batch's order with running balances; common.audit checks it all)."""
+"""Bulk data written with SQL, as the API and the worker would have written it
+(bench/README.md, "Data"); common.audit checks it all."""
 
 from __future__ import annotations
 
@@ -9,8 +7,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import psycopg
-
-USERNAME_PREFIX = "bench_"
 
 
 @dataclass
@@ -26,9 +22,9 @@ def create_users(conn: psycopg.Connection, count: int, password_hash: str) -> li
             user_id: BenchUser(user_id, username)
             for user_id, username in conn.execute(
                 "INSERT INTO users (username, password_hash, full_name) "
-                "SELECT %s || lpad(g::text, 6, '0'), %s, 'Bench User' "
+                "SELECT 'bench_' || lpad(g::text, 6, '0'), %s, 'Bench User' "
                 "FROM generate_series(0, %s - 1) AS g RETURNING id, username",
-                (USERNAME_PREFIX, password_hash, count),
+                (password_hash, count),
             )
         }
         # As registration does: one zero-balance account per currency.
@@ -76,8 +72,7 @@ WITH payers AS (
 SELECT min(id), max(id) FROM inserted
 """
 
-# One settled deposit from each currency's external account to every bench user's
-# account in that currency.
+# One settled deposit from each currency's external account to every bench account.
 _FUNDING = """
 WITH inserted AS (
   INSERT INTO transfers (from_account_id, to_account_id, from_user_id, to_user_id, currency,
@@ -119,16 +114,13 @@ WHERE a.id = s.account_id
 """
 
 
-def _settle(conn: psycopg.Connection, ids: tuple[int, int]) -> tuple[int, int]:
-    params = {"first": ids[0], "last": ids[1]}
-    conn.execute(_POSTINGS, params)
-    # The no_overdraft CHECK refuses a user's negative final balance here.
-    conn.execute(_BALANCES, params)
-    return ids
-
-
-def _range(conn: psycopg.Connection, sql: str, params: dict) -> tuple[int, int]:
+def _insert(conn: psycopg.Connection, sql: str, params: dict, settle: bool) -> tuple[int, int]:
+    """Run an INSERT of transfers; with `settle`, write their postings and balances too."""
     first, last = conn.execute(sql, params).fetchone()
+    if settle:
+        conn.execute(_POSTINGS, {"first": first, "last": last})
+        # The no_overdraft CHECK refuses a user's negative final balance here.
+        conn.execute(_BALANCES, {"first": first, "last": last})
     return int(first), int(last)
 
 
@@ -136,7 +128,7 @@ def fund(conn: psycopg.Connection, users: list[int], codes: tuple[str, ...], maj
     """One settled deposit of `major` units per user and currency; how many."""
     with conn.transaction():
         params = {"users": users, "codes": list(codes), "major": major}
-        first, last = _settle(conn, _range(conn, _FUNDING, params))
+        first, last = _insert(conn, _FUNDING, params, settle=True)
     return last - first + 1
 
 
@@ -149,25 +141,22 @@ def insert_random(
     seed: int,
     settled_from: datetime | None = None,
 ) -> tuple[int, int]:
-    """`count` random transfers; the id range. Pending as the API inserts them (no
-    doorbell rung: the caller rings once the backlog is in), or, given `settled_from`,
-    settled one microsecond apart from then, with postings and balances."""
+    """`count` random transfers, their id range: pending (no doorbell rung), or settled
+    one microsecond apart from `settled_from`."""
+    settled = settled_from is not None
     with conn.transaction():
         conn.execute("SELECT setseed(%s)", ((seed % 1000) / 1000,))
-        params = {"users": users, "codes": list(codes), "count": count,
-                  "at": settled_from, "status": "settled" if settled_from else "pending",
-                  "attempts": 1 if settled_from else 0}  # fmt: skip
-        if settled_from is None:
-            return _range(conn, _RANDOM, params)
-        # Written as the worker would have: foreign-key triggers skipped, more sort memory.
-        conn.execute("SET LOCAL session_replication_role = replica")
-        conn.execute("SET LOCAL work_mem = '256MB'")
-        return _settle(conn, _range(conn, _RANDOM, params))
+        if settled:  # foreign-key triggers skipped, more sort memory
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute("SET LOCAL work_mem = '256MB'")
+        status = "settled" if settled else "pending"
+        params = {"users": users, "codes": list(codes), "count": count, "at": settled_from,
+                  "status": status, "attempts": int(settled)}  # fmt: skip
+        return _insert(conn, _RANDOM, params, settle=settled)
 
 
 def scalar(conn: psycopg.Connection, sql: str, params: tuple = ()) -> int:
-    row = conn.execute(sql, params).fetchone()
-    return int(row[0] or 0) if row else 0
+    return int(conn.execute(sql, params).fetchone()[0] or 0)
 
 
 def pending_count(conn: psycopg.Connection) -> int:

@@ -1,6 +1,5 @@
-"""HTTP load: wrk for the closed loops of phase c when it is installed (a few µs of CPU
-per request where a Python client takes tens, on the cores it measures), else aiohttp;
-aiohttp for everything else. Both send the same requests (bench/README.md)."""
+"""HTTP load: wrk for phase c's closed loops when installed (µs of CPU per request where
+a Python client takes tens), else aiohttp; aiohttp for everything else."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -20,10 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.config import tool_path
-
 LUA = Path(__file__).with_name("load.lua")
-INSTALL_WRK = "apt-get install wrk"
 
 
 @dataclass(frozen=True)
@@ -31,13 +28,6 @@ class Payer:
     user_id: int
     authorization: str
     account: int
-
-
-def payers_for(users: Sequence[Any], password: str, currency: str) -> tuple[Payer, ...]:
-    return tuple(
-        Payer(u.id, aiohttp.BasicAuth(u.username, password).encode(), u.accounts[currency])
-        for u in users
-    )
 
 
 @dataclass(frozen=True)
@@ -60,11 +50,8 @@ def summary_ms(seconds: Iterable[float], keys: Sequence[str] = ("p50", "p95", "p
     return {"count": n} | {key: round(value * 1000, 3) for key, value in values.items()}
 
 
-def session(
-    port: int, trace_configs: list | None = None, **connector: Any
-) -> aiohttp.ClientSession:
-    """A session on the bench's web port. gunicorn closes a connection idle for 5 s:
-    one idle for 3 s is not reused (a POST on a closing connection is not retried)."""
+def session(port: int, traces: list | None = None, **connector: Any) -> aiohttp.ClientSession:
+    """gunicorn closes a connection idle for 5 s: one idle for 3 s is not reused."""
     if not connector.get("force_close"):
         connector.setdefault("keepalive_timeout", 3)
     return aiohttp.ClientSession(
@@ -72,15 +59,15 @@ def session(
         connector=aiohttp.TCPConnector(**connector),
         timeout=aiohttp.ClientTimeout(total=120),
         auto_decompress=False,
-        trace_configs=trace_configs,
+        trace_configs=traces,
     )
 
 
 def choose_tool(preference: str) -> tuple[str, str]:
     """The closed-loop tool (wrk unless told python or not installed) and its version."""
-    if preference == "python" or not tool_path("wrk"):
+    if preference == "python" or not (wrk := shutil.which("wrk")):
         return "python", f"aiohttp {aiohttp.__version__}"
-    out = subprocess.run([str(tool_path("wrk")), "-v"], capture_output=True, text=True, check=False)
+    out = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
     match = re.search(r"wrk (\S+)", out.stdout + out.stderr)
     return "wrk", f"wrk {match.group(1) if match else 'unknown'}"
 
@@ -88,14 +75,20 @@ def choose_tool(preference: str) -> tuple[str, str]:
 def closed_loop(
     tool: str, workload: Workload, *, port: int, clients: int, seconds: float, folder: Path
 ) -> dict[str, Any]:
-    """`clients` keep-alive connections each sending its next request as soon as the
-    last was answered, for `seconds`: requests, req/s, errors, latency."""
-    if tool == "wrk":
-        return _wrk(workload, port, clients, seconds, folder)
-    return asyncio.run(_aiohttp_loop(workload, port, clients, seconds))
+    """`clients` keep-alive connections, each sending its next request once answered."""
+    loop = _wrk if tool == "wrk" else _aiohttp
+    requests, seconds, errors, latency = loop(workload, port, clients, seconds, folder)
+    return {
+        "tool": tool,
+        "requests": requests,
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(requests / seconds, 1),
+        "errors": {kind: count for kind, count in errors.items() if count},
+        "latency_ms": latency,
+    }
 
 
-def _wrk(workload: Workload, port: int, clients: int, seconds: float, folder: Path) -> dict:
+def _wrk(workload: Workload, port: int, clients: int, seconds: float, folder: Path) -> tuple:
     payers, payees = folder / "wrk-payers.txt", folder / "wrk-payees.txt"
     payers.write_text(
         "".join(f"{p.user_id} {p.account} {p.authorization}\n" for p in workload.payers)
@@ -105,7 +98,7 @@ def _wrk(workload: Workload, port: int, clients: int, seconds: float, folder: Pa
                BENCH_ITEMS=str(workload.items), BENCH_PAYERS=str(payers),
                BENCH_PAYEES=str(payees))  # fmt: skip
     command = [
-        str(tool_path("wrk")), f"-t{max(1, min(2, clients))}", f"-c{clients}",
+        shutil.which("wrk") or "wrk", f"-t{max(1, min(2, clients))}", f"-c{clients}",
         f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(LUA),
         f"http://127.0.0.1:{port}",
     ]  # fmt: skip
@@ -115,31 +108,21 @@ def _wrk(workload: Workload, port: int, clients: int, seconds: float, folder: Pa
     if run.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({run.returncode}): {(run.stderr or run.stdout).strip()}")
     raw = json.loads(match.group(1))
-    duration = raw["duration_us"] / 1e6
-    return {
-        "tool": "wrk",
-        "requests": raw["requests"],
-        "seconds": round(duration, 3),
-        "requests_per_s": round(raw["requests"] / duration, 1),
-        "errors": {k: raw[k] for k in ("connect", "read", "write", "status", "timeout") if raw[k]},
-        "latency_ms": {
-            **{key: raw[f"{key}_us"] / 1000 for key in ("p50", "p90", "p99", "max")},
-            "mean": round(raw["mean_us"] / 1000, 3),
-        },
-    }
+    latency = {key: raw[f"{key}_us"] / 1000 for key in ("p50", "p90", "p99", "max")}
+    latency["mean"] = round(raw["mean_us"] / 1000, 3)
+    errors = {k: raw[k] for k in ("connect", "read", "write", "status", "timeout")}
+    return raw["requests"], raw["duration_us"] / 1e6, errors, latency
 
 
 def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], dict[str, Any]]:
     """n -> the keyword arguments of aiohttp's request() for the n-th request."""
 
-    def payee(account: int) -> int:
-        while (to := workload.payees[rng.randrange(len(workload.payees))]) == account:
+    def transfer(payer: Payer) -> dict[str, Any]:
+        """To another random payee, 1.00 to 99.99."""
+        while (to := rng.choice(workload.payees)) == payer.account:
             pass
-        return to
-
-    def amount() -> str:
         minor = rng.randint(100, 9999)
-        return f"{minor // 100}.{minor % 100:02d}"
+        return {"from": payer.account, "to": to, "amount": f"{minor // 100}.{minor % 100:02d}"}
 
     def build(n: int) -> dict[str, Any]:
         if workload.kind == "get":
@@ -147,20 +130,17 @@ def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], d
         payer = workload.payers[n % len(workload.payers)]
         headers = {"Authorization": payer.authorization}
         if workload.kind == "post":
-            form = {"from": str(payer.account), "to": str(payee(payer.account)), "amount": amount()}
+            form = {key: str(value) for key, value in transfer(payer).items()}
             url = f"/users/{payer.user_id}/transfers"
             return {"method": "POST", "url": url, "headers": headers, "data": form}
-        items = [
-            {"from": payer.account, "to": payee(payer.account), "amount": amount()}
-            for _ in range(workload.items)
-        ]
+        items = [transfer(payer) for _ in range(workload.items)]
         url = f"/users/{payer.user_id}/transfers/batch"
         return {"method": "POST", "url": url, "headers": headers, "json": {"transfers": items}}
 
     return build
 
 
-async def _aiohttp_loop(workload: Workload, port: int, clients: int, seconds: float) -> dict:
+def _aiohttp(workload: Workload, port: int, clients: int, seconds: float, _: Path) -> tuple:
     build = request_builder(workload, random.Random(len(workload.payers) + clients))
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -182,14 +162,10 @@ async def _aiohttp_loop(workload: Workload, port: int, clients: int, seconds: fl
             if response.status >= 400:
                 errors["status"] += 1
 
-    async with session(port, limit=clients) as http:
-        await asyncio.gather(*(client(http, n) for n in range(clients)))
+    async def clients_run() -> None:
+        async with session(port, limit=clients) as http:
+            await asyncio.gather(*(client(http, n) for n in range(clients)))
+
+    asyncio.run(clients_run())
     elapsed = time.perf_counter() - started
-    return {
-        "tool": "python",
-        "requests": len(latencies),
-        "seconds": round(elapsed, 3),
-        "requests_per_s": round(len(latencies) / elapsed, 1),
-        "errors": {kind: count for kind, count in errors.items() if count},
-        "latency_ms": summary_ms(latencies, ("p50", "p90", "p99")),
-    }
+    return len(latencies), elapsed, errors, summary_ms(latencies, ("p50", "p90", "p99"))

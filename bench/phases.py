@@ -1,5 +1,4 @@
-"""The six phases of the benchmark (a-f). Each returns its JSON section; bench.run
-drains the queue before each phase of the stack and records its time and CPU."""
+"""The phases a-f; each returns its JSON section (bench.run times them)."""
 
 from __future__ import annotations
 
@@ -15,17 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import psycopg
 import redis
 
-from bench import data, load, say
-from bench.config import tool_path
+from bench import data, load, say, stack
 
 if TYPE_CHECKING:
     from bench.run import Bench
-
-
-# --- helpers --------------------------------------------------------------------------------
 
 
 def _queue_busy(bench: Bench) -> int:
@@ -34,17 +28,16 @@ def _queue_busy(bench: Bench) -> int:
         return int(connection.llen("celery")) + int(connection.hlen("unacked"))
 
 
-def _ring_all(bench: Bench) -> None:
+def _ring_all(bench: Bench, times: int = 1) -> None:
     from common.doorbells import ring
 
-    for code in bench.config.currencies:
-        if not ring(code):
+    for _ in range(times):
+        if not all(ring(code) for code in bench.config.currencies):
             raise RuntimeError("the doorbell could not be published")
 
 
 def wait_for_zero(count: Callable[[], int], timeout: float, series: list | None = None) -> float:
-    """Poll `count()` every 0.1 s until it is 0; the seconds it took. `series` gets
-    every sample as [seconds, count]."""
+    """Poll `count()` every 0.1 s until 0; the seconds it took (samples go to `series`)."""
     started = time.perf_counter()
     while True:
         left, elapsed = count(), time.perf_counter() - started
@@ -61,11 +54,10 @@ def drain(bench: Bench) -> dict[str, Any]:
     """Wait until nothing is pending and no doorbell is queued; how long each took."""
     timeout, pending = bench.config.drain_timeout_s, data.pending_count(bench.conn)
     seconds = wait_for_zero(lambda: data.pending_count(bench.conn), timeout)
-    queued = _queue_busy(bench)
     return {
         "pending_at_start": pending,
         "pending_drained_s": round(seconds, 2),
-        "doorbells_queued_after": queued,
+        "doorbells_queued_after": _queue_busy(bench),
         "doorbells_drained_s": round(wait_for_zero(lambda: _queue_busy(bench), timeout), 2),
     }
 
@@ -87,20 +79,16 @@ def _audit(bench: Bench) -> dict[str, Any]:
     }
 
 
-def _backlog(bench: Bench, count: int, seed: int) -> tuple[int, int]:
-    say(f"  inserting {count:,} pending transfers")
-    users = [user.id for user in bench.users]
-    return data.insert_random(bench.conn, users, bench.config.currencies, count, seed=seed)
+def _insert(bench: Bench, count: int, seed: int, settled_from: datetime | None = None) -> tuple:
+    say(f"  inserting {count:,} {'settled' if settled_from else 'pending'} transfers")
+    users, codes = [user.id for user in bench.users], bench.config.currencies
+    return data.insert_random(bench.conn, users, codes, count, seed=seed, settled_from=settled_from)
 
 
 def warm_auth(bench: Bench) -> int:
-    """Fill every web process's auth cache with the clients' credentials, so measured
-    runs see active users' steady state rather than a burst of argon2 verifications:
-    rounds of one request per user, each on a new connection (the kernel hands it to
-    any web process), until three rounds in a row answer faster than a verification.
-    The number of rounds it took."""
+    """Fill every web process's auth cache: rounds of one request per user on new
+    connections until three in a row beat an argon2 verification; how many rounds."""
     threshold = max(0.015, 0.6 * bench.verify_s)
-    payers = bench.payers
 
     async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
         begin = time.perf_counter()
@@ -114,7 +102,7 @@ def warm_auth(bench: Bench) -> int:
         async with load.session(bench.port, limit=4, force_close=True) as http:
             while count < 30 and fast < 3:
                 count += 1
-                answers = await asyncio.gather(*(one(http, payer) for payer in payers))
+                answers = await asyncio.gather(*(one(http, payer) for payer in bench.payers))
                 if any(status != 200 for _, status in answers):
                     raise RuntimeError(f"auth warm-up: unexpected statuses {answers}")
                 fast = fast + 1 if max(s for s, _ in answers) < threshold else 0
@@ -123,16 +111,11 @@ def warm_auth(bench: Bench) -> int:
     return asyncio.run(rounds())
 
 
-# --- a: pgbench -----------------------------------------------------------------------------
-
-
 def pgbench(bench: Bench) -> dict[str, Any]:
     """TPC-B-like pgbench on the same server: the reference for phase b."""
     config = bench.config
-    binary = bench.pg.bin / "pgbench"
-    command = [str(binary) if binary.exists() else tool_path("pgbench") or "pgbench"]
-    with psycopg.connect(bench.pg.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute("CREATE DATABASE pgbench")
+    command = [str(bench.pg.bin / "pgbench")]
+    bench.pg.create_database("pgbench")
     target = ["-h", "127.0.0.1", "-p", str(bench.pg.port), "-U", "postgres", "pgbench"]
     say(f"  pgbench -i -s {config.pgbench_scale}")
     init = [*command, "-i", "-q", "-s", str(config.pgbench_scale), *target]
@@ -160,19 +143,14 @@ def pgbench(bench: Bench) -> dict[str, Any]:
     }
 
 
-# --- b: settlement --------------------------------------------------------------------------
-
-
 def settlement(bench: Bench) -> dict[str, Any]:
     from common.settings import DEFAULT_SETTLE_BATCH_SIZE
 
     config = bench.config
-    # Doorbells with nothing to settle, a few per pool process: each process opens its
-    # database pool and imports what settling needs before the clock starts.
-    for _ in range(2 * config.worker_processes):
-        _ring_all(bench)
+    # Doorbells with nothing to settle warm every pool process up before the clock starts.
+    _ring_all(bench, 2 * config.worker_processes)
     drain(bench)
-    ids = _backlog(bench, config.backlog, config.seed)
+    ids = _insert(bench, config.backlog, config.seed)
     series: list[list[float]] = []
     say("  settling the backlog")
     started = time.perf_counter()
@@ -205,16 +183,11 @@ def settlement(bench: Bench) -> dict[str, Any]:
     return result
 
 
-# --- c: ingest ------------------------------------------------------------------------------
-
-
 def ingest(bench: Bench) -> dict[str, Any]:
-    from bench import stack
-
     config = bench.config
     tool, version = load.choose_tool(config.load_tool)
     if tool == "python" != config.load_tool:
-        say(f"  wrk is not installed ({load.INSTALL_WRK}): aiohttp drives c instead")
+        say("  wrk is not installed (apt-get install wrk): aiohttp drives c instead")
     payers, payees = bench.payers, bench.payees
     workloads = {
         "trivial": load.Workload("get", "/currencies"),
@@ -227,39 +200,33 @@ def ingest(bench: Bench) -> dict[str, Any]:
         "tool_version": version,
         "clients": config.clients,
         "seconds": config.ingest_seconds,
-        "trivial_endpoint": "GET /currencies (no auth, no database query: Flask + gunicorn)",
         "workers_paused": True,
+        "trivial_endpoint": "GET /currencies (no auth, no query)",
     }
     args = {"port": bench.port, "clients": config.clients, "folder": bench.logs}
-    # Settlement would share the two cores with the API and blur what the API costs:
-    # the worker stops taking doorbells; they wait in Redis and are drained after.
+    # The worker stops taking doorbells (drained after) so settlement takes no API CPU.
     first_id = data.scalar(bench.conn, "SELECT coalesce(max(id), 0) FROM transfers")
-    stack.pause_consumers()
+    stack.consume(False)
     try:
         for name, workload in workloads.items():
             if workload.payers:
                 result[f"{name}_auth_warmup_rounds"] = warm_auth(bench)
             say(f"  {name}: {config.warmup_seconds:g} s warm-up, {config.ingest_seconds:g} s")
             load.closed_loop(tool, workload, seconds=config.warmup_seconds, **args)
-            # The worker is paused and nothing was pending before: every transfer
-            # committed during the run is pending, and counting them is cheap.
+            # Nothing was pending and the worker is paused: new transfers stay pending.
             before, cpu_before = data.pending_count(bench.conn), bench.meter.sample()
             run = load.closed_loop(tool, workload, seconds=config.ingest_seconds, **args)
             run["cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
             if workload.payers:
-                # Committed between the run's start and end (a batch commits its items
-                # together, seconds after they were sent): transfers/s of the window.
+                # Committed within the window (a batch commits its items together).
                 run["transfers_committed"] = data.pending_count(bench.conn) - before
                 run["transfers_per_s"] = round(run["transfers_committed"] / run["seconds"], 1)
             result[name] = run
         # Should be 0: a doorbell taken before the pause would have settled meanwhile.
-        result["settled_while_paused"] = data.scalar(
-            bench.conn,
-            "SELECT count(*) FROM transfers WHERE id > %s AND status <> 'pending'",
-            (first_id,),
-        )
+        sql = "SELECT count(*) FROM transfers WHERE id > %s AND status <> 'pending'"
+        result["settled_while_paused"] = data.scalar(bench.conn, sql, (first_id,))
     finally:
-        stack.resume_consumers()
+        stack.consume(True)
     trivial = result["trivial"]["requests_per_s"]
     result["ratio_post_to_trivial"] = round(result["post"]["requests_per_s"] / trivial, 3)
     result["ratio_batch_to_trivial"] = round(result["batch"]["transfers_per_s"] / trivial, 3)
@@ -270,28 +237,20 @@ def ingest(bench: Bench) -> dict[str, Any]:
     return result
 
 
-# --- d: end-to-end latency ------------------------------------------------------------------
-
 WAIT_S = 10  # the long polls' ?wait=
-# An operation still pending this long after it was due counts as still_pending.
-DEADLINE_S = 3 * WAIT_S
-# Connections at most; an operation beyond waits for one, and that counts in its latency.
-CONNECTIONS = 512
+DEADLINE_S = 3 * WAIT_S  # still pending this long after it was due: "still_pending"
+CONNECTIONS = 512  # at most: an operation beyond waits for one, within its latency
 
 
 async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
-    """Transfers submitted at a fixed rate whatever the answers (open loop), each
-    followed by long polls (?wait=) until it is final. Latency counts from the moment
-    an operation was due, so a server that falls behind cannot hide its queue (no
-    coordinated omission)."""
+    """Transfers sent at a fixed rate whatever the answers, each long-polled until final;
+    latency counts from when it was due (no coordinated omission)."""
     payers = bench.payers
     workload = load.Workload("post", payers=payers, payees=bench.payees)
     build = load.request_builder(workload, random.Random(7))
     e2e: list[float] = []
     submit: list[float] = []
     server: list[float] = []
-    # Outcomes by name, long polls answered at once with Retry-After (no slot free) and
-    # connections opened.
     outcomes: Counter[str] = Counter()
     counts: Counter[str] = Counter()
 
@@ -309,11 +268,9 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
             return f"post_{status}"
         submit.append(time.perf_counter() - due)
         url = f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={WAIT_S}"
-        headers = {"Authorization": payer.authorization}
+        poll = {"method": "GET", "url": url, "headers": {"Authorization": payer.authorization}}
         while transfer["status"] == "pending" and time.perf_counter() < due + DEADLINE_S:
-            status, transfer, retry_after = await fetch(
-                http, method="GET", url=url, headers=headers
-            )
+            status, transfer, retry_after = await fetch(http, **poll)
             if status != 200:
                 return f"get_{status}"
             if transfer["status"] == "pending" and retry_after.isdigit():
@@ -323,11 +280,9 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
         if transfer["status"] == "pending":
             return "still_pending"
         e2e.append(time.perf_counter() - due)
-        if transfer.get("created_at") and transfer.get("settled_at"):
-            created = datetime.fromisoformat(transfer["created_at"])
-            server.append(
-                (datetime.fromisoformat(transfer["settled_at"]) - created).total_seconds()
-            )
+        if (created := transfer.get("created_at")) and (settled := transfer.get("settled_at")):
+            span = datetime.fromisoformat(settled) - datetime.fromisoformat(created)
+            server.append(span.total_seconds())
         return transfer["status"]
 
     async def one(http: aiohttp.ClientSession, number: int, due: float) -> None:
@@ -341,7 +296,7 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_create_end.append(opened)
-    http = load.session(bench.port, limit=CONNECTIONS, trace_configs=[trace])
+    http = load.session(bench.port, limit=CONNECTIONS, traces=[trace])
     async with http:
         start = time.perf_counter() + 0.2
         tasks = []
@@ -350,8 +305,7 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
             if (delay := due - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(http, number, due)))
-        # Every operation ends by its deadline and one more long poll: this bounds a
-        # stuck server.
+        # Every operation ends by its deadline plus one long poll: a bound on a stuck server.
         await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S + WAIT_S + 60)
     return {
         "operations": count,
@@ -369,28 +323,21 @@ def latency(bench: Bench) -> dict[str, Any]:
     post_rate = bench.results["phases"].get("c", {}).get("post", {}).get("requests_per_s")
     rate = config.latency_rate or (config.latency_rate_factor * post_rate if post_rate else 20.0)
     rate = max(rate, 1.0)
-    count = max(1, int(rate * config.latency_seconds))
+    count = max(1, int(rate * config.ingest_seconds))
     rounds = warm_auth(bench)
-    # The phase's own cpu_s also counts the drains and the auth warm-up (argon2 for every
-    # user in every web process): the open loop's CPU alone is what an operation costs.
+    # The open loop's CPU alone, without the drains and the auth warm-up (argon2).
     cpu_before = bench.meter.sample()
     say(f"  {count:,} transfers at {rate:.1f}/s, each long-polled until final")
     result = asyncio.run(open_loop(bench, rate, count))
     result["open_loop_cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
     result["auth_warmup_rounds"] = rounds
     result["rate_per_s"] = round(rate, 1)
-    result["rate_rule"] = (
-        "given by --rate"
-        if config.latency_rate
-        else f"{config.latency_rate_factor} x phase c's POST maximum"
-    )
-    result["seconds"] = config.latency_seconds
-    result["wait_param_s"] = WAIT_S
+    result["rate_rule"] = f"{config.latency_rate_factor} x phase c's POST maximum"
+    if config.latency_rate:
+        result["rate_rule"] = "given by --rate"
+    result |= {"seconds": config.ingest_seconds, "wait_param_s": WAIT_S}
     result["drain_after"] = drain(bench)
     return result
-
-
-# --- e: reads -------------------------------------------------------------------------------
 
 
 async def _sequential(port: int, requests: list[tuple[str, str]], warmup: int) -> dict[str, Any]:
@@ -414,13 +361,8 @@ def reads(bench: Bench) -> dict[str, Any]:
     missing = config.history_total - total
     result: dict[str, Any] = {"transfers_before_load": total}
     if missing > 0:
-        say(f"  writing {missing:,} settled transfers of history")
         started = time.perf_counter()
-        two_days_ago = datetime.now(UTC) - timedelta(days=2)
-        users, codes = [user.id for user in bench.users], config.currencies
-        data.insert_random(
-            bench.conn, users, codes, missing, seed=config.seed + 5, settled_from=two_days_ago
-        )
+        _insert(bench, missing, config.seed + 5, datetime.now(UTC) - timedelta(days=2))
         bench.loaded += missing
         result["history_loaded"] = missing
         result["history_load_s"] = round(time.perf_counter() - started, 1)
@@ -454,16 +396,10 @@ def reads(bench: Bench) -> dict[str, Any]:
         for payer in (payers[i % len(payers)] for i in range(warmup + config.reads))
     ]
     say(f"  {config.reads:,} GET transfer, then {config.reads:,} GET list (100)")
-    result["get_transfer"] = asyncio.run(_sequential(bench.port, gets, warmup))
-    result["list_100"] = asyncio.run(_sequential(bench.port, lists, warmup))
-    result["method"] = (
-        f"one keep-alive connection, requests one after another ({config.reads} measured per "
-        f"kind after {warmup} warm-up), the {len(payers)} client users in turn"
-    )
+    for kind, requests in (("get_transfer", gets), ("list_100", lists)):
+        result[kind] = asyncio.run(_sequential(bench.port, requests, warmup))
+    result["method"] = f"sequential on one connection, {warmup} warm-up, {len(payers)} users"
     return result
-
-
-# --- f: memory ------------------------------------------------------------------------------
 
 
 def _decided_by_worker(bench: Bench) -> int:
@@ -478,17 +414,14 @@ def memory(bench: Bench) -> dict[str, Any]:
     result: dict[str, Any] = {"settlements_before_top_up": decided}
     if decided < config.settlements:
         missing = config.settlements - decided
-        _backlog(bench, missing, config.seed + 7)
+        _insert(bench, missing, config.seed + 7)
         _ring_all(bench)
         result["top_up"] = drain(bench)
         result["top_up_transfers"] = missing
     result["settlements"] = _decided_by_worker(bench)
     bench.remember_memory("after_settlements")
     snapshots = bench.results["memory"]
-    # "Warm": after the first phase that made the group work (b for the worker, c for
-    # gunicorn). Growth from there on is what a leak would look like; growth from the
-    # start also counts first-use imports, pools, caches and copy-on-write of preloaded
-    # pages in the forked children.
+    # Growth since "warm" is what a leak looks like; since the start, first-use costs too.
     warm_after = {"worker": "after_b", "web": "after_c"}
     for group in ("web", "worker"):
         start, after = snapshots["start"][group], snapshots["after_settlements"][group]

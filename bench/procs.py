@@ -9,12 +9,9 @@ from typing import Any
 import psutil
 
 GONE = (psutil.NoSuchProcess, psutil.ZombieProcess)
-# (monotonic time, CPU seconds per group, the machine's psutil.cpu_times())
-Sample = tuple[float, dict[str, float], Any]
 
 
 def _processes(root: int) -> list[psutil.Process]:
-    """root and all its descendants that are alive now."""
     try:
         parent = psutil.Process(root)
         return [parent, *parent.children(recursive=True)]
@@ -22,15 +19,10 @@ def _processes(root: int) -> list[psutil.Process]:
         return []
 
 
-def tree(root: int) -> list[int]:
-    return [process.pid for process in _processes(root)]
-
-
-def memory_snapshot(groups: dict[str, int]) -> dict[str, object]:
-    """Per group (name -> root pid): every process's RSS and PSS and the totals, in KiB.
-    PSS shares copy-on-write pages fairly between a parent and its forked children, so
-    a group's PSS sum is its real footprint."""
-    snapshot: dict[str, object] = {}
+def memory_snapshot(groups: dict[str, int]) -> dict[str, Any]:
+    """Per group (name -> root pid), per process and summed, in KiB: RSS, and PSS, which
+    shares copy-on-write pages fairly between a prefork parent and its children."""
+    snapshot: dict[str, Any] = {}
     for name, root in groups.items():
         processes = []
         for process in _processes(root):
@@ -62,13 +54,12 @@ def _cpu_seconds(process: psutil.Process, root: int) -> float:
 
 
 class CpuMeter:
-    """CPU seconds used by each group of processes between two samples, and by the rest
-    of the machine (other engineers' test runs share it)."""
+    """CPU seconds of each group between two samples, and of the rest of the machine."""
 
     def __init__(self) -> None:
         self.groups: dict[str, int] = {}  # name -> root pid
 
-    def sample(self) -> Sample:
+    def sample(self) -> tuple[float, dict[str, float], Any]:
         used = {
             name: sum(_cpu_seconds(p, root) for p in _processes(root))
             for name, root in self.groups.items()
@@ -78,20 +69,15 @@ class CpuMeter:
         return time.monotonic(), used, psutil.cpu_times()
 
     @staticmethod
-    def between(start: Sample, end: Sample) -> dict[str, float]:
+    def between(start: tuple, end: tuple) -> dict[str, float]:
         (t0, groups0, cpu0), (t1, groups1, cpu1) = start, end
         used = {name: round(groups1[name] - groups0.get(name, 0.0), 2) for name in groups1}
 
         def machine(*fields: str) -> float:
-            return sum(getattr(cpu1, f, 0.0) - getattr(cpu0, f, 0.0) for f in fields)
+            return round(sum(getattr(cpu1, f, 0.0) - getattr(cpu0, f, 0.0) for f in fields), 2)
 
-        # Processes that are not the bench's: other engineers' test runs.
-        other = machine("user", "nice", "system") - sum(used.values())
-        used["other"] = round(max(other, 0.0), 2)
-        # Kernel time in interrupts (loopback networking), and time the hypervisor gave
-        # to other virtual machines.
-        used["irq"] = round(machine("irq", "softirq"), 2)
-        used["steal"] = round(machine("steal"), 2)
-        used["idle"] = round(machine("idle", "iowait"), 2)
-        used["wall_s"] = round(max(t1 - t0, 1e-9), 2)
+        # other: others' processes; irq: mostly loopback networking; steal: the hypervisor's.
+        used["other"] = max(round(machine("user", "nice", "system") - sum(used.values()), 2), 0.0)
+        used |= {"irq": machine("irq", "softirq"), "steal": machine("steal")}
+        used |= {"idle": machine("idle", "iowait"), "wall_s": round(max(t1 - t0, 1e-9), 2)}
         return used

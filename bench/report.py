@@ -110,13 +110,11 @@ def table(results: dict[str, Any]) -> str:
 
 def chart(results: dict[str, Any], path: Path) -> None:
     """Throughput, latency, the backlog drain and memory, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     phases = results.get("phases", {})
-    figure, ((throughput, latency), (drain, memory)) = plt.subplots(2, 2, figsize=(14, 9))
+    figure = Figure(figsize=(14, 9), layout="tight")
+    (throughput, latency), (drain, memory) = figure.subplots(2, 2)
     figure.suptitle(
         f"Remit bench — {results.get('mode')} run {results.get('started_at')} "
         f"({_get(results, 'machine', 'cores')} cores, shared machine)"
@@ -169,6 +167,4 @@ def chart(results: dict[str, Any], path: Path) -> None:
     memory.set(ylabel="MiB", title="f: memory of the stack over the run")
     memory.legend()
     memory.tick_params(axis="x", labelsize=8)
-    figure.tight_layout()
     figure.savefig(path, dpi=90)
-    plt.close(figure)

@@ -19,18 +19,14 @@ from typing import Any
 
 import psutil
 import psycopg
+from aiohttp import BasicAuth
 
-from bench import data, load, phases, procs, report, say
+from bench import data, load, phases, procs, report, say, stack
 from bench.config import RECORDED_KNOBS, ROOT, Config, parse_args
-from bench.servers import PG_SETTINGS, Postgres, Redis, free_port
+from ops.servers import Postgres, Redis, free_port
 
-# Every funded account starts with this many major units: no bench transfer is ever
-# refused for lack of funds, so every one is a real settlement.
+# Major units per funded account: no bench transfer is refused for lack of funds.
 FUND_MAJOR = 10_000_000
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Bench:
@@ -42,7 +38,7 @@ class Bench:
         self.folder = ROOT / ".run" / "bench" / self.stamp
         self.logs = self.folder / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.pg = Postgres(self.folder / "pg")
+        self.pg = Postgres(self.folder / "pg", stack.PG_SETTINGS)
         self.redis = Redis(self.folder / "redis")
         self.web: Any = None
         self.worker: Any = None
@@ -60,7 +56,7 @@ class Bench:
         self.started = time.monotonic()
         self.results: dict[str, Any] = {
             "version": 2,
-            "started_at": _now(),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": config.mode,
             "config": asdict(config),  # json.dumps writes its Path as text
             "machine": {
@@ -69,8 +65,7 @@ class Bench:
                 "kernel": platform.release(),
                 "python": platform.python_version(),
                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-                "note": "shared machine: other engineers' test runs may use CPU meanwhile "
-                "(see each phase's cpu_s.other)",
+                "note": "shared machine: others may use CPU meanwhile (cpu_s.other)",
             },
             "code": code_info(),
             "phases": {},
@@ -83,23 +78,21 @@ class Bench:
         self.redis.start()
         self.meter.groups["postgres"] = self.pg.postmaster_pid() or 0
         self.meter.groups["redis"] = self.redis.pid or 0
+        pg, redis = self.pg, self.redis
         self.results["servers"] = {
-            "postgres": {"version": self.pg.version, "port": self.pg.port, "settings": PG_SETTINGS},
-            "redis": {"port": self.redis.port},
+            "postgres": {"version": pg.version, "port": pg.port, "settings": stack.PG_SETTINGS},
+            "redis": {"port": redis.port},
         }
-        say(f"PostgreSQL on 127.0.0.1:{self.pg.port}, Redis on 127.0.0.1:{self.redis.port}")
+        say(f"PostgreSQL on 127.0.0.1:{pg.port}, Redis on 127.0.0.1:{redis.port}")
 
     def start_stack(self) -> None:
         """Migrate, load the users and their funding, start gunicorn and the worker."""
-        from bench import stack
-
         pg_url, redis_url, self.port = self.pg.url("remit"), self.redis.url(0), free_port()
-        self.env = stack.stack_environment(self.config, pg_url, redis_url, self.port, self.folder)
-        # This process imports the project (doorbells, audit, password hashing): its
-        # settings must name the same servers. Nothing of the project is imported yet.
+        self.env = stack.environment(self.config, pg_url, redis_url, self.port, self.folder)
+        # This process imports the project (doorbells, audit, hashing) only from here on.
         os.environ.update(self.env)
         self.results["knobs"] = {k: self.env[k] for k in RECORDED_KNOBS if self.env.get(k)}
-        stack.migrate(self.env, self.logs / "migrate.log")
+        stack.migrate(self.env, self.logs)
 
         from common.passwords import hash_password, verify_password
 
@@ -114,7 +107,10 @@ class Bench:
         self.loaded += data.fund(self.conn, user_ids, self.config.currencies, FUND_MAJOR)
         # The HTTP clients: the first --clients users pay, any user may be paid.
         code = self.config.currencies[0]
-        self.payers = load.payers_for(self.users[: self.config.clients], self.password, code)
+        self.payers = tuple(
+            load.Payer(u.id, BasicAuth(u.username, self.password).encode(), u.accounts[code])
+            for u in self.users[: self.config.clients]
+        )
         self.payees = tuple(user.accounts[code] for user in self.users)
         # What one verification costs here (the auth warm-up tells cache hits by it).
         started = time.perf_counter()
@@ -123,15 +119,13 @@ class Bench:
         self.results["argon2_verify_ms"] = round(self.verify_s * 1000, 1)
 
         config = self.config
-        say(
-            f"starting gunicorn ({config.web_workers} workers) and a Celery worker "
-            f"({config.worker_processes} processes)"
-        )
-        self.web = stack.start_web(self.env, self.port, self.logs)
-        self.worker = stack.start_worker(self.env, self.logs)
+        say(f"starting gunicorn ({config.web_workers}) and the worker ({config.worker_processes})")
+        self.web = stack.start("web", self.env, self.logs, bind=f"127.0.0.1:{self.port}")
+        self.worker = stack.start("worker", self.env, self.logs)
         self.meter.groups |= {"web": self.web.pid, "worker": self.worker.pid}
-        stack.wait_for_http(self.web, self.port)
-        stack.wait_for_worker(self.worker, config.worker_processes)
+        stack.wait_until(self.web, lambda: stack.http_ok(self.port), "gunicorn")
+        pool = config.worker_processes
+        stack.wait_until(self.worker, lambda: stack.worker_ready(self.worker, pool), "the worker")
         self.remember_memory("start")
 
     def remember_memory(self, label: str) -> None:
@@ -140,8 +134,7 @@ class Bench:
         self.results["memory"][label] = snapshot
 
     def phase(self, key: str, title: str, work: Callable[[Bench], dict]) -> None:
-        """Run one phase: its result, wall time and CPU split, memory after it. Phases of
-        the stack start with nothing pending or queued."""
+        """One phase, from a drained queue: its result, time, CPU split, memory after."""
         say(f"phase {key}: {title}")
         before, started = self.meter.sample(), time.perf_counter()
         try:
@@ -149,18 +142,21 @@ class Bench:
                 phases.drain(self)
             result = work(self)
         except Exception as error:
-            self.failed = True
-            (self.logs / f"phase-{key}-error.txt").write_text(traceback.format_exc())
-            say(f"phase {key} failed: {error!r} (traceback in {self.logs}/phase-{key}-error.txt)")
-            result = {"error": repr(error)}
+            result = {"error": self.fail(f"phase-{key}", error)}
         result["title"] = title
         result["phase_seconds"] = round(time.perf_counter() - started, 1)
         result["cpu_s"] = self.meter.between(before, self.meter.sample())
         self.results["phases"][key] = result
         if self.web is not None:
             self.remember_memory(f"after_{key}")
-            self.web.check()
-            self.worker.check()
+            stack.check(self.web)
+            stack.check(self.worker)
+
+    def fail(self, what: str, error: Exception) -> str:
+        self.failed = True
+        (path := self.logs / f"{what}-error.txt").write_text(traceback.format_exc())
+        say(f"{what} failed: {error!r} (traceback in {path})")
+        return repr(error)
 
     def stop(self) -> None:
         if self.conn is not None:
@@ -173,7 +169,7 @@ class Bench:
 
     def write_results(self) -> None:
         """<timestamp>.json, <timestamp>.png and the table on stdout."""
-        self.results["finished_at"] = _now()
+        self.results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         self.results["ok"] = not self.failed
         self.config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,23 +185,19 @@ class Bench:
 
 
 def code_info() -> dict[str, Any]:
-    """Which code was measured: the commit, and how many files of the work tree differed."""
-
-    def git(*args: str) -> str:
-        command = [shutil.which("git") or "git", *args]
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
+    """The commit measured, and how many files of the work tree differed from it."""
+    git = ["git", "-C", str(ROOT)]
     try:
-        changed = len(git("status", "--porcelain").splitlines())
-        return {"commit": git("rev-parse", "HEAD").strip(), "changed_files": changed}
+        commit = subprocess.check_output([*git, "rev-parse", "HEAD"], text=True).strip()
+        changed = subprocess.check_output([*git, "status", "--porcelain"], text=True)
+        return {"commit": commit, "changed_files": len(changed.splitlines())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "changed_files": None}
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    # Ctrl-C, run.sh's SIGINT (it passes SIGTERM on so) and a direct SIGTERM all stop the
-    # run cleanly, even when started where SIGINT was ignored (a background job).
+    # SIGINT and SIGTERM stop the run cleanly, even where SIGINT was ignored (background).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     bench = Bench(config)
@@ -221,25 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = bench.failed = True
         say("interrupted: stopping everything")
     except Exception as error:
-        bench.failed = True
-        (bench.logs / "error.txt").write_text(traceback.format_exc())
-        say(f"failed: {error!r} (traceback in {bench.logs}/error.txt)")
-        bench.results["error"] = repr(error)
+        bench.results["error"] = bench.fail("run", error)
     finally:
-        # Stopping is bounded (about 30 s at worst) and must not be cut short: a server
-        # left running would outlive the run.
+        # Stopping is bounded (30 s at worst) and must not be cut short: no server outlives us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         say("stopping the stack and the servers")
         bench.stop()
     bench.write_results()
-    # The run's data and logs are deleted after a successful run, unless --keep.
-    folders = [bench.folder]
-    if not bench.pg.folder.is_relative_to(bench.folder):
-        folders.append(bench.pg.folder)  # its user could not reach the run folder
+    # PostgreSQL's folder is elsewhere when its OS user could not write the run folder.
     if bench.failed or config.keep:
-        say(f"kept {' and '.join(map(str, folders))} (logs, data)")
+        say(f"kept {bench.folder} and {bench.pg.folder} (logs, data)")
     else:
-        for folder in folders:
+        for folder in (bench.folder, bench.pg.folder):
             shutil.rmtree(folder, ignore_errors=True)
     return 130 if interrupted else 1 if bench.failed else 0
