@@ -91,15 +91,19 @@ def warm_auth(bench: Bench) -> int:
     threshold = max(0.015, 0.6 * bench.verify_s)
 
     async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
-        begin = time.perf_counter()
-        headers = {"Authorization": payer.authorization}
-        async with http.get(f"/users/{payer.user_id}/accounts", headers=headers) as response:
-            await response.read()
-        return time.perf_counter() - begin, response.status
+        # Timed from when the request may go, not while it waits for one of the 4 slots.
+        async with slots:
+            begin = time.perf_counter()
+            headers = {"Authorization": payer.authorization}
+            async with http.get(f"/users/{payer.user_id}/accounts", headers=headers) as response:
+                await response.read()
+            return time.perf_counter() - begin, response.status
+
+    slots = asyncio.Semaphore(4)
 
     async def rounds() -> int:
         count = fast = 0
-        async with load.session(bench.port, limit=4, force_close=True) as http:
+        async with load.session(bench.port, force_close=True) as http:
             while count < 30 and fast < 3:
                 count += 1
                 answers = await asyncio.gather(*(one(http, payer) for payer in bench.payers))
