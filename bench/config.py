@@ -45,8 +45,7 @@ class Config:
     ingest_seconds: float = size(20, 2, "--seconds", "length of each measured run of c and d")
     warmup_seconds: float = size(3, 1)
     batch_items: int = size(100, 20, "--batch-items", "transfers per batch request in c")
-    latency_rate_factor: float = 0.5
-    latency_rate: float | None = size(None, None, "--rate", "d's rate (default: c's POST max / 2)")
+    latency_rate: float = size(100.0, 20.0, "--rate", "transfers per second submitted in d")
     history_total: int = size(1_000_000, 5000, "--history", "transfers in the table in e")
     reads: int = size(2000, 100, "--reads", "requests per read kind in e")
     settlements: int = size(100_000, 1000, "--settlements", "settlements before the RSS of f")

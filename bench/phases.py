@@ -324,9 +324,7 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
 
 def latency(bench: Bench) -> dict[str, Any]:
     config = bench.config
-    post_rate = bench.results["phases"].get("c", {}).get("post", {}).get("requests_per_s")
-    rate = config.latency_rate or (config.latency_rate_factor * post_rate if post_rate else 20.0)
-    rate = max(rate, 1.0)
+    rate = config.latency_rate
     count = max(1, int(rate * config.ingest_seconds))
     rounds = warm_auth(bench)
     # The open loop's CPU alone, without the drains and the auth warm-up (argon2).
@@ -336,9 +334,6 @@ def latency(bench: Bench) -> dict[str, Any]:
     result["open_loop_cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
     result["auth_warmup_rounds"] = rounds
     result["rate_per_s"] = round(rate, 1)
-    result["rate_rule"] = f"{config.latency_rate_factor} x phase c's POST maximum"
-    if config.latency_rate:
-        result["rate_rule"] = "given by --rate"
     result |= {"seconds": config.ingest_seconds, "wait_param_s": WAIT_S}
     result["drain_after"] = drain(bench)
     return result

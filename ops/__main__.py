@@ -134,8 +134,11 @@ for _name, _help in (
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
     """Benchmark the real stack on its own throwaway servers (bench/README.md)."""
-    from ops import supervisor
+    from ops import debian, supervisor
 
+    if "python" not in args and not {"-h", "--help"} & set(args):
+        # wrk drives phase c when installed; without it the bench falls back to aiohttp.
+        debian.ensure("wrk")
     # It starts and stops its own servers; SIGTERM reaches it as SIGINT, its clean stop.
     status, _ = supervisor.run_child([sys.executable, "-m", "bench", *args])
     raise SystemExit(status)
