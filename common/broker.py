@@ -20,6 +20,9 @@ from common.settings import Settings, get_settings
 # The tasks the worker runs (worker.tasks), by the names they are published under.
 SETTLE = "remit.settle"
 SWEEP = "remit.sweep"
+DELIVER = "remit.deliver_webhook"
+# Webhook deliveries have their own queue, so a slow receiver never holds a settlement.
+WEBHOOKS_QUEUE = "webhooks"
 
 
 def configure(app: Celery, settings: Settings) -> None:

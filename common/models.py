@@ -11,12 +11,15 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     SmallInteger,
@@ -197,4 +200,163 @@ class Posting(Base):
         CheckConstraint("leg IN ('debit', 'credit', 'commission')", name="leg_known"),
         CheckConstraint("amount <> 0", name="amount_non_zero"),
         Index("ix_postings_account_id_id", "account_id", "id"),
+    )
+
+
+# --- Machine clients (docs/api.md "API keys", "Events", "Webhooks") ---------------------
+
+
+class ApiKeyScope(enum.StrEnum):
+    READ = "read"
+    TRANSFERS = "transfers"
+
+
+class ApiKey(Base):
+    """A user's API key. The secret is random, so a SHA-256 digest of it is enough to find
+    and check it; the secret itself is never stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
+    prefix: Mapped[str] = mapped_column(String(12), nullable=False)
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(
+            "cardinality(scopes) > 0 AND scopes <@ ARRAY['read', 'transfers']::text[]",
+            name="scopes_known",
+        ),
+        UniqueConstraint("digest"),
+        Index("ix_api_keys_user_id_id", "user_id", "id"),
+    )
+
+
+class EventType(enum.StrEnum):
+    TRANSFER_SETTLED = "transfer.settled"
+    TRANSFER_REJECTED = "transfer.rejected"
+    TRANSFER_FAILED = "transfer.failed"
+    TRANSFER_RECEIVED = "transfer.received"
+    HOLD_HELD = "hold.held"
+    HOLD_REJECTED = "hold.rejected"
+    HOLD_CAPTURED = "hold.captured"
+    HOLD_VOIDED = "hold.voided"
+    HOLD_EXPIRED = "hold.expired"
+
+
+class Event(Base):
+    """An outcome, written in the transaction that made it. `txid` is that transaction's
+    id: the feed lists events in (txid, id) order and only those of transactions older
+    than every one still running, so a page never skips an event that commits later.
+    No foreign keys: settlement writes these in bulk from rows it has just checked."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    txid: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default=text("(pg_current_xact_id()::text)::bigint")
+    )
+    user_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    type: Mapped[str] = mapped_column(String(32), nullable=False)
+    transfer_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.statement_timestamp()
+    )
+
+    __table_args__ = (
+        CheckConstraint(
+            "type IN ("
+            + ", ".join(f"'{event_type.value}'" for event_type in EventType)
+            + ")",
+            name="type_known",
+        ),
+        Index("ix_events_user_id_txid_id", "user_id", "txid", "id"),
+    )
+
+
+class Webhook(Base):
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), nullable=False)
+    url: Mapped[str] = mapped_column(String(2048), nullable=False)
+    # Event types, or ["*"] for all of them.
+    events: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
+    # whsec_...: kept as given, since every delivery is signed with it; never logged.
+    secret: Mapped[str] = mapped_column(Text, nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
+    created_at: Mapped[datetime] = _created_at()
+
+    __table_args__ = (
+        CheckConstraint("cardinality(events) > 0", name="events_not_empty"),
+        Index("ix_webhooks_user_id_id", "user_id", "id"),
+    )
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class WebhookDelivery(Base):
+    """One event to one webhook, written with the event: what is still to be delivered
+    lives in the database, whatever happens to the broker."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False
+    )
+    event_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.statement_timestamp()
+    )
+    # Until then a delivery task owns it; a sweep may send it again after.
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The event's created_at + 24 h: no attempt after it.
+    deadline_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="state_known"),
+        UniqueConstraint("webhook_id", "event_id"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+
+class WebhookAttempt(Base):
+    """One delivery attempt, for GET /users/{id}/webhooks/{id}/deliveries."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False
+    )
+    webhook_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False
+    )
+    event_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = _created_at()
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("state IN ('delivered', 'retrying', 'failed')", name="state_known"),
+        Index("ix_webhook_attempts_webhook_id_id", "webhook_id", "id"),
     )

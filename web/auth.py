@@ -65,6 +65,11 @@ def authenticated(view: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def password_auth(view: Callable[P, R]) -> Callable[P, R]:
+    """Routes that manage API keys and webhooks: HTTP Basic only, never a key."""
+    return authenticated(view)
+
+
 def current_user() -> Principal:
     user: Principal = g.user
     return user
