@@ -23,7 +23,9 @@ def ensure(program: str, package: str | None = None) -> bool:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
 
     def apt(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([apt_get, *args], env=env, capture_output=True, text=True, check=False)
+        return subprocess.run(
+            [apt_get, *args], env=env, capture_output=True, text=True, check=False
+        )
 
     done = apt("install", "-y", "-q", "--no-install-recommends", package)
     if done.returncode != 0 and apt("update", "-q").returncode == 0:
