@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import redis
+from aiohttp import BasicAuth
 
 from bench import data, load, say, stack
 
@@ -85,9 +86,10 @@ def _insert(bench: Bench, count: int, seed: int, settled_from: datetime | None =
     return data.insert_random(bench.conn, users, codes, count, seed=seed, settled_from=settled_from)
 
 
-def warm_auth(bench: Bench) -> int:
+def warm_auth(bench: Bench, payers: tuple[load.Payer, ...] = ()) -> int:
     """Fill every web process's auth cache: rounds of one request per user on new
     connections until three in a row beat an argon2 verification; how many rounds."""
+    payers = payers or bench.payers
     threshold = max(0.015, 0.6 * bench.verify_s)
 
     async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
@@ -106,7 +108,7 @@ def warm_auth(bench: Bench) -> int:
         async with load.session(bench.port, force_close=True) as http:
             while count < 30 and fast < 3:
                 count += 1
-                answers = await asyncio.gather(*(one(http, payer) for payer in bench.payers))
+                answers = await asyncio.gather(*(one(http, payer) for payer in payers))
                 if any(status != 200 for _, status in answers):
                     raise RuntimeError(f"auth warm-up: unexpected statuses {answers}")
                 fast = fast + 1 if max(s for s, _ in answers) < threshold else 0
@@ -441,6 +443,89 @@ def memory(bench: Bench) -> dict[str, Any]:
     return result
 
 
+def _new_clients(bench: Bench, count: int, prefix: str, keys: bool) -> tuple[load.Payer, ...]:
+    """`count` users that no web process has seen, funded, each with Basic credentials or
+    an API key (stored as the API stores them: argon2id hash, SHA-256 digest)."""
+    from common.api_keys import PREFIX_LENGTH, digest_of, new_secret
+
+    code = bench.config.currencies[0]
+    users = data.create_users(bench.conn, count, bench.password_hash, prefix)
+    bench.loaded += data.fund(bench.conn, [user.id for user in users], (code,), 1000)
+    if not keys:
+        basic = [BasicAuth(user.username, bench.password).encode() for user in users]
+        return tuple(
+            load.Payer(u.id, a, u.accounts[code]) for u, a in zip(users, basic, strict=True)
+        )
+    secrets = [new_secret() for _ in users]
+    rows = [(u.id, s[:PREFIX_LENGTH], digest_of(s)) for u, s in zip(users, secrets, strict=True)]
+    data.create_keys(bench.conn, rows)
+    pairs = zip(users, secrets, strict=True)
+    return tuple(load.Payer(u.id, f"Bearer {s}", u.accounts[code]) for u, s in pairs)
+
+
+async def _first_requests(bench: Bench, payers: tuple[load.Payer, ...], each: int) -> dict:
+    """Every client sends `each` POST transfers one after another, --clients at a time, on
+    --clients keep-alive connections; its first request is timed apart."""
+    build = load.request_builder(load.Workload("post", payers=payers, payees=bench.payees),
+                                 random.Random(len(payers)))  # fmt: skip
+    first: list[float] = []
+    later: list[float] = []
+    statuses: Counter[int] = Counter()
+    waiting = iter(range(len(payers)))
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        for number in waiting:  # the next client that has not started
+            for sent in range(each):
+                begin = time.perf_counter()
+                async with http.request(**build(number)) as response:
+                    await response.read()
+                statuses[response.status] += 1
+                (later if sent else first).append(time.perf_counter() - begin)
+
+    clients = bench.config.clients
+    started = time.perf_counter()
+    async with load.session(bench.port, limit=clients) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    seconds = time.perf_counter() - started
+    return {
+        "clients": len(payers), "requests_per_client": each, "requests": len(payers) * each,
+        "seconds": round(seconds, 2), "requests_per_s": round(len(payers) * each / seconds, 1),
+        "statuses": dict(statuses), "first_request_ms": load.summary_ms(first),
+        "later_requests_ms": load.summary_ms(later),
+    }  # fmt: skip
+
+
+def cold_start(bench: Bench) -> dict[str, Any]:
+    """New clients' first requests, Basic then keys, then the same traffic from warm keys."""
+    config = bench.config
+    cold, each, warm = config.cold_clients, config.cold_requests, config.warm_clients
+    say(f"  loading {2 * cold + warm:,} new users, {cold + warm:,} of them with an API key")
+    runs = {
+        "basic_cold": _new_clients(bench, cold, "cold_basic_", keys=False),
+        "keys_cold": _new_clients(bench, cold, "cold_key_", keys=True),
+        "keys_warm": _new_clients(bench, warm, "warm_key_", keys=True),
+    }
+    result: dict[str, Any] = {"method": "POST /users/{id}/transfers; worker paused, drained after"}
+    stack.consume(False)
+    try:
+        result["keys_warm_auth_warmup_rounds"] = warm_auth(bench, runs["keys_warm"])
+        for name, payers in runs.items():
+            # The warm clients send as many requests in all as the cold ones.
+            per_client = each if name != "keys_warm" else max(1, cold * each // warm)
+            say(f"  {name}: {len(payers):,} clients x {per_client} POST transfers")
+            cpu_before = bench.meter.sample()
+            result[name] = asyncio.run(_first_requests(bench, payers, per_client))
+            result[name]["cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
+    finally:
+        stack.consume(True)
+    rates = {name: result[name]["requests_per_s"] for name in runs}
+    result["ratio_keys_to_basic"] = round(rates["keys_cold"] / rates["basic_cold"], 2)
+    result["ratio_cold_to_warm_keys"] = round(rates["keys_cold"] / rates["keys_warm"], 3)
+    _ring_all(bench)
+    result["drain_after"] = drain(bench)
+    return result
+
+
 # Each phase's title and function, in the order they run.
 ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "a": ("pgbench TPC-B-like, the reference", pgbench),
@@ -449,4 +534,5 @@ ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", latency),
     "e": ("read latency with a big transfers table", reads),
     "f": ("worker and web memory after many settlements", memory),
+    "g": ("cold start: new clients' first requests, Basic and API keys", cold_start),
 }
