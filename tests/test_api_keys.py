@@ -7,6 +7,7 @@ gunicorn within a second.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from common.settings import Settings
 from tests.conftest import SUPERUSER, Api, Member, assert_problem
 from tests.test_api_auth import ROUTES, World, assert_outcome, route_names
 from tests.test_api_auth import world as world  # noqa: PLC0414 - the module's fixture, reused
-from tests.test_security import _environment, _free_port
+from tests.test_security import _environment, _free_port, _log_lines
 from web.auth import AUTH_MARK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -610,3 +611,17 @@ def test_a_revoked_key_is_refused_by_every_process_within_a_second(
     statuses = _statuses(url, bearer(revoked["secret"]), 40)
     assert statuses == [401] * 40, statuses
     assert time.monotonic() - revoked_at < 30
+
+
+def test_logs_never_hold_a_secret(client, member: Member, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = create_key(client, member)
+    path = f"/users/{member.id}/accounts"
+    assert client.get(path, headers=bearer(key["secret"])).status_code == 200
+    client.delete(f"/users/{member.id}/api-keys/{key['id']}", headers=member.auth)
+    assert_unauthorized(client.get(path, headers=bearer(key["secret"])))
+    logged = _log_lines(caplog.records)
+    assert "remit.access" in logged, "the request log was not captured"
+    assert key["secret"] not in logged
+    assert key["secret"][12:] not in logged
+    assert "Bearer" not in logged
