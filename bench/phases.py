@@ -444,57 +444,48 @@ def memory(bench: Bench) -> dict[str, Any]:
 
 
 def _new_clients(bench: Bench, count: int, prefix: str, keys: bool) -> tuple[load.Payer, ...]:
-    """`count` users that no web process has seen, funded, each with Basic credentials or
-    an API key (stored as the API stores them: argon2id hash, SHA-256 digest)."""
+    """`count` funded users no web process has seen, each with Basic credentials or an API
+    key (stored as the API stores them: argon2id hash, SHA-256 digest)."""
     from common.api_keys import PREFIX_LENGTH, digest_of, new_secret
 
     code = bench.config.currencies[0]
     users = data.create_users(bench.conn, count, bench.password_hash, prefix)
     bench.loaded += data.fund(bench.conn, [user.id for user in users], (code,), 1000)
-    if not keys:
-        basic = [BasicAuth(user.username, bench.password).encode() for user in users]
-        return tuple(
-            load.Payer(u.id, a, u.accounts[code]) for u, a in zip(users, basic, strict=True)
-        )
-    secrets = [new_secret() for _ in users]
-    rows = [(u.id, s[:PREFIX_LENGTH], digest_of(s)) for u, s in zip(users, secrets, strict=True)]
-    data.create_keys(bench.conn, rows)
-    pairs = zip(users, secrets, strict=True)
-    return tuple(load.Payer(u.id, f"Bearer {s}", u.accounts[code]) for u, s in pairs)
+    auth = [BasicAuth(user.username, bench.password).encode() for user in users]
+    if keys:
+        auth = [new_secret() for _ in users]
+        rows = [(u.id, s[:PREFIX_LENGTH], digest_of(s)) for u, s in zip(users, auth, strict=True)]
+        data.create_keys(bench.conn, rows)
+        auth = [f"Bearer {secret}" for secret in auth]
+    return tuple(load.Payer(u.id, a, u.accounts[code]) for u, a in zip(users, auth, strict=True))
 
 
-async def _first_requests(bench: Bench, payers: tuple[load.Payer, ...], each: int) -> dict:
-    """Each session (a client, maybe again) sends `each` POST transfers one after another,
-    --clients sessions at a time on --clients keep-alive connections; its first request
-    is timed apart."""
-    build = load.request_builder(load.Workload("post", payers=payers, payees=bench.payees),
-                                 random.Random(len(payers)))  # fmt: skip
-    first: list[float] = []
-    later: list[float] = []
+async def _sessions(bench: Bench, payers: tuple[load.Payer, ...], each: int) -> dict:
+    """A session per payer (a client, maybe again): `each` POST transfers one after another,
+    --clients sessions at a time on as many keep-alive connections."""
+    workload = load.Workload("post", payers=payers, payees=bench.payees)
+    build, times = load.request_builder(workload, random.Random(len(payers))), ([], [])
     statuses: Counter[int] = Counter()
     waiting = iter(range(len(payers)))
 
     async def client(http: aiohttp.ClientSession) -> None:
-        for number in waiting:  # the next client that has not started
+        for number in waiting:  # the next session that has not started
             for sent in range(each):
                 begin = time.perf_counter()
                 async with http.request(**build(number)) as response:
                     await response.read()
                 statuses[response.status] += 1
-                (later if sent else first).append(time.perf_counter() - begin)
+                times[bool(sent)].append(time.perf_counter() - begin)
 
-    clients = bench.config.clients
     started = time.perf_counter()
-    async with load.session(bench.port, limit=clients) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-    seconds = time.perf_counter() - started
-    return {
-        "clients": len({payer.user_id for payer in payers}), "sessions": len(payers),
-        "requests_per_client": each, "requests": len(payers) * each,
-        "seconds": round(seconds, 2), "requests_per_s": round(len(payers) * each / seconds, 1),
-        "statuses": dict(statuses), "first_request_ms": load.summary_ms(first),
-        "later_requests_ms": load.summary_ms(later),
-    }  # fmt: skip
+    async with load.session(bench.port, limit=bench.config.clients) as http:
+        await asyncio.gather(*(client(http) for _ in range(bench.config.clients)))
+    seconds, requests = time.perf_counter() - started, len(payers) * each
+    return {"clients": len(set(payers)), "sessions": len(payers), "requests_per_client": each,
+            "requests": requests, "seconds": round(seconds, 2),
+            "requests_per_s": round(requests / seconds, 1), "statuses": dict(statuses),
+            "first_request_ms": load.summary_ms(times[0]),
+            "later_requests_ms": load.summary_ms(times[1])}  # fmt: skip
 
 
 ROUNDS = 3  # of the key runs, alternated: each is short, the median is reported
@@ -502,22 +493,23 @@ ROUNDS = 3  # of the key runs, alternated: each is short, the median is reported
 
 def cold_start(bench: Bench) -> dict[str, Any]:
     """New clients' first requests with Basic, then, alternated, with new keys and the same
-    traffic from warm keys: 1,000 sessions of --cold-requests POSTs each, from 1,000
-    distinct users or from 100 of them in turn."""
+    sessions from warm keys (1,000 distinct users, or 100 of them in turn)."""
     config = bench.config
     cold, each, warm = config.cold_clients, config.cold_requests, config.warm_clients
     say(f"  loading {(ROUNDS + 1) * cold + warm:,} new users, all but {cold:,} with an API key")
     basic = _new_clients(bench, cold, "cold_basic_", keys=False)
     fresh = [_new_clients(bench, cold, f"cold_key{n}_", keys=True) for n in range(ROUNDS)]
     regulars = _new_clients(bench, warm, "warm_key_", keys=True)
-    sessions = tuple(regulars[n % warm] for n in range(cold))
     runs: dict[str, list[dict[str, Any]]] = {"basic_cold": [], "keys_cold": [], "keys_warm": []}
 
     def measure(name: str, payers: tuple[load.Payer, ...]) -> None:
         say(f"  {name}: {len(set(payers)):,} clients, {len(payers):,} sessions of {each} POSTs")
-        cpu_before = bench.meter.sample()
-        run = asyncio.run(_first_requests(bench, payers, each))
-        runs[name].append(run | {"cpu_s": bench.meter.between(cpu_before, bench.meter.sample())})
+        before = bench.meter.sample()
+        run = asyncio.run(_sessions(bench, payers, each))
+        cpu = run["cpu_s"] = bench.meter.between(before, bench.meter.sample())
+        # Steadier than req/s on a shared machine.
+        per_request = 1000 * (cpu["web"] + cpu["postgres"]) / run["requests"]
+        runs[name].append(run | {"web_and_postgres_cpu_ms_per_request": round(per_request, 3)})
 
     stack.consume(False)
     try:
@@ -525,22 +517,19 @@ def cold_start(bench: Bench) -> dict[str, Any]:
         for payers in fresh:
             measure("keys_cold", payers)
             warm_auth(bench, regulars)  # a key's cache entry lives LOGIN_CACHE_TTL (10 s)
-            measure("keys_warm", sessions)
+            measure("keys_warm", tuple(regulars[n % warm] for n in range(cold)))
     finally:
         stack.consume(True)
     result: dict[str, Any] = {"method": "POST /users/{id}/transfers; worker paused, drained after"}
     for name, done in runs.items():
-        for run in done:  # steadier than req/s on a shared machine
-            cpu = run["cpu_s"]["web"] + run["cpu_s"]["postgres"]
-            run["web_and_postgres_cpu_ms_per_request"] = round(1000 * cpu / run["requests"], 3)
         rates = [run["requests_per_s"] for run in done]
         result[name] = sorted(done, key=lambda run: run["requests_per_s"])[len(done) // 2]
         result[name]["rounds_per_s"] = rates
-    basic = result["basic_cold"]["requests_per_s"]
-    result["ratio_keys_to_basic"] = round(result["keys_cold"]["requests_per_s"] / basic, 2)
+    rate = {name: result[name]["requests_per_s"] for name in runs}
+    result["ratio_keys_to_basic"] = round(rate["keys_cold"] / rate["basic_cold"], 2)
     # Each round's cold run against the warm run right after it: moments apart.
-    paired = sorted(c["requests_per_s"] / w["requests_per_s"]
-                    for c, w in zip(runs["keys_cold"], runs["keys_warm"], strict=True))  # fmt: skip
+    pairs = zip(runs["keys_cold"], runs["keys_warm"], strict=True)
+    paired = sorted(c["requests_per_s"] / w["requests_per_s"] for c, w in pairs)
     result["ratio_cold_to_warm_keys"] = round(paired[len(paired) // 2], 3)
     _ring_all(bench)
     result["drain_after"] = drain(bench)
