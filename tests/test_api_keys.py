@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from common import api_keys
@@ -622,6 +624,80 @@ def test_logs_never_hold_a_secret(client, member: Member, caplog) -> None:
     assert_unauthorized(client.get(path, headers=bearer(key["secret"])))
     logged = _log_lines(caplog.records)
     assert "remit.access" in logged, "the request log was not captured"
+    assert f'"api_key_id": {key["id"]}' in logged
     assert key["secret"] not in logged
     assert key["secret"][12:] not in logged
     assert "Bearer" not in logged
+
+
+# --- generated input: never a 5xx ------------------------------------------------------------
+
+GENERATED = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=120),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+scope_text = st.sampled_from(["read", "transfers", "", " ", "READ", "admin", ",", "read,"])
+
+
+@pytest.fixture(scope="module")
+def generated_member(app, settlement_worker) -> Member:
+    return Api(app.test_client()).register("generated")
+
+
+@GENERATED
+@given(data=st.data())
+def test_generated_create_bodies(app, generated_member: Member, data) -> None:
+    member, client = generated_member, app.test_client()
+    if data.draw(st.booleans(), label="as_json"):
+        body = data.draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "name": st.one_of(st.text(max_size=120), json_values),
+                    "scopes": st.one_of(st.lists(scope_text, max_size=4), json_values),
+                },
+            ),
+            label="json body",
+        )
+        response = client.post(f"/users/{member.id}/api-keys", json=body, headers=member.auth)
+    else:
+        text_ = st.text(st.characters(exclude_categories=["Cs"]), max_size=120)
+        body = data.draw(
+            st.fixed_dictionaries(
+                {}, optional={"name": text_, "scopes": st.one_of(text_, scope_text)}
+            ),
+            label="form body",
+        )
+        response = client.post(f"/users/{member.id}/api-keys", data=body, headers=member.auth)
+    assert response.status_code in (201, 400, 409), response.get_data(as_text=True)
+    if response.status_code == 201:
+        key = response.get_json()
+        assert key["scopes"]
+        assert set(key["scopes"]) <= {"read", "transfers"}
+        assert 1 <= len(key["name"]) <= 100
+        # Revoked at once: the limit of 20 would otherwise end the exploration early.
+        path = f"/users/{member.id}/api-keys/{key['id']}"
+        assert client.delete(path, headers=member.auth).status_code == 204
+    else:
+        assert_problem(response, response.status_code, response.get_json()["code"])
+
+
+@GENERATED
+@given(token=st.text(st.characters(min_codepoint=0x21, max_codepoint=0xFF), max_size=200))
+def test_generated_bearer_tokens(app, generated_member: Member, token: str) -> None:
+    # From an address of its own each time: a hundred failures would throttle one.
+    environ = {"REMOTE_ADDR": f"203.0.113.{len(token) % 250}"}
+    response = app.test_client().get(
+        f"/users/{generated_member.id}/accounts",
+        headers={"Authorization": f"Bearer {token}"},
+        environ_base=environ,
+    )
+    assert response.status_code in (401, 429), response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"

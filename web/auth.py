@@ -24,6 +24,7 @@ from common.db import request_session, request_statements
 from common.models import SUPERUSER_ID, ApiKeyScope
 from common.users import Principal, authenticate, recent_login, user_exists
 from web import throttle
+from web.access_log import log_on_access
 from web.problems import ApiError
 
 P = ParamSpec("P")
@@ -103,6 +104,8 @@ def _authenticate(*, password_only: bool) -> None:
         return
     key = _check_key(token)
     g.user, g.api_key = key.user, key
+    # Which key did it: the access line names it (never its secret).
+    log_on_access(api_key_id=key.key_id)
     if password_only:
         raise ApiError("forbidden", "an API key cannot do this; use the password")
     scope = _required_scope()

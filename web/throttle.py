@@ -1,4 +1,6 @@
 """Login throttling: too many failed logins per username or per client address → 429.
+A wrong, revoked or malformed API key is a failed login too; it names no username, so it
+counts per address only.
 
 Counters live in Redis so every gunicorn worker shares them. If Redis is down
 the check fails open: losing throttling for a while beats refusing every login.
