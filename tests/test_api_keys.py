@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from common import api_keys
+from common import api_keys, passwords, users
 from common.db import script_session
 from common.settings import Settings
 from tests.conftest import SUPERUSER, Api, Member, assert_problem
@@ -701,3 +701,17 @@ def test_generated_bearer_tokens(app, generated_member: Member, token: str) -> N
     )
     assert response.status_code in (401, 429), response.get_data(as_text=True)
     assert response.mimetype == "application/problem+json"
+
+
+def test_no_password_hash_is_verified_for_a_key(client, member: Member, monkeypatch) -> None:
+    key = create_key(client, member)
+    api_keys.forget_keys()  # a first use: the database is asked
+
+    def refuse(*args: object) -> bool:
+        raise AssertionError("argon2 on a key-authenticated request")
+
+    monkeypatch.setattr(passwords, "_verify_slow", refuse)
+    monkeypatch.setattr(users, "verify_password", refuse)
+    for path in (f"/users/{member.id}/accounts", f"/users/{member.id}/api-keys"):
+        assert client.get(path, headers=bearer(key["secret"])).status_code == 200
+    assert_unauthorized(client.get(path, headers=bearer("rk_" + "z" * 43)))
