@@ -23,12 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from common import api_keys, passwords, users
+from common import api_keys, passwords, pubsub, users
 from common.db import script_session
+from common.live_cache import LiveCache
 from common.settings import Settings
 from tests.conftest import SUPERUSER, Api, Member, assert_problem
 from tests.test_api_auth import ROUTES, World, assert_outcome, route_names
 from tests.test_api_auth import world as world  # noqa: PLC0414 - the module's fixture, reused
+from tests.test_live_caches import eventually
 from tests.test_security import _environment, _free_port, _log_lines
 from web.auth import AUTH_MARK
 
@@ -715,3 +717,66 @@ def test_no_password_hash_is_verified_for_a_key(client, member: Member, monkeypa
     for path in (f"/users/{member.id}/accounts", f"/users/{member.id}/api-keys"):
         assert client.get(path, headers=bearer(key["secret"])).status_code == 200
     assert_unauthorized(client.get(path, headers=bearer("rk_" + "z" * 43)))
+
+
+# --- the key cache: emptied by messages, bounded without them ---------------------------------
+
+
+@pytest.fixture
+def subscribed() -> None:
+    assert pubsub.subscriber().wait_subscribed(5)
+
+
+def _revoke_by_hand(key_id: int) -> None:
+    with script_session() as session, session.begin():
+        session.execute(
+            text("UPDATE api_keys SET revoked_at = now() WHERE id = :id"), {"id": key_id}
+        )
+
+
+def test_a_revocation_message_from_elsewhere_drops_the_key(
+    client, member: Member, redis_client, subscribed
+) -> None:
+    key = create_key(client, member)
+    path = f"/users/{member.id}/accounts"
+    assert eventually(
+        lambda: (
+            client.get(path, headers=bearer(key["secret"])).status_code == 200
+            and api_keys.recent_key(key["secret"]) is not None
+        )
+    )
+    _revoke_by_hand(key["id"])
+    # What announce_revoked publishes, from another process.
+    redis_client.publish(api_keys.REVOKED_CHANNEL, api_keys.digest_of(key["secret"]).hex())
+    assert eventually(lambda: api_keys.recent_key(key["secret"]) is None)
+    assert_unauthorized(client.get(path, headers=bearer(key["secret"])))
+
+
+def test_a_message_not_understood_drops_every_key(
+    client, member: Member, redis_client, subscribed
+) -> None:
+    key = create_key(client, member)
+    path = f"/users/{member.id}/accounts"
+    assert eventually(
+        lambda: (
+            client.get(path, headers=bearer(key["secret"])).status_code == 200
+            and api_keys.recent_key(key["secret"]) is not None
+        )
+    )
+    redis_client.publish(api_keys.REVOKED_CHANNEL, "not a digest")
+    assert eventually(lambda: api_keys.recent_key(key["secret"]) is None)
+
+
+def test_a_lost_revocation_message_costs_at_most_the_cache_ttl(
+    client, member: Member, monkeypatch, subscribed
+) -> None:
+    cache: LiveCache = LiveCache(0.3)
+    cache.on_link(True)
+    monkeypatch.setattr(api_keys, "_found", cache)
+    key = create_key(client, member)
+    path = f"/users/{member.id}/accounts"
+    assert client.get(path, headers=bearer(key["secret"])).status_code == 200
+    _revoke_by_hand(key["id"])  # no message
+    assert client.get(path, headers=bearer(key["secret"])).status_code == 200  # remembered
+    time.sleep(0.4)
+    assert_unauthorized(client.get(path, headers=bearer(key["secret"])))
