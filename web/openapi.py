@@ -78,7 +78,7 @@ class ApiKey(BaseModel):
     id: int
     name: str
     scopes: list[Literal["read", "transfers"]]
-    prefix: str = Field(description="The secret's first 12 characters", examples=["rk_Xy3kP0aQ"])
+    prefix: str = Field(description="The secret's first 12 characters", examples=["rk_Xy3kP0aQ2"])
     created_at: str = Timestamp
     last_used_at: str | None = Field(
         description="RFC 3339, UTC; updated at most once a minute", examples=[None]
