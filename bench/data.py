@@ -16,15 +16,17 @@ class BenchUser:
     accounts: dict[str, int] = field(default_factory=dict)
 
 
-def create_users(conn: psycopg.Connection, count: int, password_hash: str) -> list[BenchUser]:
+def create_users(
+    conn: psycopg.Connection, count: int, password_hash: str, prefix: str = "bench_"
+) -> list[BenchUser]:
     with conn.transaction():
         users = {
             user_id: BenchUser(user_id, username)
             for user_id, username in conn.execute(
                 "INSERT INTO users (username, password_hash, full_name) "
-                "SELECT 'bench_' || lpad(g::text, 6, '0'), %s, 'Bench User' "
+                "SELECT %s || lpad(g::text, 6, '0'), %s, 'Bench User' "
                 "FROM generate_series(0, %s - 1) AS g RETURNING id, username",
-                (password_hash, count),
+                (prefix, password_hash, count),
             )
         }
         # As registration does: one zero-balance account per currency.
@@ -37,6 +39,16 @@ def create_users(conn: psycopg.Connection, count: int, password_hash: str) -> li
     for account_id, user_id, currency in rows:
         users[user_id].accounts[currency] = account_id
     return list(users.values())
+
+
+def create_keys(conn: psycopg.Connection, keys: list[tuple[int, str, bytes]]) -> None:
+    """API keys (user id, prefix, digest) with both scopes, as POST .../api-keys stores them."""
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO api_keys (user_id, name, scopes, prefix, digest) "
+            "VALUES (%s, 'bench', ARRAY['read', 'transfers'], %s, %s)",
+            keys,
+        )
 
 
 # Cross-user transfers of 1.00 to 99.99 (in the currency's minor units) between random

@@ -1,4 +1,4 @@
-"""The phases a-f; each returns its JSON section (bench.run times them)."""
+"""The phases a-g; each returns its JSON section (bench.run times them)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import redis
+from aiohttp import BasicAuth
 
 from bench import data, load, say, stack
 
@@ -85,9 +86,10 @@ def _insert(bench: Bench, count: int, seed: int, settled_from: datetime | None =
     return data.insert_random(bench.conn, users, codes, count, seed=seed, settled_from=settled_from)
 
 
-def warm_auth(bench: Bench) -> int:
+def warm_auth(bench: Bench, payers: tuple[load.Payer, ...] = ()) -> int:
     """Fill every web process's auth cache: rounds of one request per user on new
     connections until three in a row beat an argon2 verification; how many rounds."""
+    payers = payers or bench.payers
     threshold = max(0.015, 0.6 * bench.verify_s)
 
     async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
@@ -106,7 +108,7 @@ def warm_auth(bench: Bench) -> int:
         async with load.session(bench.port, force_close=True) as http:
             while count < 30 and fast < 3:
                 count += 1
-                answers = await asyncio.gather(*(one(http, payer) for payer in bench.payers))
+                answers = await asyncio.gather(*(one(http, payer) for payer in payers))
                 if any(status != 200 for _, status in answers):
                     raise RuntimeError(f"auth warm-up: unexpected statuses {answers}")
                 fast = fast + 1 if max(s for s, _ in answers) < threshold else 0
@@ -441,6 +443,99 @@ def memory(bench: Bench) -> dict[str, Any]:
     return result
 
 
+def _new_clients(bench: Bench, count: int, prefix: str, keys: bool) -> tuple[load.Payer, ...]:
+    """`count` funded users no web process has seen, each with Basic credentials or an API
+    key (stored as the API stores them: argon2id hash, SHA-256 digest)."""
+    from common.api_keys import PREFIX_LENGTH, digest_of, new_secret
+
+    code = bench.config.currencies[0]
+    users = data.create_users(bench.conn, count, bench.password_hash, prefix)
+    bench.loaded += data.fund(bench.conn, [user.id for user in users], (code,), 1000)
+    auth = [BasicAuth(user.username, bench.password).encode() for user in users]
+    if keys:
+        auth = [new_secret() for _ in users]
+        rows = [(u.id, s[:PREFIX_LENGTH], digest_of(s)) for u, s in zip(users, auth, strict=True)]
+        data.create_keys(bench.conn, rows)
+        auth = [f"Bearer {secret}" for secret in auth]
+    return tuple(load.Payer(u.id, a, u.accounts[code]) for u, a in zip(users, auth, strict=True))
+
+
+async def _sessions(bench: Bench, payers: tuple[load.Payer, ...], each: int) -> dict:
+    """A session per payer (a client, maybe again): `each` POST transfers one after another,
+    --clients sessions at a time on as many keep-alive connections."""
+    workload = load.Workload("post", payers=payers, payees=bench.payees)
+    build, times = load.request_builder(workload, random.Random(len(payers))), ([], [])
+    statuses: Counter[int] = Counter()
+    waiting = iter(range(len(payers)))
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        for number in waiting:  # the next session that has not started
+            for sent in range(each):
+                begin = time.perf_counter()
+                async with http.request(**build(number)) as response:
+                    await response.read()
+                statuses[response.status] += 1
+                times[bool(sent)].append(time.perf_counter() - begin)
+
+    started = time.perf_counter()
+    async with load.session(bench.port, limit=bench.config.clients) as http:
+        await asyncio.gather(*(client(http) for _ in range(bench.config.clients)))
+    seconds, requests = time.perf_counter() - started, len(payers) * each
+    return {"clients": len(set(payers)), "sessions": len(payers), "requests_per_client": each,
+            "requests": requests, "seconds": round(seconds, 2),
+            "requests_per_s": round(requests / seconds, 1), "statuses": dict(statuses),
+            "first_request_ms": load.summary_ms(times[0]),
+            "later_requests_ms": load.summary_ms(times[1])}  # fmt: skip
+
+
+ROUNDS = 3  # of the key runs, alternated: each is short, the median is reported
+
+
+def cold_start(bench: Bench) -> dict[str, Any]:
+    """New clients' first requests with Basic, then, alternated, with new keys and the same
+    sessions from warm keys (1,000 distinct users, or 100 of them in turn)."""
+    config = bench.config
+    cold, each, warm = config.cold_clients, config.cold_requests, config.warm_clients
+    say(f"  loading {(ROUNDS + 1) * cold + warm:,} new users, all but {cold:,} with an API key")
+    basic = _new_clients(bench, cold, "cold_basic_", keys=False)
+    fresh = [_new_clients(bench, cold, f"cold_key{n}_", keys=True) for n in range(ROUNDS)]
+    regulars = _new_clients(bench, warm, "warm_key_", keys=True)
+    runs: dict[str, list[dict[str, Any]]] = {"basic_cold": [], "keys_cold": [], "keys_warm": []}
+
+    def measure(name: str, payers: tuple[load.Payer, ...]) -> None:
+        say(f"  {name}: {len(set(payers)):,} clients, {len(payers):,} sessions of {each} POSTs")
+        before = bench.meter.sample()
+        run = asyncio.run(_sessions(bench, payers, each))
+        cpu = run["cpu_s"] = bench.meter.between(before, bench.meter.sample())
+        # Steadier than req/s on a shared machine.
+        per_request = 1000 * (cpu["web"] + cpu["postgres"]) / run["requests"]
+        runs[name].append(run | {"web_and_postgres_cpu_ms_per_request": round(per_request, 3)})
+
+    stack.consume(False)
+    try:
+        measure("basic_cold", basic)
+        for payers in fresh:
+            measure("keys_cold", payers)
+            warm_auth(bench, regulars)  # a key's cache entry lives LOGIN_CACHE_TTL (10 s)
+            measure("keys_warm", tuple(regulars[n % warm] for n in range(cold)))
+    finally:
+        stack.consume(True)
+    result: dict[str, Any] = {"method": "POST /users/{id}/transfers; worker paused, drained after"}
+    for name, done in runs.items():
+        rates = [run["requests_per_s"] for run in done]
+        result[name] = sorted(done, key=lambda run: run["requests_per_s"])[len(done) // 2]
+        result[name]["rounds_per_s"] = rates
+    rate = {name: result[name]["requests_per_s"] for name in runs}
+    result["ratio_keys_to_basic"] = round(rate["keys_cold"] / rate["basic_cold"], 2)
+    # Each round's cold run against the warm run right after it: moments apart.
+    pairs = zip(runs["keys_cold"], runs["keys_warm"], strict=True)
+    paired = sorted(c["requests_per_s"] / w["requests_per_s"] for c, w in pairs)
+    result["ratio_cold_to_warm_keys"] = round(paired[len(paired) // 2], 3)
+    _ring_all(bench)
+    result["drain_after"] = drain(bench)
+    return result
+
+
 # Each phase's title and function, in the order they run.
 ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "a": ("pgbench TPC-B-like, the reference", pgbench),
@@ -449,4 +544,5 @@ ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", latency),
     "e": ("read latency with a big transfers table", reads),
     "f": ("worker and web memory after many settlements", memory),
+    "g": ("cold start: new clients' first requests, Basic and API keys", cold_start),
 }

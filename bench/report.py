@@ -37,7 +37,7 @@ def _audit(ok: bool | None) -> str:
 def table(results: dict[str, Any]) -> str:
     """One line per measured number, with the ratio or target the issue sets."""
     phases = results.get("phases", {})
-    a, b, c, d, e, f = (phases.get(key, {}) for key in "abcdef")
+    a, b, c, d, e, f, cold_start = (phases.get(key, {}) for key in "abcdefg")
     b_ratio, c_ratio = b.get("ratio_to_pgbench"), c.get("ratio_post_to_trivial")
     e2e = d.get("submit_to_settled_ms") or {}
     rows = [
@@ -77,6 +77,19 @@ def table(results: dict[str, Any]) -> str:
             f"{_num(g.get('rss_growth_since_warm_pct'), 1)} %)",
         ))  # fmt: skip
     rows.append(("f", "final ledger audit", _audit(_get(f, "final_audit", "ok")), ""))
+    keys, warm = cold_start.get("ratio_keys_to_basic"), cold_start.get("ratio_cold_to_warm_keys")
+    runs = {name: cold_start.get(name) or {} for name in ("basic_cold", "keys_cold", "keys_warm")}
+    rate = {name: _num(run.get("requests_per_s")) for name, run in runs.items()}
+    cold = runs["basic_cold"]
+    shape = f"{_num(cold.get('clients'))} new clients x {cold.get('requests_per_client', '-')}"
+    rows += [
+        ("g", f"POST req/s, {shape}, Basic", rate["basic_cold"], "reference of g"),
+        ("g", f"POST req/s, {shape}, API keys", rate["keys_cold"],
+         _target(keys, (keys or 0) >= 4, f"{_num(keys, 2)} x Basic  (target >= 4)")),
+        ("g", f"POST req/s, same traffic from {_num(runs['keys_warm'].get('clients'))} warm keys",
+         rate["keys_warm"],
+         _target(warm, (warm or 0) >= 0.8, f"cold = {_num(warm, 2)} x warm  (target >= 0.8)")),
+    ]  # fmt: skip
 
     header = ("", "measure", "value", "ratio / target")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]

@@ -46,6 +46,7 @@ class Bench:
         self.env: dict[str, str] = {}
         self.port = 0
         self.password = secrets.token_urlsafe(12)
+        self.password_hash = ""
         self.users: list[data.BenchUser] = []
         self.payers: tuple[load.Payer, ...] = ()
         self.payees: tuple[int, ...] = ()
@@ -101,7 +102,7 @@ class Bench:
         if unknown := set(self.config.currencies) - known:
             raise ValueError(f"--currencies: no currency {', '.join(sorted(unknown))}")
         say("loading users and their funding")
-        password_hash = hash_password(self.password)
+        password_hash = self.password_hash = hash_password(self.password)
         self.users = data.create_users(self.conn, self.config.users, password_hash)
         user_ids = [user.id for user in self.users]
         self.loaded += data.fund(self.conn, user_ids, self.config.currencies, FUND_MAJOR)

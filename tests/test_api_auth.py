@@ -32,7 +32,7 @@ MAX_FAILURES_PER_USERNAME = Settings.model_fields["login_failures_per_username"]
 MAX_FAILURES_PER_ADDRESS = Settings.model_fields["login_failures_per_address"].default
 WINDOW_S = Settings.model_fields["login_throttle_window_s"].default
 
-CHALLENGE = 'Basic realm="remit"'
+CHALLENGE = 'Basic realm="remit", Bearer realm="remit"'
 OWNER_FULL_NAME = "Owner Confidential-Name"
 SECRET_COMMENT = "secret-comment-7f3a"
 SECRET_DEPOSIT = "4242.42"

@@ -69,7 +69,7 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert result["ok"] is True
     assert result["mode"] == "quick"
     phases = result["phases"]
-    assert sorted(phases) == list("abcdef")
+    assert sorted(phases) == list("abcdefg")
     for key, phase in phases.items():
         assert "error" not in phase, (key, phase)
         assert phase["cpu_s"]["wall_s"] >= 0
@@ -114,6 +114,14 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
         assert f[group]["rss_after_mib"] > 0
         assert f[group]["processes"] >= 2
     assert f["final_audit"]["ok"] is True
+
+    g = phases["g"]
+    for run in ("basic_cold", "keys_cold", "keys_warm"):
+        assert set(g[run]["statuses"]) == {"202"}, g[run]
+        assert g[run]["requests"] == g["basic_cold"]["requests"] > 0
+        assert g[run]["requests_per_s"] > 0
+    assert g["ratio_keys_to_basic"] > 0
+    assert g["drain_after"]["pending_drained_s"] >= 0
 
     chart = result_path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

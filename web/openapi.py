@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from common.limits import IDEMPOTENCY_KEY_MAX_LENGTH
-from web import fields
+from web import api_keys, fields
 from web.problems import PROBLEMS
 from web.render import json_response
 
@@ -74,6 +74,24 @@ class Posting(BaseModel):
     created_at: str = Timestamp
 
 
+class ApiKey(BaseModel):
+    id: int
+    name: str
+    scopes: list[Literal["read", "transfers"]]
+    prefix: str = Field(description="The secret's first 12 characters", examples=["rk_Xy3kP0aQ2"])
+    created_at: str = Timestamp
+    last_used_at: str | None = Field(
+        description="RFC 3339, UTC; updated at most once a minute", examples=[None]
+    )
+
+
+class ApiKeyCreated(ApiKey):
+    secret: str = Field(
+        description="Authorization: Bearer <secret>. In this response only.",
+        examples=["rk_Xy3kP0aQ2m9vT7cW1nB5dR8fH4jL6sZ0uE2gK9pA1qM"],
+    )
+
+
 class Problem(BaseModel):
     type: str
     title: str
@@ -107,6 +125,8 @@ class Operation:
     response: type[BaseModel] | None
     many: bool = False
     auth: bool = True
+    # HTTP Basic only: an API key is refused (key and webhook management).
+    password_only: bool = False
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     errors: tuple[str, ...] = ()
@@ -121,7 +141,7 @@ class Operation:
     links: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
 
-_AUTH = ("unauthorized", "too_many_requests")
+_AUTH = ("unauthorized", "too_many_requests", "insufficient_scope")
 _BODY = ("invalid_request", "unsupported_media_type", "payload_too_large")
 
 OPERATIONS = (
@@ -307,6 +327,35 @@ OPERATIONS = (
         errors=(*_AUTH, "forbidden", "user_not_found", "transfer_not_found", "invalid_query"),
     ),
     Operation(
+        "post",
+        "/users/{user_id}/api-keys",
+        "Create an API key (password auth; the secret is shown once)",
+        201,
+        ApiKeyCreated,
+        password_only=True,
+        body=api_keys.ApiKeyCreate,
+        errors=("unauthorized", "too_many_requests", *_BODY, "forbidden", "key_limit"),
+        headers={"Location": "/users/{user_id}/api-keys/{id}"},
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/api-keys",
+        "List a user's API keys, newest first (never their secrets)",
+        200,
+        ApiKey,
+        many=True,
+        errors=(*_AUTH, "forbidden", "user_not_found"),
+    ),
+    Operation(
+        "delete",
+        "/users/{user_id}/api-keys/{key_id}",
+        "Revoke an API key (password auth)",
+        204,
+        None,
+        password_only=True,
+        errors=("unauthorized", "too_many_requests", "forbidden", "key_not_found"),
+    ),
+    Operation(
         "get",
         "/metrics",
         "Prometheus metrics (text exposition format)",
@@ -334,6 +383,7 @@ _PATH_PARAMETERS = {
     "user_id": {"type": "integer", "minimum": 0},
     "account_id": {"type": "integer", "minimum": 0},
     "transfer_id": {"type": "integer", "minimum": 0},
+    "key_id": {"type": "integer", "minimum": 0},
     "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
 }
 
@@ -348,6 +398,9 @@ def _schemas() -> dict[str, Any]:
         Problem,
         BatchResponse,
         Health,
+        ApiKey,
+        ApiKeyCreated,
+        api_keys.ApiKeyCreate,
         fields.UserCreate,
         fields.TransferCreate,
         fields.DepositCreate,
@@ -403,6 +456,14 @@ def _links(op: Operation) -> dict[str, Any]:
             link["requestBody"] = values["$body"]
         links[name] = link
     return links
+
+
+def _security(op: Operation) -> list[dict[str, list[str]]]:
+    if not op.auth:
+        return []
+    if op.password_only:
+        return [{"basic": []}]
+    return [{"basic": []}, {"bearer": []}]
 
 
 def _operation(op: Operation) -> dict[str, Any]:
@@ -462,7 +523,7 @@ def _operation(op: Operation) -> dict[str, Any]:
         "operationId": operation_id(op.method, op.path),
         "parameters": params,
         "responses": responses,
-        "security": [{"basic": []}] if op.auth else [],
+        "security": _security(op),
     }
     if op.body:
         media = ["application/json"]
@@ -487,6 +548,15 @@ def document() -> dict[str, Any]:
         },
     )
     spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
+    spec.components.security_scheme(
+        "bearer",
+        {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key (rk_...): GET needs its `read` scope, "
+            "every other method `transfers`",
+        },
+    )
     for name, schema in _schemas().items():
         spec.components.schema(name, schema)
     paths: dict[str, dict[str, Any]] = {}

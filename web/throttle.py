@@ -1,4 +1,6 @@
 """Login throttling: too many failed logins per username or per client address → 429.
+A wrong, revoked or malformed API key is a failed login too; it names no username, so it
+counts per address only.
 
 Counters live in Redis so every gunicorn worker shares them. If Redis is down
 the check fails open: losing throttling for a while beats refusing every login.
@@ -46,11 +48,16 @@ def _redis() -> redis.Redis:
     return shared_redis("throttle", 0.5)
 
 
-def _keys(username: str, address: str) -> tuple[str, str]:
+def _keys(username: str | None, address: str) -> tuple[str, ...]:
+    """The counters a login counts towards: per username and per address; a failed API
+    key names no username, so it counts per address only."""
+    address_key = KEY_PREFIX + "addr:" + address
+    if username is None:
+        return (address_key,)
     # A digest, not the name: an attacker's 8 KB usernames make 64-character keys, and
     # Redis holds no usernames (nor typos that were passwords).
     digest = hashlib.sha256(username.lower().encode("utf-8", "surrogatepass")).hexdigest()
-    return (KEY_PREFIX + "user:" + digest, KEY_PREFIX + "addr:" + address)
+    return (KEY_PREFIX + "user:" + digest, address_key)
 
 
 # Counters seen under their limits (key -> True), dropped by failure messages.
@@ -64,14 +71,16 @@ def _on_failures(data: bytes) -> None:
 subscribe(FAILURES_CHANNEL, Subscription(_on_failures, view.on_link))
 
 
-def retry_after(username: str, address: str) -> int | None:
-    """Seconds until another attempt is allowed, or None when not throttled."""
+def retry_after(username: str | None, address: str) -> int | None:
+    """Seconds until another attempt is allowed, or None when not throttled (a bearer
+    key: `username` None, the address's counter only)."""
     keys = _keys(username, address)
     if all(view.get(key) for key in keys):
         return None
     generation = view.generation()
     settings = current_settings()
-    limits = (settings.login_failures_per_username, settings.login_failures_per_address)
+    both = (settings.login_failures_per_username, settings.login_failures_per_address)
+    limits = both[-len(keys) :]
     try:
         client = _redis()
         # The TTLs are read only when a counter is over its limit.
@@ -91,7 +100,7 @@ def retry_after(username: str, address: str) -> int | None:
         return None
 
 
-def record_failure(username: str, address: str) -> None:
+def record_failure(username: str | None, address: str) -> None:
     keys = _keys(username, address)
     window_s = current_settings().login_throttle_window_s
     try:
