@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from celery.signals import after_task_publish
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from common import broker
@@ -23,7 +25,8 @@ from common.doorbells import ring
 from common.events import event_json
 from common.ledger import settle_batch
 from common.transfers import TransferRequest, submit_transfer
-from tests.conftest import SUPERUSER, Api, Member
+from tests.conftest import SUPERUSER, Api, Member, assert_problem, basic_auth, next_page
+from web.fields import EVENT_TYPES
 from worker.tasks import sweep
 
 # --- helpers ------------------------------------------------------------------------------
@@ -322,3 +325,252 @@ def test_a_failure_fans_out_too(api: Api, poison: Any) -> None:
     assert [row.webhook_id for row in rows] == [hook]
     poison.cure(ids[0])
     _sweep_until(lambda: _row(ids[0]).status == "settled")
+
+
+# --- the feed -----------------------------------------------------------------------------
+
+
+def feed(api: Api, member: Member, query: str = "", *, auth: Member | None = None) -> Any:
+    return api.client.get(f"/users/{member.id}/events{query}", headers=(auth or member).auth)
+
+
+def feed_once_settled(api: Api, member: Member, count: int, query: str = "") -> list[dict]:
+    """The feed once it shows `count` events. The feed holds back events while any older
+    transaction of the server still runs (other databases' too), so it may lag a moment."""
+    deadline = time.monotonic() + 60
+    while True:
+        response = feed(api, member, query + ("&" if query else "?") + "limit=500")
+        assert response.status_code == 200, response.get_json()
+        items = response.get_json()
+        if len(items) >= count:
+            return items
+        assert time.monotonic() < deadline, items
+        time.sleep(0.1)
+
+
+def test_the_feed_lists_a_users_events_in_commit_order_as_get_shows_them(api: Api) -> None:
+    alice, bob = api.funded("50.00"), api.register()
+    first = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "1.00").get_json()
+    assert api.wait_final(alice, first["id"])["status"] == "settled"
+    second = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "99.00").get_json()
+    assert api.wait_final(alice, second["id"])["status"] == "rejected"
+
+    items = feed_once_settled(api, alice, 3)
+    assert [(item["type"], item["data"]["id"]) for item in items] == [
+        ("transfer.received", items[0]["data"]["id"]),  # the deposit that funded her
+        ("transfer.settled", first["id"]),
+        ("transfer.rejected", second["id"]),
+    ]
+    for item in items:
+        assert item.keys() == {"id", "type", "created_at", "data"}
+        assert isinstance(item["id"], str)
+        assert item["data"] == api.get_transfer(alice, item["data"]["id"])
+        assert event_json_now(int(item["id"])) == item, "the feed and webhooks say the same"
+    assert [item["type"] for item in feed_once_settled(api, bob, 1)] == ["transfer.received"]
+    response = feed(api, alice)
+    assert response.mimetype == "application/json"
+    assert "Link" not in response.headers
+
+
+def _events_for(api: Api, count: int) -> tuple[Member, list[dict]]:
+    """A user with `count` + 1 events: a deposit received, then settled and rejected payments."""
+    alice, bob = api.funded("10.00", "EUR"), api.register()
+    ids = [
+        api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], amount).get_json()["id"]
+        for amount in ("1.00", "50.00") * (count // 2) + ("1.00",) * (count % 2)
+    ]
+    for transfer_id in ids:
+        assert api.wait_final(alice, transfer_id)["status"] != "pending"
+    return alice, feed_once_settled(api, alice, count + 1)
+
+
+def _pages(api: Api, member: Member, query: str) -> list[list[dict]]:
+    pages = []
+    path: str | None = f"/users/{member.id}/events{query}"
+    while path is not None:
+        response = api.client.get(path, headers=member.auth)
+        assert response.status_code == 200, response.get_json()
+        pages.append(response.get_json())
+        assert len(pages) < 50
+        path = next_page(response)
+    return pages
+
+
+def test_the_feed_pages_with_after_and_link(api: Api) -> None:
+    alice, everything = _events_for(api, 6)
+    pages = _pages(api, alice, "?limit=3")
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [item for page in pages for item in page] == everything
+    # `after` alone: everything after that event.
+    after = feed(api, alice, f"?after={everything[2]['id']}").get_json()
+    assert after == everything[3:]
+    assert feed(api, alice, f"?after={everything[-1]['id']}").get_json() == []
+    # A full last page has no Link: nothing more exists yet.
+    response = feed(api, alice, f"?limit={len(everything)}")
+    assert response.get_json() == everything
+    assert "Link" not in response.headers
+    response = feed(api, alice, f"?limit={len(everything) - 1}")
+    assert next_page(response) is not None
+
+
+def test_the_feed_filters_by_type_and_the_link_keeps_the_filter(api: Api) -> None:
+    alice, everything = _events_for(api, 5)
+    rejected = [item for item in everything if item["type"] == "transfer.rejected"]
+    assert len(rejected) == 2
+    pages = _pages(api, alice, "?type=transfer.rejected&limit=1")
+    assert [item for page in pages for item in page] == rejected
+    assert feed(api, alice, "?type=hold.held").get_json() == []
+    after = feed(api, alice, f"?type=transfer.settled&after={rejected[0]['id']}").get_json()
+    assert after == [
+        item
+        for item in everything
+        if item["type"] == "transfer.settled" and int(item["id"]) > int(rejected[0]["id"])
+    ]
+
+
+@given(limit=st.integers(1, 8), event_type=st.sampled_from([None, *EVENT_TYPES[:4]]))
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_paging_of_the_feed_lists_each_event_once_in_order(
+    api: Api, feed_of_seven: tuple[Member, list[dict]], limit: int, event_type: str | None
+) -> None:
+    member, everything = feed_of_seven
+    query = f"?limit={limit}" + (f"&type={event_type}" if event_type else "")
+    pages = _pages(api, member, query)
+    wanted = [item for item in everything if event_type in (None, item["type"])]
+    assert [item for page in pages for item in page] == wanted
+    assert all(len(page) == limit for page in pages[:-1])
+    assert len(pages) == max(1, -(-len(wanted) // limit))
+
+
+@pytest.fixture(scope="module")
+def feed_of_seven(app: Any, settlement_worker: Any) -> tuple[Member, list[dict]]:
+    return _events_for(Api(app.test_client()), 6)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("?limit=0", "limit"),
+        ("?limit=501", "limit"),
+        ("?limit=-1", "limit"),
+        ("?limit=1.5", "limit"),
+        ("?limit=%205", "limit"),
+        ("?limit=", "limit"),
+        ("?limit=99999", "limit"),
+        ("?after=abc", "after"),
+        ("?after=-1", "after"),
+        ("?after=", "after"),
+        ("?after=1e3", "after"),
+        ("?after=99999999999999999999", "after"),
+        ("?after=%00", "after"),
+        ("?type=transfer", "type"),
+        ("?type=", "type"),
+        ("?type=TRANSFER.SETTLED", "type"),
+        ("?type=transfer.settled%00", "type"),
+    ],
+)
+def test_bad_queries_are_invalid_query(api: Api, query: str, field: str) -> None:
+    alice = api.register()
+    body = assert_problem(feed(api, alice, query), 400, "invalid_query")
+    assert body["detail"].startswith(f"{field}:"), body
+
+
+def test_after_must_be_one_of_the_users_own_events(api: Api) -> None:
+    alice, bob = api.funded("5.00"), api.register()
+    [bobs_first] = feed_once_settled(api, api.funded("5.00"), 1)
+    assert_problem(feed(api, alice, f"?after={bobs_first['id']}"), 400, "invalid_query")
+    assert_problem(feed(api, bob, f"?after={2**62}"), 400, "invalid_query")
+    assert_problem(feed(api, bob, "?after=0"), 400, "invalid_query")
+
+
+def test_the_feed_follows_the_path_rules(api: Api) -> None:
+    alice, mallory = api.funded("5.00"), api.register()
+    [received] = feed_once_settled(api, alice, 1)
+    # Only its user, or the superuser reading.
+    assert_problem(feed(api, alice, auth=mallory), 403, "forbidden")
+    as_superuser = feed(api, alice, auth=SUPERUSER)
+    assert as_superuser.status_code == 200
+    assert as_superuser.get_json() == [received]
+    missing = api.client.get(f"/users/{2**62}/events", headers=SUPERUSER.auth)
+    assert_problem(missing, 404, "user_not_found")
+    assert_problem(api.client.get(f"/users/{2**62}/events", headers=alice.auth), 403, "forbidden")
+    # No credentials, wrong ones, a malformed header: 401 with the challenge.
+    for headers in ({}, basic_auth(alice.username, "wrong password"), {"Authorization": "Basic !"}):
+        response = api.client.get(f"/users/{alice.id}/events", headers=headers)
+        assert_problem(response, 401, "unauthorized")
+        assert "Basic" in response.headers["WWW-Authenticate"]
+    # Other methods are not routes.
+    response = api.client.post(f"/users/{alice.id}/events", headers=alice.auth)
+    assert_problem(response, 405, "method_not_allowed")
+
+
+def test_the_superusers_own_feed_tells_of_deposits(api: Api) -> None:
+    alice = api.register()
+    deposit = api.deposit(alice.accounts["CNY"], "3.00")
+    assert api.wait_final(SUPERUSER, deposit["id"])["status"] == "settled"
+    response = feed(api, SUPERUSER, "?type=transfer.settled&limit=5")
+    assert response.status_code == 200
+    assert all(item["data"]["from_user_id"] == SUPERUSER.id for item in response.get_json())
+
+
+# --- commit order -----------------------------------------------------------------------------
+
+
+def test_an_event_committed_later_is_never_skipped_by_a_client_paging_with_after(
+    api: Api,
+) -> None:
+    """Two transactions write events for one user: the first takes the lower id and stays
+    open while the second commits. The feed shows neither until the first commits, so a
+    client that paged meanwhile finds both after its last id, in (txid, id) order."""
+    alice = api.funded("5.00", "USD")
+    [seen] = feed_once_settled(api, alice, 1)
+    transfer_id = seen["data"]["id"]
+    insert = text(
+        "INSERT INTO events (user_id, type, transfer_id) "
+        "VALUES (:user_id, 'transfer.settled', :transfer_id) RETURNING id, txid"
+    )
+    params = {"user_id": alice.id, "transfer_id": transfer_id}
+    with script_session() as first, script_session() as second:
+        first.begin()
+        low = first.execute(insert, params).one()
+        second.begin()
+        high = second.execute(insert, params).one()
+        assert (low.id, low.txid) < (high.id, high.txid)
+        second.commit()
+        # The second is committed, but an older transaction that may still write is open.
+        for _ in range(5):
+            assert feed(api, alice, f"?after={seen['id']}").get_json() == []
+            assert [item["id"] for item in feed(api, alice).get_json()] == [seen["id"]]
+            time.sleep(0.05)
+        first.commit()
+    later = feed_once_settled(api, alice, 3)
+    assert [item["id"] for item in later] == [seen["id"], str(low.id), str(high.id)]
+    assert [item["id"] for item in feed(api, alice, f"?after={seen['id']}").get_json()] == [
+        str(low.id),
+        str(high.id),
+    ]
+
+
+def test_the_feed_orders_by_transaction_not_by_id(api: Api) -> None:
+    """The transaction that started first (lower txid) writes its event last (higher id):
+    the feed still lists it first, once both committed."""
+    alice = api.funded("5.00", "EUR")
+    [seen] = feed_once_settled(api, alice, 1)
+    insert = text(
+        "INSERT INTO events (user_id, type, transfer_id) "
+        "VALUES (:user_id, 'transfer.rejected', :transfer_id) RETURNING id, txid"
+    )
+    params = {"user_id": alice.id, "transfer_id": seen["data"]["id"]}
+    with script_session() as early, script_session() as late:
+        early.begin()
+        early.execute(text("SELECT pg_current_xact_id()"))  # takes its txid now
+        late.begin()
+        first_id = late.execute(insert, params).one()
+        second_id = early.execute(insert, params).one()
+        assert first_id.id < second_id.id
+        assert second_id.txid < first_id.txid
+        late.commit()
+        assert feed(api, alice, f"?after={seen['id']}").get_json() == []
+        early.commit()
+    later = feed_once_settled(api, alice, 3)
+    assert [item["id"] for item in later[1:]] == [str(second_id.id), str(first_id.id)]
