@@ -6,6 +6,9 @@ Against the real thing: settlement by the real worker, faults by a PostgreSQL tr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -215,6 +218,38 @@ def test_a_transfer_that_fails_then_settles_keeps_both_events(api: Api, poison: 
     [received_event] = event_ids(transfer_id, "transfer.received")
     assert event_json_now(settled_event)["data"] == settled
     assert event_json_now(received_event)["data"] == settled
+
+
+def test_batches_that_roll_back_leave_no_events_behind(api: Api, poison: Any) -> None:
+    """A poisoned transfer in the middle fails its batch, which is halved and retried until
+    the poisoned one stands alone: every rolled-back attempt wrote events that vanished."""
+    alice, bob = api.funded("50.00", "CNY"), api.register()
+    ids = []
+    with script_session() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('CNY'))"))
+        try:
+            for _ in range(5):
+                response = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00")
+                ids.append(response.get_json()["id"])
+            poison(ids[2])
+        finally:
+            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('CNY'))"))
+            holder.commit()
+    ring("CNY")
+    healthy = [i for i in ids if i != ids[2]]
+    assert all(api.wait_final(alice, i)["status"] == "settled" for i in healthy)
+    _sweep_until(lambda: _row(ids[2]).status == "failed")
+    # Exactly one set of events per outcome, whichever batches settled what.
+    by_transfer = sorted(events_of(*ids), key=lambda e: (e[2], e[1] == "transfer.received"))
+    assert by_transfer == [
+        event
+        for i in ids
+        for event in (
+            [(alice.id, "transfer.failed", i)]
+            if i == ids[2]
+            else [(alice.id, "transfer.settled", i), (bob.id, "transfer.received", i)]
+        )
+    ]
 
 
 def event_json_now(event_id: int) -> dict[str, Any]:
@@ -574,3 +609,29 @@ def test_the_feed_orders_by_transaction_not_by_id(api: Api) -> None:
         early.commit()
     later = feed_once_settled(api, alice, 3)
     assert [item["id"] for item in later[1:]] == [str(second_id.id), str(first_id.id)]
+
+
+def test_an_unreachable_broker_only_costs_a_log_line(tmp_path: Any) -> None:
+    """After commit the deliveries are published best effort: with the broker down the
+    first publish gives up after its retries, the rest are not tried, nothing raises
+    (a real process, a real refused connection)."""
+    script = (
+        "import logging, time\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from common.events import publish_deliveries\n"
+        "started = time.monotonic()\n"
+        "publish_deliveries(list(range(1, 1001)))\n"
+        "print(f'returned after {time.monotonic() - started:.1f} s')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1000 webhook deliveries not published (the sweep will)" in result.stderr
+    seconds = float(result.stdout.split()[2])
+    assert seconds < 10, "one publish's retries, not a thousand"
