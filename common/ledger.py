@@ -9,7 +9,8 @@ applied in id order inside one transaction:
 2. claim pending transfers, oldest first (FOR UPDATE SKIP LOCKED);
 3. lock every account involved in one statement ordered by id (no deadlock);
 4. decide each transfer in id order against running balances (plan_batch);
-5. write postings, balances and statuses in one statement (three bulk CTEs); commit.
+5. write postings, balances, statuses, and the outcomes' events and webhook deliveries
+   (common.events) in one statement of bulk CTEs; commit.
 
 A doorbell for a transfer that is already final finds nothing to claim and
 changes nothing; the unique (transfer_id, leg) constraint on postings is the
@@ -316,9 +317,9 @@ def record_failed_attempt(
 
     Called after a batch of one failed: that transfer is the one that cannot be
     settled now. It backs off exponentially (other transfers proceed meanwhile);
-    past `max_attempts` it becomes `failed` with a reason, and beat reopens it on
-    its schedule. Returns None when there was nothing to charge or another
-    settler holds the lock.
+    past `max_attempts` it becomes `failed` with a reason (its `transfer.failed`
+    event written by the same statement), and beat reopens it on its schedule.
+    Returns None when there was nothing to charge or another settler holds the lock.
     """
     if not _try_settlement_lock(session, currency):
         return None
