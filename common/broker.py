@@ -75,7 +75,8 @@ def producer() -> Celery:
         return _producer
 
 
-def send_task(name: str, args: Sequence[Any]) -> None:
-    """Publish task `name`, retrying as configured; raises kombu's OperationalError or
-    OSError when the broker stays unreachable."""
-    producer().send_task(name, args, retry=True, ignore_result=True)
+def send_task(name: str, args: Sequence[Any], queue: str | None = None) -> None:
+    """Publish task `name` (on `queue`, else the default one), retrying as configured;
+    raises kombu's OperationalError or OSError when the broker stays unreachable."""
+    options = {} if queue is None else {"queue": queue}
+    producer().send_task(name, args, retry=True, ignore_result=True, **options)

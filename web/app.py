@@ -7,7 +7,17 @@ from werkzeug.routing import IntegerConverter, Map
 
 from common.limits import BIGINT_MAX
 from common.settings import Settings, get_settings
-from web import accounts, api_keys, currencies, health, long_poll, metrics, transfers, users
+from web import (
+    accounts,
+    api_keys,
+    currencies,
+    events,
+    health,
+    long_poll,
+    metrics,
+    transfers,
+    users,
+)
 from web.access_log import install_request_log
 from web.context import EXTENSION
 from web.openapi import install_docs
@@ -45,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         accounts.bp,
         transfers.bp,
         api_keys.bp,
+        events.bp,
         health.bp,
         metrics.bp,
     ):

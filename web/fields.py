@@ -35,6 +35,7 @@ from common.limits import (
     USERNAME_PATTERN,
     is_idempotency_key,
 )
+from common.models import EventType
 from common.money import MAX_DECIMALS, MAX_INTEGER_DIGITS, InvalidAmount, canonical_amount
 from web.problems import ApiError
 
@@ -181,6 +182,29 @@ class TransferListQuery(PageQuery):
     payer: Id | None = Field(None, alias="from")
     payee: Id | None = Field(None, alias="to")
     status: Literal["pending", "settled", "rejected", "failed"] | None = None
+
+
+EVENT_TYPES = tuple(event_type.value for event_type in EventType)
+
+
+def _event_type(value: object) -> str:
+    if value not in EVENT_TYPES:
+        raise ValueError("must be one of " + ", ".join(EVENT_TYPES))
+    return str(value)
+
+
+class EventListQuery(Schema):
+    # An event id from the feed (exclusive): the page starts after it.
+    after: Id | None = None
+    type: (
+        Annotated[
+            str,
+            BeforeValidator(_event_type),
+            WithJsonSchema({"type": "string", "enum": list(EVENT_TYPES)}),
+        ]
+        | None
+    ) = None
+    limit: Annotated[int, BeforeValidator(_count)] = Field(100, ge=1, le=500)
 
 
 # A rejected field's code, where docs/api.md gives the field one of its own.
