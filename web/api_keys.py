@@ -10,9 +10,10 @@ from pydantic import BeforeValidator, Field, WithJsonSchema
 from common import api_keys
 from common.db import request_session, request_transaction
 from common.models import ApiKey
+from common.render import timestamp
 from web.auth import authenticated, authorize_own_path, authorize_path_user, password_auth
 from web.fields import Schema, Text, parse_body
-from web.render import json_response, timestamp
+from web.render import json_response
 
 bp = Blueprint("api_keys", __name__)
 
