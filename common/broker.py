@@ -21,6 +21,7 @@ from common.settings import Settings, get_settings
 SETTLE = "remit.settle"
 SWEEP = "remit.sweep"
 DELIVER = "remit.deliver_webhook"
+SWEEP_WEBHOOKS = "remit.sweep_webhooks"
 # Webhook deliveries have their own queue, so a slow receiver never holds a settlement.
 WEBHOOKS_QUEUE = "webhooks"
 
@@ -75,7 +76,8 @@ def producer() -> Celery:
         return _producer
 
 
-def send_task(name: str, args: Sequence[Any]) -> None:
-    """Publish task `name`, retrying as configured; raises kombu's OperationalError or
-    OSError when the broker stays unreachable."""
-    producer().send_task(name, args, retry=True, ignore_result=True)
+def send_task(name: str, args: Sequence[Any], queue: str | None = None) -> None:
+    """Publish task `name` (on `queue`, else the default one), retrying as configured;
+    raises kombu's OperationalError or OSError when the broker stays unreachable."""
+    options = {} if queue is None else {"queue": queue}
+    producer().send_task(name, args, retry=True, ignore_result=True, **options)

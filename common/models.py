@@ -270,9 +270,7 @@ class Event(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "type IN ("
-            + ", ".join(f"'{event_type.value}'" for event_type in EventType)
-            + ")",
+            "type IN (" + ", ".join(f"'{event_type.value}'" for event_type in EventType) + ")",
             name="type_known",
         ),
         Index("ix_events_user_id_txid_id", "user_id", "txid", "id"),
