@@ -176,6 +176,9 @@ def resolve(host: str, port: int, timeout: float) -> list[IpAddress]:
     literal = _literal_address(host)
     if literal is not None:
         return [literal]
+    if host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost"):
+        # RFC 6761: loopback by definition, whatever a resolver says (or fails to say).
+        return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
     found: list[IpAddress] = []
     failure: list[str] = []
 
