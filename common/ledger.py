@@ -27,9 +27,10 @@ from psycopg.rows import args_row, tuple_row
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from common import events
 from common.db import execute_direct
 from common.limits import BIGINT_MAX
-from common.models import AccountKind, PostingLeg, TransferStatus
+from common.models import SETTLEMENT_ERROR, AccountKind, PostingLeg, TransferStatus
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class BatchResult:
     # transfer id -> the request id it was accepted under, for the settlement log.
     request_ids: dict[int, str | None] = field(default_factory=dict)
     ages_s: dict[int, float] = field(default_factory=dict)
+    # Webhook deliveries written with the batch's events: to publish after commit.
+    deliveries: tuple[int, ...] = ()
 
 
 # Pending and not backing off after a failed attempt.
@@ -180,10 +183,10 @@ def _lock_accounts(session: Session, account_ids: Iterable[int]) -> dict[int, Ac
     return {row.id: row for row in rows}
 
 
-# The three writes of a batch in one statement (data-modifying CTEs), whatever the
-# batch's size: postings, then balances, then the transfers' statuses. One round trip
-# instead of three: at low rates a batch is a transfer or two, and its round trips
-# are most of the settler's work.
+# The writes of a batch in one statement (data-modifying CTEs), whatever the batch's
+# size: postings, balances, the transfers' statuses, and the events and webhook
+# deliveries of the transfers decided. One round trip instead of five: at low rates a
+# batch is a transfer or two, and its round trips are most of the settler's work.
 _APPLY = text(
     "WITH posted AS ("
     " INSERT INTO postings (transfer_id, account_id, leg, amount, balance_after)"
@@ -201,14 +204,18 @@ _APPLY = text(
     " FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:statuses AS text[]),"
     " CAST(:reasons AS text[])) AS v(id, status, reason)"
     " WHERE transfers.id = v.id AND transfers.status = 'pending'"
-    ") "
-    # The settled_at of every transfer settled here, for the announcement.
-    "SELECT statement_timestamp() AS settled_at"
+    " RETURNING transfers.id, transfers.status, transfers.from_user_id, transfers.to_user_id"
+    # Their events and webhook deliveries, in the same statement (common.events).
+    "), " + events.TRANSFER_EVENTS + " "
+    # The settled_at of every transfer settled here, for the announcement; the
+    # deliveries to publish after commit.
+    "SELECT statement_timestamp() AS settled_at, " + events.DELIVERY_IDS
 )
 
 
-def _apply(session: Session, plan: Plan) -> datetime:
-    """Write the plan; returns the settled_at of the transfers it settled."""
+def _apply(session: Session, plan: Plan) -> tuple[datetime, tuple[int, ...]]:
+    """Write the plan; returns the settled_at of the transfers it settled and the ids
+    of the webhook deliveries written."""
     cursor = execute_direct(
         session,
         _APPLY,
@@ -229,7 +236,7 @@ def _apply(session: Session, plan: Plan) -> datetime:
     row = cursor.fetchone()
     assert row is not None  # the statement's SELECT returns one row
     settled_at: datetime = row[0]
-    return settled_at
+    return settled_at, tuple(row[1])
 
 
 def settle_batch(
@@ -261,7 +268,7 @@ def settle_batch(
         account_ids.update((transfer.from_account_id, transfer.to_account_id))
     accounts = _lock_accounts(session, account_ids)
     plan = plan_batch(transfers, accounts, commission_account_id)
-    settled_at = _apply(session, plan)
+    settled_at, deliveries = _apply(session, plan)
     settled = tuple(d.transfer_id for d in plan.decisions if d.status == TransferStatus.SETTLED)
     return BatchResult(
         currency,
@@ -272,6 +279,7 @@ def settle_batch(
         settled_at=settled_at,
         request_ids={t.id: t.request_id for t in transfers},
         ages_s={t.id: t.age_s for t in transfers},
+        deliveries=deliveries,
     )
 
 
@@ -285,9 +293,6 @@ def _try_settlement_lock(session: Session, currency: str) -> bool:
     return row is not None and bool(row[0])
 
 
-SETTLEMENT_ERROR = "settlement_error"
-
-
 @dataclass(frozen=True)
 class FailedAttempt:
     transfer_id: int
@@ -295,6 +300,8 @@ class FailedAttempt:
     # True when this attempt used up the budget and the transfer is now `failed`.
     failed: bool
     age_s: float = 0.0
+    # Webhook deliveries of its transfer.failed event: to publish after commit.
+    deliveries: tuple[int, ...] = ()
 
 
 def record_failed_attempt(
@@ -316,18 +323,7 @@ def record_failed_attempt(
     if not _try_settlement_lock(session, currency):
         return None
     row = session.execute(
-        text(
-            "UPDATE transfers SET attempts = attempts + 1, last_error = :error, "
-            "status = CASE WHEN attempts + 1 >= :max THEN 'failed' ELSE 'pending' END, "
-            "reason = CASE WHEN attempts + 1 >= :max THEN :reason END, "
-            "next_attempt_at = now() + CASE WHEN attempts + 1 >= :max "
-            "  THEN make_interval(secs => :retry_after) "
-            "  ELSE make_interval(secs => least(power(2, attempts), 60)) END "
-            "WHERE id = (SELECT id FROM transfers "
-            f"  WHERE currency = :currency AND {_DUE} ORDER BY id LIMIT 1) "
-            "RETURNING id, attempts, status, "
-            "extract(epoch FROM clock_timestamp() - created_at)::float8 AS age_s"
-        ),
+        _CHARGE_FAILED_ATTEMPT,
         {
             "error": error[:2000],
             "max": max_attempts,
@@ -338,7 +334,27 @@ def record_failed_attempt(
     ).one_or_none()
     if row is None:
         return None
-    return FailedAttempt(row.id, row.attempts, row.status == TransferStatus.FAILED, row.age_s)
+    failed = row.status == TransferStatus.FAILED
+    return FailedAttempt(row.id, row.attempts, failed, row.age_s, tuple(row.deliveries))
+
+
+# The attempt, and when it used up the budget the transfer.failed event and its webhook
+# deliveries, in one statement as settlement writes its own (common.events).
+_CHARGE_FAILED_ATTEMPT = text(
+    "WITH decided AS ("
+    " UPDATE transfers SET attempts = attempts + 1, last_error = :error,"
+    " status = CASE WHEN attempts + 1 >= :max THEN 'failed' ELSE 'pending' END,"
+    " reason = CASE WHEN attempts + 1 >= :max THEN :reason END,"
+    " next_attempt_at = now() + CASE WHEN attempts + 1 >= :max"
+    "  THEN make_interval(secs => :retry_after)"
+    "  ELSE make_interval(secs => least(power(2, attempts), 60)) END"
+    " WHERE id = (SELECT id FROM transfers"
+    f"  WHERE currency = :currency AND {_DUE} ORDER BY id LIMIT 1)"
+    " RETURNING id, attempts, status, from_user_id, to_user_id,"
+    " extract(epoch FROM clock_timestamp() - created_at)::float8 AS age_s"
+    "), " + events.TRANSFER_EVENTS + " "
+    "SELECT id, attempts, status, age_s, " + events.DELIVERY_IDS + " AS deliveries FROM decided"
+)
 
 
 def currencies_due(session: Session, pending_for_s: float) -> dict[str, int]:

@@ -59,6 +59,10 @@ class TransferStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+# The reason of a `failed` transfer: settlement kept failing past its attempt budget.
+SETTLEMENT_ERROR = "settlement_error"
+
+
 class PostingLeg(enum.StrEnum):
     DEBIT = "debit"
     CREDIT = "credit"
@@ -273,7 +277,9 @@ class Event(Base):
             "type IN (" + ", ".join(f"'{event_type.value}'" for event_type in EventType) + ")",
             name="type_known",
         ),
-        Index("ix_events_user_id_txid_id", "user_id", "txid", "id"),
+        # The feed's order; `type` included so that a filtered page skips the other
+        # types in the index alone, without reading their rows.
+        Index("ix_events_user_id_txid_id", "user_id", "txid", "id", postgresql_include=["type"]),
     )
 
 

@@ -32,7 +32,7 @@ from celery.contrib.testing.worker import start_worker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from common.db import dispose_engine
+from common.db import dispose_engine, script_session
 from common.migrate import migrate
 from common.settings import Settings, load_settings, use_settings
 
@@ -420,3 +420,45 @@ class Api:
 @pytest.fixture
 def api(client, settlement_worker) -> Api:
     return Api(client)
+
+
+@pytest.fixture
+def poison() -> Iterator[Any]:
+    """poison(id) makes settling transfer `id` raise inside PostgreSQL; cure(id) stops it."""
+    with script_session() as session, session.begin():
+        session.execute(text("CREATE TABLE IF NOT EXISTS test_poisoned (id bigint PRIMARY KEY)"))
+        session.execute(
+            text(
+                """
+                CREATE OR REPLACE FUNCTION test_poison() RETURNS trigger AS $$
+                BEGIN
+                  IF EXISTS (SELECT 1 FROM test_poisoned WHERE id = NEW.transfer_id) THEN
+                    RAISE EXCEPTION 'poisoned transfer %', NEW.transfer_id;
+                  END IF;
+                  RETURN NEW;
+                END $$ LANGUAGE plpgsql
+                """
+            )
+        )
+        session.execute(
+            text(
+                "CREATE OR REPLACE TRIGGER test_poison BEFORE INSERT ON postings "
+                "FOR EACH ROW EXECUTE FUNCTION test_poison()"
+            )
+        )
+
+    class Poison:
+        def __call__(self, transfer_id: int) -> None:
+            with script_session() as session, session.begin():
+                session.execute(text("INSERT INTO test_poisoned VALUES (:id)"), {"id": transfer_id})
+
+        def cure(self, transfer_id: int) -> None:
+            with script_session() as session, session.begin():
+                session.execute(
+                    text("DELETE FROM test_poisoned WHERE id = :id"), {"id": transfer_id}
+                )
+
+    yield Poison()
+    with script_session() as session, session.begin():
+        session.execute(text("DROP TRIGGER test_poison ON postings"))
+        session.execute(text("DROP TABLE test_poisoned"))

@@ -2,16 +2,15 @@
 with a reason, is retried by beat inside its window, and can be requeued by an operator;
 meanwhile the rest of its currency settles.
 
-The fault is real: a PostgreSQL trigger makes the posting insert of chosen transfers fail.
+The fault is real: a PostgreSQL trigger makes the posting insert of chosen transfers fail
+(the `poison` fixture, tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from common.audit import audit
@@ -21,48 +20,6 @@ from common.ledger import requeue_failed
 from common.transfers import TransferRequest, submit_transfer
 from tests.conftest import SUPERUSER, Api
 from worker.tasks import sweep
-
-
-@pytest.fixture
-def poison() -> Iterator[Any]:
-    """poison(id) makes settling transfer `id` raise inside PostgreSQL; cure(id) stops it."""
-    with script_session() as session, session.begin():
-        session.execute(text("CREATE TABLE IF NOT EXISTS test_poisoned (id bigint PRIMARY KEY)"))
-        session.execute(
-            text(
-                """
-                CREATE OR REPLACE FUNCTION test_poison() RETURNS trigger AS $$
-                BEGIN
-                  IF EXISTS (SELECT 1 FROM test_poisoned WHERE id = NEW.transfer_id) THEN
-                    RAISE EXCEPTION 'poisoned transfer %', NEW.transfer_id;
-                  END IF;
-                  RETURN NEW;
-                END $$ LANGUAGE plpgsql
-                """
-            )
-        )
-        session.execute(
-            text(
-                "CREATE OR REPLACE TRIGGER test_poison BEFORE INSERT ON postings "
-                "FOR EACH ROW EXECUTE FUNCTION test_poison()"
-            )
-        )
-
-    class Poison:
-        def __call__(self, transfer_id: int) -> None:
-            with script_session() as session, session.begin():
-                session.execute(text("INSERT INTO test_poisoned VALUES (:id)"), {"id": transfer_id})
-
-        def cure(self, transfer_id: int) -> None:
-            with script_session() as session, session.begin():
-                session.execute(
-                    text("DELETE FROM test_poisoned WHERE id = :id"), {"id": transfer_id}
-                )
-
-    yield Poison()
-    with script_session() as session, session.begin():
-        session.execute(text("DROP TRIGGER test_poison ON postings"))
-        session.execute(text("DROP TABLE test_poisoned"))
 
 
 def _row(transfer_id: int) -> Any:

@@ -41,7 +41,10 @@ SEED_CURRENCIES = {
     "CNY": ("Chinese Yuan", 2, Decimal("0.02")),
     "EUR": ("Euro", 2, Decimal("0.03")),
 }
-TABLES = {"currencies", "users", "accounts", "transfers", "postings"}
+TABLES = {
+    *("currencies", "users", "accounts", "transfers", "postings"),
+    *("api_keys", "events", "webhooks", "webhook_deliveries", "webhook_attempts"),
+}
 
 
 def _diff(connection: Connection, metadata: MetaData) -> list:

@@ -7,7 +7,17 @@ from werkzeug.routing import IntegerConverter, Map
 
 from common.limits import BIGINT_MAX
 from common.settings import Settings, get_settings
-from web import accounts, currencies, health, long_poll, metrics, transfers, users, webhooks
+from web import (
+    accounts,
+    currencies,
+    events,
+    health,
+    long_poll,
+    metrics,
+    transfers,
+    users,
+    webhooks,
+)
 from web.access_log import install_request_log
 from web.context import EXTENSION
 from web.openapi import install_docs
@@ -39,9 +49,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.converters["id"] = IdConverter
     app.url_map.strict_slashes = False
-    for blueprint in (currencies.bp, users.bp, accounts.bp, transfers.bp, health.bp, metrics.bp):
+    for blueprint in (
+        currencies.bp,
+        users.bp,
+        accounts.bp,
+        transfers.bp,
+        events.bp,
+        health.bp,
+        metrics.bp,
+        webhooks.bp,
+    ):
         app.register_blueprint(blueprint)
-    app.register_blueprint(webhooks.bp)
     install_docs(app)
     install_error_handlers(app)
     install_request_log(app)

@@ -219,6 +219,29 @@ class DeliveryListQuery(Schema):
     cursor: str | None = Field(None, max_length=200)
 
 
+EVENT_TYPES = tuple(event_type.value for event_type in EventType)
+
+
+def _event_type(value: object) -> str:
+    if value not in EVENT_TYPES:
+        raise ValueError("must be one of " + ", ".join(EVENT_TYPES))
+    return str(value)
+
+
+class EventListQuery(Schema):
+    # An event id from the feed (exclusive): the page starts after it.
+    after: Id | None = None
+    type: (
+        Annotated[
+            str,
+            BeforeValidator(_event_type),
+            WithJsonSchema({"type": "string", "enum": list(EVENT_TYPES)}),
+        ]
+        | None
+    ) = None
+    limit: Annotated[int, BeforeValidator(_count)] = Field(100, ge=1, le=500)
+
+
 # A rejected field's code, where docs/api.md gives the field one of its own.
 _FIELD_CODES = {
     "url": "invalid_url",

@@ -19,7 +19,7 @@ from flask import Flask, current_app
 from common.announcements import CHANNEL, Final, parse_announcement
 from common.models import TransferStatus
 from common.pubsub import Subscription, subscribe, subscriber
-from web.render import timestamp
+from common.render import timestamp
 
 Body = dict[str, Any]
 

@@ -66,6 +66,23 @@ class Transfer(BaseModel):
     settled_at: str | None = Timestamp
 
 
+class Event(BaseModel):
+    id: str = Field(description="Event ids are strings; order by the feed, not by id")
+    type: Literal[
+        "transfer.settled",
+        "transfer.rejected",
+        "transfer.failed",
+        "transfer.received",
+        "hold.held",
+        "hold.rejected",
+        "hold.captured",
+        "hold.voided",
+        "hold.expired",
+    ]
+    created_at: str = Timestamp
+    data: Transfer = Field(description="The transfer as it was when the event happened")
+
+
 class Posting(BaseModel):
     id: int
     transfer_id: int
@@ -381,6 +398,17 @@ OPERATIONS = (
     ),
     Operation(
         "get",
+        "/users/{user_id}/events",
+        "The event feed: a user's events in commit order",
+        200,
+        Event,
+        many=True,
+        query=fields.EventListQuery,
+        errors=(*_AUTH, "forbidden", "user_not_found", "invalid_query"),
+        headers={"Link": "next page"},
+    ),
+    Operation(
+        "get",
         "/metrics",
         "Prometheus metrics (text exposition format)",
         200,
@@ -418,6 +446,7 @@ def _schemas() -> dict[str, Any]:
         User,
         Account,
         Transfer,
+        Event,
         Posting,
         Problem,
         BatchResponse,

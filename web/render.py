@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
@@ -17,14 +16,8 @@ from common.db import Db
 from common.limits import BIGINT_MAX
 from common.models import Account, Posting
 from common.money import format_amount
-from common.transfers import TransferRow
+from common.render import timestamp
 from web.problems import ApiError
-
-
-def timestamp(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def json_response(
@@ -48,26 +41,6 @@ def account_json(session: Session, account: Account) -> dict[str, Any]:
         "kind": account.kind,
         "balance": format_amount(account.balance, _decimals(session, account.currency)),
         "created_at": timestamp(account.created_at),
-    }
-
-
-def transfer_json(db: Db, transfer: TransferRow) -> dict[str, Any]:
-    """A transfer's resource, from its row."""
-    decimals = _decimals(db, transfer.currency)
-    return {
-        "id": transfer.id,
-        "status": transfer.status,
-        "from": transfer.from_account_id,
-        "to": transfer.to_account_id,
-        "from_user_id": transfer.from_user_id,
-        "to_user_id": transfer.to_user_id,
-        "currency": transfer.currency,
-        "amount": format_amount(transfer.amount, decimals),
-        "commission": format_amount(transfer.commission, decimals),
-        "comment": transfer.comment,
-        "reason": transfer.reason,
-        "created_at": timestamp(transfer.created_at),
-        "settled_at": timestamp(transfer.settled_at),
     }
 
 

@@ -12,6 +12,7 @@ from common.db import Db, request_session, request_statements, request_transacti
 from common.doorbells import Doorbells
 from common.errors import RemitError
 from common.models import SUPERUSER_ID, TransferStatus
+from common.render import transfer_json
 from web import long_poll
 from web.access_log import log_on_access
 from web.auth import authenticated, authorize_path_user
@@ -28,7 +29,7 @@ from web.fields import (
 )
 from web.metrics import LONG_POLLS_UNHELD, TRANSFERS_ACCEPTED
 from web.problems import ApiError, problem_body
-from web.render import decode_cursor, json_response, page_response, transfer_json
+from web.render import decode_cursor, json_response, page_response
 
 bp = Blueprint("transfers", __name__)
 

@@ -4,8 +4,9 @@ from flask import Blueprint, Response
 
 from common import users
 from common.db import request_transaction
+from common.render import timestamp
 from web.fields import UserCreate, parse_body
-from web.render import json_response, timestamp
+from web.render import json_response
 
 bp = Blueprint("users", __name__)
 

@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session
 from common import webhooks
 from common.db import request_session, request_transaction
 from common.models import Webhook, WebhookAttempt
+from common.render import timestamp
 from web.auth import authorize_path_user, password_auth
 from web.context import current_settings
 from web.fields import DeliveryListQuery, WebhookCreate, parse_body, parse_query
-from web.render import decode_cursor, json_response, page_response, timestamp
+from web.render import decode_cursor, json_response, page_response
 
 bp = Blueprint("webhooks", __name__)
 

@@ -18,8 +18,8 @@ from common.currencies import CurrencyInfo, get_currency, known_currency
 from common.db import is_outage, settlement_transaction
 from common.doorbells import marks, ring
 from common.errors import NotFound
+from common.events import publish_deliveries
 from common.ledger import (
-    SETTLEMENT_ERROR,
     BatchResult,
     currencies_due,
     record_failed_attempt,
@@ -28,6 +28,7 @@ from common.ledger import (
 )
 from common.logs import request_id as log_context
 from common.metrics import record_outcomes
+from common.models import SETTLEMENT_ERROR
 from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -128,12 +129,14 @@ def _settle_until_done(
             continue
         if result.claimed is None:
             break
-        # After commit: long-polling clients answer with what the batch decided.
+        # After commit: long-polling clients answer with what the batch decided, and
+        # webhooks get the batch's events.
         if result.settled_at is not None:
             announce_decided(
                 ((d.transfer_id, d.status.value, d.reason) for d in result.decisions),
                 result.settled_at,
             )
+        publish_deliveries(result.deliveries)
         _log_decisions(result)
         record_outcomes(
             (d.status, d.reason, result.ages_s.get(d.transfer_id, 0.0)) for d in result.decisions
@@ -188,6 +191,7 @@ def _after_failed_batch(settings: Settings, currency: str, limit: int, error: Ex
         )
         if attempt.failed:
             announce_final([attempt.transfer_id])
+            publish_deliveries(attempt.deliveries)
             record_outcomes([("failed", SETTLEMENT_ERROR, attempt.age_s)])
     return settings.settle_batch_size
 

@@ -45,7 +45,13 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_events")),
     )
-    op.create_index("ix_events_user_id_txid_id", "events", ["user_id", "txid", "id"], unique=False)
+    op.create_index(
+        "ix_events_user_id_txid_id",
+        "events",
+        ["user_id", "txid", "id"],
+        unique=False,
+        postgresql_include=["type"],
+    )
     op.create_table(
         "api_keys",
         sa.Column("id", sa.BigInteger(), nullable=False),

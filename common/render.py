@@ -1,0 +1,42 @@
+"""Resources as the API shows them, where the web and the worker both need them.
+
+A transfer is rendered by the web (its routes) and inside event bodies, which the
+worker builds for webhook deliveries; so its representation lives below both.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from common.currencies import get_currency
+from common.db import Db
+from common.money import format_amount
+from common.transfers import TransferRow
+
+
+def timestamp(moment: datetime | None) -> str | None:
+    """RFC 3339 in UTC with microseconds, as every timestamp of the API."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def transfer_json(db: Db, transfer: TransferRow) -> dict[str, Any]:
+    """A transfer's resource, from its row."""
+    decimals = get_currency(db, transfer.currency).decimals
+    return {
+        "id": transfer.id,
+        "status": transfer.status,
+        "from": transfer.from_account_id,
+        "to": transfer.to_account_id,
+        "from_user_id": transfer.from_user_id,
+        "to_user_id": transfer.to_user_id,
+        "currency": transfer.currency,
+        "amount": format_amount(transfer.amount, decimals),
+        "commission": format_amount(transfer.commission, decimals),
+        "comment": transfer.comment,
+        "reason": transfer.reason,
+        "created_at": timestamp(transfer.created_at),
+        "settled_at": timestamp(transfer.settled_at),
+    }
