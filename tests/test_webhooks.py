@@ -16,7 +16,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -85,38 +85,35 @@ def register_webhook(
     return webhook
 
 
-# Until settlement writes events itself (branch i15-events), the tests write an event and
-# its deliveries as settlement will: the event, one delivery per matching enabled webhook
-# (deadline 24 h after the event), then one message per delivery after commit.
-_FAN_OUT = text(
-    "INSERT INTO webhook_deliveries (webhook_id, event_id, deadline_at) "
-    "SELECT w.id, e.id, e.created_at + interval '24 hours' FROM events e "
-    "JOIN webhooks w ON w.user_id = e.user_id AND w.enabled "
-    "AND (w.events @> ARRAY['*'] OR w.events @> ARRAY[e.type::text]) "
-    "WHERE e.id = :event_id RETURNING id"
-)
-
-
-def emit(member: Member, transfer_id: int, event_type: str = "transfer.settled") -> str:
-    with script_session() as session, session.begin():
-        event_id = session.execute(
-            insert(Event)
-            .values(user_id=member.id, type=event_type, transfer_id=transfer_id)
-            .returning(Event.id)
-        ).scalar_one()
-        deliveries = session.execute(_FAN_OUT, {"event_id": event_id}).scalars().all()
-    for delivery_id in deliveries:
-        broker.send_task(broker.DELIVER, [delivery_id], queue=broker.WEBHOOKS_QUEUE)
-    return str(event_id)
+def event_of(transfer_id: int, user_id: int, event_type: str) -> str:
+    with script_session() as session:
+        return str(
+            session.scalars(
+                select(Event.id).where(
+                    Event.transfer_id == transfer_id,
+                    Event.user_id == user_id,
+                    Event.type == event_type,
+                )
+            ).one()
+        )
 
 
 @pytest.fixture
-def payer(api) -> tuple[Member, int]:
-    """A member with a settled deposit: the transfer its events are about."""
-    member = api.register()
-    deposit = api.deposit(member.accounts["USD"], "10.00")
-    assert api.wait_final(SUPERUSER, deposit["id"])["status"] == "settled"
-    return member, deposit["id"]
+def payer(api) -> tuple[Member, Callable[[], str]]:
+    """A funded member, and `pay()`: a transfer of theirs to another member that settles
+    (settlement writes its events and deliveries, and publishes them); returns the id of
+    the payer's `transfer.settled` event."""
+    member = api.funded("100.00", "USD")
+    payee = api.register()
+
+    def pay() -> str:
+        response = api.transfer(member, member.accounts["USD"], payee.accounts["USD"], "0.01")
+        assert response.status_code == 202, response.get_json()
+        transfer = api.wait_final(member, response.get_json()["id"])
+        assert transfer["status"] == "settled", transfer
+        return event_of(transfer["id"], member.id, "transfer.settled")
+
+    return member, pay
 
 
 def deliveries(api, member: Member, webhook: dict[str, Any], **query: Any) -> list[dict]:
@@ -559,9 +556,9 @@ def test_deliveries_are_paged_newest_first(api, owned) -> None:
 
 
 def test_an_event_is_delivered_signed(api, payer, receiver, webhook_worker) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     [event] = receiver.wait_for(lambda: receiver.events_at(webhook["path"]))
     [request] = receiver.requests_to(webhook["path"])
     assert request.headers["webhook-id"] == event_id
@@ -571,8 +568,9 @@ def test_an_event_is_delivered_signed(api, payer, receiver, webhook_worker) -> N
     assert event["id"] == event_id
     assert event["type"] == "transfer.settled"
     assert RFC3339_UTC.match(event["created_at"])
-    transfer = api.get_transfer(member, transfer_id)
-    assert event["data"] == transfer
+    # The transfer exactly as its GET shows it.
+    assert event["data"] == api.get_transfer(member, event["data"]["id"])
+    assert event["data"]["status"] == "settled"
     wait_state(event_id, webhook, "delivered")
     [attempt] = deliveries(api, member, webhook)
     assert attempt["event_id"] == event_id
@@ -584,9 +582,9 @@ def test_an_event_is_delivered_signed(api, payer, receiver, webhook_worker) -> N
 
 
 def test_a_message_delivered_twice_makes_one_attempt(api, payer, receiver, webhook_worker) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     wait_state(event_id, webhook, "delivered")
     delivery = delivery_row(event_id, webhook)
     for _ in range(3):
@@ -599,25 +597,42 @@ def test_a_message_delivered_twice_makes_one_attempt(api, payer, receiver, webho
     assert len(deliveries(api, member, webhook)) == 1
 
 
-def test_only_matching_webhooks_get_an_event(api, payer, receiver, webhook_worker) -> None:
-    member, transfer_id = payer
-    everything = register_webhook(api, member, receiver)
-    received_only = register_webhook(api, member, receiver, ["transfer.received"])
-    settled_only = register_webhook(api, member, receiver, ["transfer.settled"])
-    event_id = emit(member, transfer_id, "transfer.settled")
-    receiver.wait_for(lambda: receiver.events_at(everything["path"]))
-    receiver.wait_for(lambda: receiver.events_at(settled_only["path"]))
+def test_only_matching_webhooks_get_an_event(api, receiver, webhook_worker) -> None:
+    payer, payee = api.funded("5.00", "USD"), api.register()
+    everything = register_webhook(api, payer, receiver)
+    settled_only = register_webhook(api, payer, receiver, ["transfer.settled"])
+    rejected_only = register_webhook(api, payer, receiver, ["transfer.rejected"])
+    received_only = register_webhook(api, payer, receiver, ["transfer.received"])
+    payee_hook = register_webhook(api, payee, receiver, ["transfer.received"])
+    paid = api.transfer(payer, payer.accounts["USD"], payee.accounts["USD"], "1.00").get_json()
+    refused = api.transfer(payer, payer.accounts["USD"], payee.accounts["USD"], "9.00").get_json()
+    assert api.wait_final(payer, paid["id"])["status"] == "settled"
+    assert api.wait_final(payer, refused["id"])["status"] == "rejected"
+    settled = event_of(paid["id"], payer.id, "transfer.settled")
+    rejected = event_of(refused["id"], payer.id, "transfer.rejected")
+    received = event_of(paid["id"], payee.id, "transfer.received")
+    expected = {
+        everything["path"]: {settled, rejected},
+        settled_only["path"]: {settled},
+        rejected_only["path"]: {rejected},
+        payee_hook["path"]: {received},
+    }
+    for path, ids in expected.items():
+        receiver.wait_for(lambda path=path, ids=ids: event_ids(receiver.events_at(path)) == ids)
+    types = {e["id"]: e["type"] for e in receiver.events_at(everything["path"])}
+    assert types == {settled: "transfer.settled", rejected: "transfer.rejected"}
+    [received_event] = receiver.events_at(payee_hook["path"])
+    assert received_event["data"]["to_user_id"] == payee.id
     time.sleep(0.5)
     assert receiver.requests_to(received_only["path"]) == []
-    assert deliveries(api, member, received_only) == []
-    assert event_ids(receiver.events_at(everything["path"])) == {event_id}
+    assert deliveries(api, payer, received_only) == []
 
 
 def test_retries_after_server_errors(api, payer, receiver, webhook_worker, sweeper) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
     receiver.script[webhook["path"]] = [Answer(500), Answer(503), Answer(500)]
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     receiver.wait_for(lambda: len(receiver.requests_to(webhook["path"])) >= 4)
     wait_state(event_id, webhook, "delivered")
     attempts = deliveries(api, member, webhook)
@@ -638,11 +653,11 @@ def test_retries_after_server_errors(api, payer, receiver, webhook_worker, sweep
 
 
 def test_redirects_are_not_followed(api, payer, receiver, webhook_worker, sweeper) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
     elsewhere = webhook["path"] + "/elsewhere"
     receiver.script[webhook["path"]] = [Answer(302, headers={"Location": elsewhere})]
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     wait_state(event_id, webhook, "delivered")
     attempts = deliveries(api, member, webhook)
     assert [(a["status_code"], a["error"], a["state"]) for a in attempts] == [
@@ -655,10 +670,10 @@ def test_redirects_are_not_followed(api, payer, receiver, webhook_worker, sweepe
 def test_a_slow_receiver_times_out_and_is_retried(
     api, payer, receiver, webhook_worker, sweeper
 ) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
     receiver.script[webhook["path"]] = [Answer(200, delay=3.5)]
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     wait_state(event_id, webhook, "delivered", timeout=30)
     attempts = deliveries(api, member, webhook)
     assert [(a["status_code"], a["state"]) for a in attempts] == [
@@ -671,13 +686,13 @@ def test_a_slow_receiver_times_out_and_is_retried(
 def test_a_receiver_down_for_a_while_gets_everything_after(
     api, payer, webhook_worker, sweeper
 ) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     down = Receiver()
     try:
         webhook = register_webhook(api, member, down)
         port = down.port
         down.stop()
-        events = [emit(member, transfer_id) for _ in range(5)]
+        events = [pay() for _ in range(5)]
 
         def failures() -> int:
             with script_session() as session:
@@ -712,10 +727,10 @@ def test_a_receiver_down_for_a_while_gets_everything_after(
 def test_deleting_a_webhook_stops_its_deliveries(
     api, payer, receiver, webhook_worker, sweeper
 ) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
     receiver.script[webhook["path"]] = [Answer(500)] * 1000
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     receiver.wait_for(lambda: len(receiver.requests_to(webhook["path"])) >= 2)
     response = api.client.delete(
         f"/users/{member.id}/webhooks/{webhook['id']}", headers=member.auth
@@ -724,17 +739,17 @@ def test_deleting_a_webhook_stops_its_deliveries(
     time.sleep(0.5)  # an attempt that was in flight ends
     seen = len(receiver.requests_to(webhook["path"]))
     assert delivery_row(event_id, webhook).state == "failed"
-    emit(member, transfer_id)  # no delivery row: the webhook is no longer enabled
+    pay()  # no delivery row: the webhook is no longer enabled
     time.sleep(1.5)
     assert len(receiver.requests_to(webhook["path"])) == seen
     receiver.script.pop(webhook["path"])
 
 
 def test_past_its_deadline_a_delivery_fails(api, payer, receiver, webhook_worker, sweeper) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
     receiver.script[webhook["path"]] = [Answer(500)] * 1000
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     receiver.wait_for(lambda: len(receiver.requests_to(webhook["path"])) >= 1)
     with script_session() as session, session.begin():
         session.execute(
@@ -756,11 +771,11 @@ def test_past_its_deadline_a_delivery_fails(api, payer, receiver, webhook_worker
 def test_a_worker_killed_mid_delivery_loses_nothing(
     api, payer, receiver, webhook_worker, sweeper
 ) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
     # The first request is answered slowly: the worker is killed while it waits.
     receiver.script[webhook["path"]] = [Answer(204, delay=1.5)]
-    event_id = emit(member, transfer_id)
+    event_id = pay()
     receiver.wait_for(lambda: receiver.requests_to(webhook["path"]))
     webhook_worker.kill()
     try:
@@ -779,11 +794,11 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
 def test_deliveries_survive_a_flushed_redis(
     api, payer, receiver, webhook_worker, redis_client
 ) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     webhook = register_webhook(api, member, receiver)
     webhook_worker.stop()
     try:
-        events = [emit(member, transfer_id) for _ in range(3)]
+        events = [pay() for _ in range(3)]
         redis_client.flushdb()
     finally:
         from tests.conftest import CLAIM, CLAIM_KEY  # noqa: PLC0415
@@ -811,11 +826,11 @@ def test_deliveries_survive_a_flushed_redis(
 
 @pytest.mark.usefixtures("sweeper")
 def test_secrets_are_never_logged(api, payer, receiver, webhook_worker, caplog) -> None:
-    member, transfer_id = payer
+    member, pay = payer
     with caplog.at_level("DEBUG"):
         webhook = register_webhook(api, member, receiver)
         receiver.script[webhook["path"]] = [Answer(500)]
-        event_id = emit(member, transfer_id)
+        event_id = pay()
         wait_state(event_id, webhook, "delivered", timeout=30)
     secret = webhook["secret"]
     key = secret.removeprefix("whsec_")
