@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import exists, false, func, or_, select, true, update
+from sqlalchemy import false, func, or_, select, true, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as Signer
 
@@ -539,35 +539,38 @@ def record_attempt(
 def sweep_deliveries(session: Session, lease_s: float, limit: int = SWEEP_BATCH) -> tuple[
     int, list[tuple[int, datetime]]
 ]:  # fmt: skip
-    """Beat's sweep: fail what is past its deadline or whose webhook was deleted, then
-    lease up to `limit` due deliveries to messages. Returns how many failed, and each
-    leased delivery with its lease (the token its message carries)."""
+    """Beat's sweep: fail what is past its deadline, then lease up to `limit` due
+    deliveries of enabled webhooks to messages. Returns how many failed, and each
+    leased delivery with its lease (the token its message carries).
+
+    A pending delivery is always due before its deadline (an attempt that would retry
+    past it fails instead), so both steps are range scans of the due index: the sweep
+    costs what is due, not what is pending."""
     now = func.now()
-    disabled = exists().where(Webhook.id == WebhookDelivery.webhook_id, ~Webhook.enabled)
+    due = (WebhookDelivery.state == DeliveryState.PENDING, WebhookDelivery.next_attempt_at <= now)
+    expired = (
+        select(WebhookDelivery.id)
+        .where(*due, WebhookDelivery.deadline_at <= now, _free(now))
+        .with_for_update(skip_locked=True)
+    )
     failed = session.execute(
         update(WebhookDelivery)
-        .where(
-            WebhookDelivery.state == DeliveryState.PENDING,
-            or_(WebhookDelivery.deadline_at <= now, disabled),
-            _free(now),
-        )
+        .where(WebhookDelivery.id.in_(expired.scalar_subquery()))
         .values(state=DeliveryState.FAILED, locked_until=None)
     ).rowcount  # type: ignore[attr-defined]
-    due = (
+    # Deliveries of a deleted webhook are not handed out; its deletion failed them,
+    # and any written concurrently with it fail at their deadline.
+    ready = (
         select(WebhookDelivery.id)
-        .where(
-            WebhookDelivery.state == DeliveryState.PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-            _free(now),
-        )
+        .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+        .where(*due, WebhookDelivery.deadline_at > now, _free(now), Webhook.enabled)
         .order_by(WebhookDelivery.next_attempt_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+        .with_for_update(of=WebhookDelivery, skip_locked=True)
     )
     leased = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_(due))
+        .where(WebhookDelivery.id.in_(ready.scalar_subquery()))
         .values(locked_until=now + timedelta(seconds=lease_s))
         .returning(WebhookDelivery.id, WebhookDelivery.locked_until)
     ).all()
