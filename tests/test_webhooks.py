@@ -18,15 +18,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select, text, update
 
 from common import broker
-from common.db import script_session
+from common.db import script_session, settlement_transaction
 from common.models import Event, WebhookAttempt, WebhookDelivery
-from common.webhooks import MAX_WEBHOOKS_PER_USER, post_event
+from common.webhooks import (
+    MAX_WEBHOOKS_PER_USER,
+    AttemptResult,
+    claim_delivery,
+    post_event,
+    record_attempt,
+    sweep_deliveries,
+)
 from tests.conftest import SUPERUSER, Member, assert_problem, basic_auth, read_all_pages
 from tests.webhook_receiver import Answer, Receiver, event_ids
 
@@ -854,3 +862,59 @@ def test_the_delivery_worker_is_on_its_own_queue(webhook_worker) -> None:
     registered = (inspect.registered() or {})[webhook_worker.name]
     assert broker.DELIVER in registered
     assert broker.SWEEP_WEBHOOKS in registered
+
+
+def test_a_lease_is_handed_out_once_and_claimed_by_its_token(api, payer, receiver) -> None:
+    # common.webhooks directly, no worker involved: sweep twice, claim with each token.
+    member, _ = payer
+    webhook = register_webhook(api, member, receiver)
+    with script_session() as session, session.begin():
+        event_id = session.execute(
+            insert(Event).values(user_id=member.id, type="transfer.settled").returning(Event.id)
+        ).scalar_one()
+        delivery_id = session.execute(
+            insert(WebhookDelivery)
+            .values(
+                webhook_id=webhook["id"],
+                event_id=event_id,
+                deadline_at=func.now() + text("interval '1 day'"),
+                next_attempt_at=func.now() + text("interval '1 hour'"),
+            )
+            .returning(WebhookDelivery.id)
+        ).scalar_one()
+
+    def sweep() -> dict[int, Any]:
+        _, leased = settlement_transaction(lambda s: sweep_deliveries(s, 30))
+        return dict(leased)
+
+    def claim(token: Any) -> Any:
+        return settlement_transaction(lambda s: claim_delivery(s, delivery_id, token, 30))
+
+    assert delivery_id not in sweep()  # not due yet
+    assert claim(None) is None
+    with script_session() as session, session.begin():
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id)
+            .values(next_attempt_at=func.now())
+        )
+    token = sweep()[delivery_id]
+    assert delivery_id not in sweep()  # leased to its message: not published again
+    assert claim(None) is None  # an earlier message without the token
+    assert claim(token - timedelta(microseconds=1)) is None  # an older sweep's message
+    held = claim(token)
+    assert held is not None
+    assert held.url == webhook["url"]
+    assert held.secret == webhook["secret"]
+    assert held.attempts == 0
+    assert claim(token) is None  # the same message again: the worker's lease now
+    # The attempt is recorded as any: a failure, due again after the delay.
+    result = AttemptResult(None, "connection refused")
+    row = settlement_transaction(lambda s: record_attempt(s, held, result, 60))
+    assert (row.attempt, row.state, row.error) == (1, "retrying", "connection refused")
+    assert delivery_row(str(event_id), webhook).state == "pending"
+    assert delivery_id not in sweep()  # due in a minute
+    with script_session() as session, session.begin():
+        session.execute(
+            update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(state="failed")
+        )
