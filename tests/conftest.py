@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from common.db import dispose_engine, script_session
 from common.migrate import migrate
 from common.settings import Settings, load_settings, use_settings
+from tests import properties  # noqa: F401 - registers hypothesis' quick profile early
 
 RUN_ID = f"{time.strftime('%Y%m%d%H%M%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 TEST_DATABASE = f"remit_test_{RUN_ID}"

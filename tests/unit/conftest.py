@@ -55,8 +55,7 @@ def redis_client() -> None:
 
 @pytest.fixture(scope="session")
 def app(settings: Settings):
-    # web.app imports worker modules that still read the process's settings at import.
-    from web.app import create_app  # noqa: PLC0415
+    from web.app import create_app  # noqa: PLC0415 - the app only where a test asks for it
 
     flask_app = create_app(settings)
     flask_app.testing = True

@@ -11,7 +11,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from common.ledger import (
@@ -24,8 +24,9 @@ from common.ledger import (
     plan_batch,
 )
 from common.models import AccountKind, PostingLeg, TransferStatus
+from tests.properties import examples
 
-PROPERTY = settings(max_examples=200, deadline=None)
+PROPERTY = examples(200)
 
 
 @dataclass(frozen=True)
@@ -421,7 +422,7 @@ def test_empty_batch_plans_nothing() -> None:
     assert plan == Plan()
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(
     st.integers(min_value=0, max_value=10_000),
     st.integers(min_value=1, max_value=10_000),

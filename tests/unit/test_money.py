@@ -13,7 +13,7 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 
 import pytest
-from hypothesis import assume, example, given, settings
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from common.money import (
@@ -24,9 +24,10 @@ from common.money import (
     format_amount,
     parse_amount,
 )
+from tests.properties import examples
 
-FAST = settings(max_examples=300, deadline=None)
-FUZZ = settings(max_examples=600, deadline=None)
+FAST = examples(300)
+FUZZ = examples(600)
 
 decimals_st = st.integers(min_value=0, max_value=MAX_DECIMALS)
 
@@ -473,7 +474,7 @@ amounts_st = st.one_of(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@examples(1000)
 @given(amounts_st, rates_st)
 @example(1, Decimal("0.01"))
 @example(100, Decimal("0.01"))
