@@ -27,6 +27,7 @@ from common.webhooks import (
     retry_delay,
     signature,
 )
+from tests.properties import examples
 
 
 @pytest.mark.parametrize(
@@ -76,6 +77,7 @@ def test_parse_url_refuses(url: str) -> None:
     assert raised.value.code == "invalid_url"
 
 
+@examples(300)
 @given(st.text(max_size=300))
 def test_parse_url_never_fails_otherwise(url: str) -> None:
     with contextlib.suppress(InvalidUrl):
