@@ -27,7 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -431,7 +431,7 @@ class Claim:
     deadline_at: datetime
     lease: datetime
     url: str
-    secret: str
+    secret: str = field(repr=False)  # never in a log line or a traceback's repr
     # The database's clock at the claim, and ours then: "now" later, without asking it.
     claimed_at: datetime
     claimed_monotonic: float

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import ipaddress
 import time
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -17,6 +18,7 @@ from standardwebhooks import Webhook
 
 from common.settings import ConfigurationError, settings_from
 from common.webhooks import (
+    Claim,
     InvalidUrl,
     Target,
     address_allowed,
@@ -211,3 +213,11 @@ def test_webhook_settings_defaults() -> None:
     assert defaults.webhook_lease_s == 60
     assert defaults.webhook_sweep_interval_s == 5
     assert defaults.webhook_concurrency == 16
+
+
+def test_a_claim_never_shows_its_secret() -> None:
+    now = datetime.now(UTC)
+    secret = new_secret()
+    claim = Claim(1, 2, 3, 0, now, now, "https://example.com/", secret, now, 0.0)
+    assert secret not in repr(claim)
+    assert secret[6:20] not in str(claim)
