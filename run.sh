@@ -16,11 +16,12 @@
 #                     DATABASE_URL is unset (default 5432)
 #   REMIT_REDIS_PORT  the same for Redis when REDIS_URL is unset (default 6379)
 
-#: up             run the whole stack in the foreground (the default): migrate, then web, worker, beat, Flower
+#: up             run the whole stack in the foreground (the default): migrate, then web, workers, beat, Flower
 #: test [ARGS]    run the test suite: pytest ARGS (each run creates and drops its own database)
 #: migrate        create the database if missing, apply the migrations and seed it, then exit
 #: web            run only the API (gunicorn) in the foreground, as its docker compose service does
 #: worker         run only a settlement worker (Celery) in the foreground
+#: webhooks       run only the webhook delivery worker (Celery, threads) in the foreground
 #: beat           run only the scheduler (Celery beat) in the foreground
 #: flower         run only Flower in the foreground, behind FLOWER_BASIC_AUTH (Flower's FLOWER_* variables apply)
 #: bench [--quick]  benchmark the real stack on its own throwaway servers (bench/README.md; --help)
@@ -89,7 +90,7 @@ main() {
             return 0
             ;;
         test | bench) needs=dev ;;
-        up | migrate | web | worker | beat | flower | cli | audit | docker) ;;
+        up | migrate | web | worker | webhooks | beat | flower | cli | audit | docker) ;;
         *)
             say "unknown command: $command"
             usage >&2

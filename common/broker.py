@@ -21,6 +21,7 @@ from common.settings import Settings, get_settings
 SETTLE = "remit.settle"
 SWEEP = "remit.sweep"
 DELIVER = "remit.deliver_webhook"
+SWEEP_WEBHOOKS = "remit.sweep_webhooks"
 # Webhook deliveries have their own queue, so a slow receiver never holds a settlement.
 WEBHOOKS_QUEUE = "webhooks"
 

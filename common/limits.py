@@ -18,6 +18,7 @@ PASSWORD_MAX_LENGTH = 1024
 PASSWORD_RULE = f"{PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters"
 FULL_NAME_MAX_LENGTH = 200
 COMMENT_MAX_LENGTH = 255
+WEBHOOK_URL_MAX_LENGTH = 2048
 
 # Idempotency-Key, as a header or as a batch item's field: 1 to 255 printable ASCII
 # characters (the column is VARCHAR(255)).

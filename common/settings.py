@@ -30,6 +30,8 @@ DEVELOPMENT_SUPERUSER_PASSWORD = "remit-development-only"  # noqa: S105
 PLACEHOLDER_PREFIX = "change-me"
 MIN_SECRET_KEY_LENGTH = 32
 ENVIRONMENTS = ("development", "production", "test")
+# docs/api.md: a webhook delivery succeeds with a 2xx within 10 s.
+MAX_WEBHOOK_TIMEOUT_S = 10.0
 
 
 class ConfigurationError(RuntimeError):
@@ -127,6 +129,20 @@ class Settings(BaseSettings):
     login_failures_per_username: int = _env("LOGIN_FAILURES_PER_USERNAME", 10)
     login_failures_per_address: int = _env("LOGIN_FAILURES_PER_ADDRESS", 100)
 
+    # Webhook deliveries (common.webhooks, worker.webhooks; docs/decisions/0033). An
+    # attempt gets webhook_timeout_s in all (name lookup, connect, request, status line).
+    # The n-th retry waits about webhook_retry_base_s * 2^(n-1), at most webhook_retry_cap_s.
+    webhook_timeout_s: float = _env("WEBHOOK_TIMEOUT", 10.0)
+    webhook_retry_base_s: float = _env("WEBHOOK_RETRY_BASE", 5.0)
+    webhook_retry_cap_s: float = _env("WEBHOOK_RETRY_CAP", 3600.0)
+    # A delivery handed to the broker or taken by a worker is theirs this long; after it
+    # (a lost message, a killed worker) the sweep hands it out again. Longer than an attempt.
+    webhook_lease_s: float = _env("WEBHOOK_LEASE", 60.0)
+    # Beat's sweep of due deliveries (retries and lost messages) runs this often.
+    webhook_sweep_interval_s: float = _env("WEBHOOK_SWEEP_INTERVAL", 5.0)
+    # Threads of the delivery worker (./run.sh webhooks): attempts in flight at once.
+    webhook_concurrency: int = _env("WEBHOOK_CONCURRENCY", 16)
+
     # Where gunicorn's workers share their Prometheus metrics (web.gunicorn_conf).
     prometheus_multiproc_dir: str | None = _env("PROMETHEUS_MULTIPROC_DIR")
 
@@ -210,6 +226,7 @@ class Settings(BaseSettings):
         "login_throttle_window_s",
         "login_failures_per_username",
         "login_failures_per_address",
+        "webhook_concurrency",
         mode="before",
     )
     @classmethod
@@ -238,6 +255,11 @@ class Settings(BaseSettings):
         "auth_cache_ttl_s",
         "login_cache_ttl_s",
         "db_idle_in_transaction_timeout_s",
+        "webhook_timeout_s",
+        "webhook_retry_base_s",
+        "webhook_retry_cap_s",
+        "webhook_lease_s",
+        "webhook_sweep_interval_s",
         mode="before",
     )
     @classmethod
@@ -254,6 +276,26 @@ class Settings(BaseSettings):
         if not seconds >= 0:  # also refuses nan
             raise ValueError(f"{cls._name(info)} must be 0 or more seconds, got {raw!r}")
         return seconds
+
+    @field_validator(
+        "webhook_timeout_s",
+        "webhook_retry_base_s",
+        "webhook_retry_cap_s",
+        "webhook_lease_s",
+        "webhook_sweep_interval_s",
+    )
+    @classmethod
+    def _webhook_seconds(cls, value: float, info: ValidationInfo) -> float:
+        # docs/api.md: success is a 2xx within 10 s, and a lease must outlast an attempt.
+        name = cls._name(info)
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be more than 0 seconds, got {value}")
+        if info.field_name == "webhook_timeout_s" and value > MAX_WEBHOOK_TIMEOUT_S:
+            raise ValueError(f"{name} must be at most {MAX_WEBHOOK_TIMEOUT_S:g} seconds")
+        timeout = info.data.get("webhook_timeout_s")
+        if info.field_name == "webhook_lease_s" and timeout is not None and value <= timeout:
+            raise ValueError(f"{name} must be longer than WEBHOOK_TIMEOUT ({timeout:g} s)")
+        return value
 
     @field_validator("log_setup", mode="before")
     @classmethod

@@ -59,7 +59,7 @@ def main(context: click.Context) -> None:
 
 @main.command()
 def up() -> None:
-    """Run the whole stack in the foreground: migrate, then web, worker, beat, Flower."""
+    """Run the whole stack in the foreground: migrate, then web, workers, beat, Flower."""
     from ops import supervisor
 
     raise SystemExit(supervisor.up(**DEFAULTS))
@@ -124,6 +124,7 @@ def _service(name: str) -> None:
 for _name, _help in (
     ("web", "Run only the API (gunicorn) in the foreground."),
     ("worker", "Run only a settlement worker (Celery) in the foreground."),
+    ("webhooks", "Run only the webhook delivery worker (Celery, threads) in the foreground."),
     ("beat", "Run only the scheduler (Celery beat) in the foreground."),
     ("flower", "Run only Flower in the foreground, behind FLOWER_BASIC_AUTH."),
 ):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ops import RUN, die
 
-SERVICES = ("migrate", "web", "worker", "beat", "flower")
+SERVICES = ("migrate", "web", "worker", "webhooks", "beat", "flower")
 
 
 def command(
@@ -38,6 +38,15 @@ def command(
     if name == "worker":
         node = ["--hostname", hostname] if hostname else []
         return [*celery, "worker", "--loglevel", "INFO", *node]
+    if name == "webhooks":
+        # Webhook deliveries only, on WEBHOOK_CONCURRENCY threads: an attempt mostly
+        # waits on its receiver (docs/decisions/0033).
+        from common.settings import load_settings
+
+        threads = str(load_settings().webhook_concurrency)
+        node = ["--hostname", hostname or "webhooks@%h"]
+        return [*celery, "worker", "--loglevel", "INFO", "--queues", "webhooks",
+                "--pool", "threads", "--concurrency", threads, *node]  # fmt: skip
     if name == "beat":
         return [
             *celery,

@@ -167,11 +167,11 @@ def _group_alive(pgid: int) -> bool:
 # How long each process of `up` may take to stop after SIGTERM before it is killed. The
 # worker finishes the settlements it has started (warm shutdown); gunicorn lets requests,
 # long polls included, finish.
-STOP_TIMEOUT = {"web": 30.0, "worker": 30.0}
+STOP_TIMEOUT = {"web": 30.0, "worker": 30.0, "webhooks": 20.0}
 
 
 class Up:
-    """The stack of `./run.sh up`: web, worker and beat, then Flower once the worker
+    """The stack of `./run.sh up`: web, both workers and beat, then Flower once the worker
     answers. One that dies stops them all; Ctrl-C or SIGTERM stops them cleanly, and a
     second Ctrl-C kills them at once."""
 
@@ -229,7 +229,7 @@ class Up:
         return status
 
     def _run(self) -> int:
-        for name in ("web", "worker", "beat"):
+        for name in ("web", "worker", "webhooks", "beat"):
             self.start(name, services.command(name))
 
         def worker_answers() -> bool:

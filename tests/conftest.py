@@ -137,6 +137,13 @@ def integration_settings() -> Settings:
             "FAILED_RETRY_INTERVAL": "1",
             # Small batches so concurrency tests see many batches, not one.
             "SETTLE_BATCH_SIZE": "50",
+            # Webhook retries in fractions of a second, short attempts and leases.
+            "WEBHOOK_TIMEOUT": "2",
+            "WEBHOOK_RETRY_BASE": "0.2",
+            "WEBHOOK_RETRY_CAP": "1",
+            "WEBHOOK_LEASE": "4",
+            "WEBHOOK_SWEEP_INTERVAL": "0.5",
+            "WEBHOOK_CONCURRENCY": "8",
         }
     )
     _integration = use_settings(load_settings())
@@ -209,6 +216,53 @@ def settlement_worker(celery_app_for_tests):
         loglevel="WARNING",
     ) as worker:
         yield worker
+
+
+class WebhookWorker:
+    """The delivery worker as it runs in production: a real `./run.sh webhooks` process
+    (services.command), its JSON log (DEBUG) in a file the tests read."""
+
+    def __init__(self, celery_app: Any, log_dir: Path) -> None:
+        from ops import services  # noqa: PLC0415 - only the tests that use it load ops
+        from ops.supervisor import Process  # noqa: PLC0415
+
+        self.celery_app = celery_app
+        self.name = f"webhooks@{socket.gethostname()}"
+        env = {**os.environ, "REMIT_LOG_SETUP": "1", "LOG_LEVEL": "DEBUG"}
+        self.log_path = log_dir / "webhooks.log"
+        self.process = Process(
+            "webhooks",
+            services.command("webhooks", hostname=self.name),
+            env,
+            log=self.log_path,
+        )
+
+    def start(self) -> None:
+        self.process.start()
+        deadline = time.monotonic() + 60
+        while not self.celery_app.control.ping(destination=[self.name], timeout=0.5):
+            assert self.process.alive(), self.log()
+            assert time.monotonic() < deadline, "the webhook worker did not answer in 60 s"
+
+    def kill(self) -> None:
+        """SIGKILL, its thread pool and all (one process)."""
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        self.process.stop(20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def webhook_worker(celery_app_for_tests, database, tmp_path_factory) -> Iterator[WebhookWorker]:
+    """The webhook delivery worker: a real process consuming the webhooks queue."""
+    worker = WebhookWorker(celery_app_for_tests, tmp_path_factory.mktemp("webhook-worker"))
+    worker.start()
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ("migrate", "web", "worker", "beat", "flower")
+APP_SERVICES = ("migrate", "web", "worker", "webhooks", "beat", "flower")
 
 
 def _run_sh_commands() -> set[str]:
@@ -52,7 +52,7 @@ def test_images_are_pinned() -> None:
 def test_services_wait_for_healthy_dependencies_and_restart() -> None:
     for name in ("postgres", "redis"):
         assert "healthcheck" in SERVICES[name]
-    for name in ("web", "worker", "beat", "flower"):
+    for name in ("web", "worker", "webhooks", "beat", "flower"):
         service = SERVICES[name]
         assert service["restart"] in ("unless-stopped", "always")
         assert all("condition" in dependency for dependency in service["depends_on"].values())

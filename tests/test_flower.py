@@ -74,3 +74,19 @@ def test_flower_lists_the_worker_and_requires_auth(flower: str, settlement_worke
         assert workers or time.monotonic() < deadline, "Flower never saw the worker"
         time.sleep(0.5)
     assert settlement_worker.hostname in workers
+
+
+def test_flower_lists_the_webhook_delivery_worker(flower: str, webhook_worker) -> None:
+    # Operators watch deliveries in Flower: the delivery worker and its queue are there.
+    deadline = time.monotonic() + 30
+    workers: dict = {}
+    while webhook_worker.name not in workers:
+        assert time.monotonic() < deadline, f"Flower never saw {webhook_worker.name}: {workers}"
+        response = requests.get(
+            flower + "/api/workers", params={"refresh": "1"}, auth=CREDENTIALS, timeout=10
+        )
+        assert response.status_code == 200
+        workers = response.json()
+        time.sleep(0.5)
+    queues = [queue["name"] for queue in workers[webhook_worker.name]["active_queues"]]
+    assert queues == ["webhooks"]

@@ -30,6 +30,11 @@ def test_each_service_has_one_command_line(monkeypatch) -> None:
         "--bind", "127.0.0.1:1", "web.wsgi:app",
     ]  # fmt: skip
     assert services.command("worker")[3:] == ["--app", "worker.app", "worker", "--loglevel", "INFO"]
+    monkeypatch.setenv("WEBHOOK_CONCURRENCY", "7")
+    assert services.command("webhooks")[3:] == [
+        "--app", "worker.app", "worker", "--loglevel", "INFO", "--queues", "webhooks",
+        "--pool", "threads", "--concurrency", "7", "--hostname", "webhooks@%h",
+    ]  # fmt: skip
     assert services.command("beat", schedule=Path("/s"))[5:] == [
         "beat", "--loglevel", "INFO", "--schedule", "/s",
     ]  # fmt: skip

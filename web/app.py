@@ -17,6 +17,7 @@ from web import (
     metrics,
     transfers,
     users,
+    webhooks,
 )
 from web.access_log import install_request_log
 from web.context import EXTENSION
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         events.bp,
         health.bp,
         metrics.bp,
+        webhooks.bp,
     ):
         app.register_blueprint(blueprint)
     install_docs(app)

@@ -33,10 +33,12 @@ from common.limits import (
     PASSWORD_MIN_LENGTH,
     USERNAME_MAX_LENGTH,
     USERNAME_PATTERN,
+    WEBHOOK_URL_MAX_LENGTH,
     is_idempotency_key,
 )
 from common.models import EventType
 from common.money import MAX_DECIMALS, MAX_INTEGER_DIGITS, InvalidAmount, canonical_amount
+from common.webhooks import ALL_EVENTS, event_filter
 from web.problems import ApiError
 
 # Longer digit strings are refused before int() reads them (BIGINT_MAX has 19).
@@ -184,6 +186,39 @@ class TransferListQuery(PageQuery):
     status: Literal["pending", "settled", "rejected", "failed"] | None = None
 
 
+EVENT_FILTER_SCHEMA = {
+    "description": 'Event types to deliver, or ["*"] for all (a form takes them comma-separated).',
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {"enum": [ALL_EVENTS, *(event_type.value for event_type in EventType)]},
+            "minItems": 1,
+            "uniqueItems": True,
+        },
+        {"type": "string", "examples": ["transfer.settled,transfer.received"]},
+    ],
+    "default": [ALL_EVENTS],
+}
+
+
+class WebhookCreate(Schema):
+    # The rules beyond shape (scheme, host, addresses) are common.webhooks.check_url's.
+    url: str = Field(
+        min_length=1,
+        max_length=WEBHOOK_URL_MAX_LENGTH,
+        json_schema_extra={"format": "uri", "examples": ["https://example.com/remit-hooks"]},
+    )
+    events: Annotated[
+        list[str], BeforeValidator(event_filter), WithJsonSchema(EVENT_FILTER_SCHEMA)
+    ] = Field(default_factory=lambda: [ALL_EVENTS])
+
+
+class DeliveryListQuery(Schema):
+    # Newest first, always; pages continue with the cursor of the Link header.
+    limit: Annotated[int, BeforeValidator(_count)] = Field(100, ge=1, le=500)
+    cursor: str | None = Field(None, max_length=200)
+
+
 EVENT_TYPES = tuple(event_type.value for event_type in EventType)
 
 
@@ -209,6 +244,7 @@ class EventListQuery(Schema):
 
 # A rejected field's code, where docs/api.md gives the field one of its own.
 _FIELD_CODES = {
+    "url": "invalid_url",
     "amount": "invalid_amount",
     "username": "invalid_username",
     "password": "invalid_password",

@@ -127,6 +127,31 @@ class BatchResponse(BaseModel):
     results: list[BatchResult]
 
 
+class Webhook(BaseModel):
+    id: int
+    url: str
+    events: list[str] = Field(examples=[["*"], ["transfer.settled", "transfer.received"]])
+    enabled: bool
+    created_at: str = Timestamp
+
+
+class WebhookCreated(Webhook):
+    secret: str = Field(
+        description="whsec_ + base64 of 32 random bytes; in this answer only",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw1ks4k2/8ouw="],
+    )
+
+
+class DeliveryAttempt(BaseModel):
+    event_id: str
+    attempt: int
+    status_code: int | None
+    error: str | None
+    at: str = Timestamp
+    next_attempt_at: str | None = Timestamp
+    state: Literal["delivered", "retrying", "failed"]
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     database: Literal["ok", "unavailable"]
@@ -384,6 +409,58 @@ OPERATIONS = (
         headers={"Link": "next page"},
     ),
     Operation(
+        "post",
+        "/users/{user_id}/webhooks",
+        "Register a webhook (password auth; the secret is shown once)",
+        201,
+        WebhookCreated,
+        password_only=True,
+        body=fields.WebhookCreate,
+        errors=(*_AUTH, *_BODY, "forbidden", "invalid_url", "webhook_limit"),
+        headers={"Location": "/users/{user_id}/webhooks/{id}"},
+        links={
+            "deliveries": (
+                "GET /users/{user_id}/webhooks/{webhook_id}/deliveries",
+                {"user_id": "$request.path.user_id", "webhook_id": "$response.body#/id"},
+            ),
+            "delete": (
+                "DELETE /users/{user_id}/webhooks/{webhook_id}",
+                {"user_id": "$request.path.user_id", "webhook_id": "$response.body#/id"},
+            ),
+        },
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/webhooks",
+        "List a user's webhooks (password auth)",
+        200,
+        Webhook,
+        password_only=True,
+        many=True,
+        errors=(*_AUTH, "forbidden", "user_not_found"),
+    ),
+    Operation(
+        "delete",
+        "/users/{user_id}/webhooks/{webhook_id}",
+        "Delete a webhook (password auth)",
+        204,
+        None,
+        password_only=True,
+        errors=(*_AUTH, "forbidden", "webhook_not_found"),
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/webhooks/{webhook_id}/deliveries",
+        "A webhook's delivery attempts, newest first (password auth)",
+        200,
+        DeliveryAttempt,
+        password_only=True,
+        many=True,
+        query=fields.DeliveryListQuery,
+        errors=(*_AUTH, "forbidden", "user_not_found", "webhook_not_found", "invalid_query"),
+        headers={"Link": "next page"},
+    ),
+    Operation(
         "get",
         "/metrics",
         "Prometheus metrics (text exposition format)",
@@ -412,6 +489,7 @@ _PATH_PARAMETERS = {
     "account_id": {"type": "integer", "minimum": 0},
     "transfer_id": {"type": "integer", "minimum": 0},
     "key_id": {"type": "integer", "minimum": 0},
+    "webhook_id": {"type": "integer", "minimum": 0},
     "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
 }
 
@@ -430,11 +508,15 @@ def _schemas() -> dict[str, Any]:
         ApiKey,
         ApiKeyCreated,
         api_keys.ApiKeyCreate,
+        Webhook,
+        WebhookCreated,
+        DeliveryAttempt,
         fields.UserCreate,
         fields.TransferCreate,
         fields.DepositCreate,
         fields.BatchItem,
         fields.BatchCreate,
+        fields.WebhookCreate,
     ]
     _, top = models_json_schema(
         [(model, "validation") for model in models],

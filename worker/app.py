@@ -1,7 +1,8 @@
 """The Celery application: settings that make delivery reliable, and the beat schedule.
 
-`create_celery(settings)` builds the app; `app`, built from the process's settings, is
-the entry point that `celery --app worker.app worker|beat|flower` load (as web.wsgi is
+`create_celery(settings)` builds the app (settlement in worker.tasks, webhook deliveries
+in worker.webhooks, on a queue of their own); `app`, built from the process's settings,
+is the entry point that `celery --app worker.app worker|beat|flower` load (as web.wsgi is
 the API's). What any publisher must agree on with the worker (serialization,
 redelivery, publish retries, kombu's patches) is in common.broker.
 """
@@ -21,8 +22,9 @@ from common.settings import Settings, get_settings
 
 
 def create_celery(settings: Settings) -> Celery:
-    """The worker's Celery app, configured from `settings`; its tasks are worker.tasks."""
-    celery = Celery("remit", broker=settings.redis_url, include=["worker.tasks"])
+    """The worker's Celery app, configured from `settings`."""
+    tasks = ["worker.tasks", "worker.webhooks"]
+    celery = Celery("remit", broker=settings.redis_url, include=tasks)
     broker.configure(celery, settings)
     celery.conf.update(
         # Acknowledge after the task ran: a worker killed mid-settlement leaves its
@@ -41,6 +43,15 @@ def create_celery(settings: Settings) -> Celery:
                 "schedule": settings.sweep_interval_s,
                 # A sweep that could not run in time is pointless by the next one.
                 "options": {"expires": settings.sweep_interval_s},
+            },
+            # Run by the delivery worker, on its queue: due retries, lost messages.
+            "sweep-webhooks": {
+                "task": broker.SWEEP_WEBHOOKS,
+                "schedule": settings.webhook_sweep_interval_s,
+                "options": {
+                    "expires": settings.webhook_sweep_interval_s,
+                    "queue": broker.WEBHOOKS_QUEUE,
+                },
             },
         },
     )
