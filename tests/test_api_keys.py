@@ -424,7 +424,9 @@ def test_scopes_on_every_route_of_the_url_map(app, client, member: Member) -> No
             response = client.open(path, method=method, headers=bearer(secret))
             where = f"{method} {path} with a {scope} key"
             if kind == "password":
-                assert_problem(response, 403, "forbidden")
+                assert response.status_code == 403, where
+                if method != "HEAD":  # HEAD answers without a body
+                    assert_problem(response, 403, "forbidden")
                 continue
             needs = "read" if method in ("GET", "HEAD") else "transfers"
             if scope == needs:
