@@ -115,6 +115,18 @@ def list_keys(session: Session, user_id: int) -> list[ApiKey]:
     )
 
 
+def get_key(session: Session, user_id: int, key_id: int) -> ApiKey:
+    """One of the user's keys that is not revoked."""
+    key = session.scalar(
+        select(ApiKey).where(
+            ApiKey.id == key_id, ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None)
+        )
+    )
+    if key is None:
+        raise NotFound("key_not_found", f"no key {key_id}")
+    return key
+
+
 def revoke_key(session: Session, user_id: int, key_id: int) -> bytes:
     """Revoke the user's key; its digest, to announce after commit."""
     digest = session.scalar(

@@ -549,6 +549,11 @@ def test_body_just_under_one_mebibyte_is_read(client, people) -> None:
         "/accounts/" + "9" * 5000,
         "/accounts/1/nope",
         f"/users/1/transfers/{BIGINT_MAX + 1}",
+        # Paths with rules for other methods too (POST, DELETE): still no route, not 405.
+        f"/users/{BIGINT_MAX + 1}/transfers",
+        "/users/99999999999999999999/api-keys",
+        f"/users/1/api-keys/{BIGINT_MAX + 1}",
+        f"/users/1/webhooks/{BIGINT_MAX + 1}",
         "/users/1/transfers/abc",
         "/users/1/transfers/" + "9" * 5000,
         "/transfers",

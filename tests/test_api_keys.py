@@ -254,7 +254,26 @@ def test_others_keys_are_forbidden_and_the_superuser_reads_them(
     assert_problem(missing, 404, "user_not_found")
 
 
-# --- DELETE /users/{id}/api-keys/{key_id} ------------------------------------------------
+# --- GET and DELETE /users/{id}/api-keys/{key_id} ----------------------------------------
+
+
+def test_the_location_of_a_new_key_answers_with_it(client, api: Api, member: Member) -> None:
+    created = client.post(f"/users/{member.id}/api-keys", json={"name": "a"}, headers=member.auth)
+    location = created.headers["Location"]
+    key = created.get_json()
+    for auth in (member.auth, bearer(key["secret"]), SUPERUSER.auth):
+        response = client.get(location, headers=auth)
+        assert response.status_code == 200
+        # As created, without the secret; last_used_at moves once the key is used.
+        shown = response.get_json() | {"last_used_at": None}
+        assert shown == {name: value for name, value in key.items() if name != "secret"}
+    other = api.register("other")
+    assert_problem(client.get(location, headers=other.auth), 403, "forbidden")
+    for key_id in (2**62, 0):
+        response = client.get(f"/users/{member.id}/api-keys/{key_id}", headers=member.auth)
+        assert_problem(response, 404, "key_not_found")
+    client.delete(location, headers=member.auth)
+    assert_problem(client.get(location, headers=member.auth), 404, "key_not_found")
 
 
 def test_revoke_then_the_key_is_refused_and_unlisted(client, member: Member) -> None:

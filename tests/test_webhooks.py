@@ -472,11 +472,15 @@ def test_the_superuser_reads_but_does_not_manage(api, owned) -> None:
 def test_delete(api, owned) -> None:
     member, webhook_id = owned
     path = f"/users/{member.id}/webhooks/{webhook_id}"
+    listed = api.client.get(f"/users/{member.id}/webhooks", headers=member.auth).get_json()
+    # What the creation's Location names: the webhook as listed, never its secret.
+    assert api.client.get(path, headers=member.auth).get_json() == listed[0]
     response = api.client.delete(path, headers=member.auth)
     assert response.status_code == 204
     assert response.get_data() == b""
     assert api.client.get(f"/users/{member.id}/webhooks", headers=member.auth).get_json() == []
     assert_problem(api.client.delete(path, headers=member.auth), 404, "webhook_not_found")
+    assert_problem(api.client.get(path, headers=member.auth), 404, "webhook_not_found")
     response = api.client.get(f"{path}/deliveries", headers=member.auth)
     assert_problem(response, 404, "webhook_not_found")
 
@@ -489,6 +493,7 @@ def test_unknown_and_foreign_webhooks_are_not_found(api, owned) -> None:
         f"/users/{other.id}/webhooks/{MISSING_ID}",
     ):
         assert_problem(api.client.delete(path, headers=other.auth), 404, "webhook_not_found")
+        assert_problem(api.client.get(path, headers=other.auth), 404, "webhook_not_found")
         response = api.client.get(f"{path}/deliveries", headers=other.auth)
         assert_problem(response, 404, "webhook_not_found")
     # An id past BIGINT is no route at all.

@@ -87,6 +87,15 @@ def list_(user_id: int) -> Response:
         return json_response([key_json(key) for key in api_keys.list_keys(session, user_id)])
 
 
+@bp.get("/users/<id:user_id>/api-keys/<id:key_id>")
+@authenticated
+def read(user_id: int, key_id: int) -> Response:
+    """What a creation's Location names (never the secret)."""
+    authorize_path_user(user_id, write=False)
+    with request_session() as session:
+        return json_response(key_json(api_keys.get_key(session, user_id, key_id)))
+
+
 @bp.delete("/users/<id:user_id>/api-keys/<id:key_id>")
 @password_auth
 def revoke(user_id: int, key_id: int) -> Response:

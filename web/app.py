@@ -28,8 +28,23 @@ from web.problems import install_error_handlers
 MAX_BODY_BYTES = 1024 * 1024
 
 
+def _numbers_up_to(limit: int) -> str:
+    """A regex of the decimal numbers from 0 to `limit`, written with at most its digits."""
+    digits = str(limit)
+    options = [rf"\d{{1,{len(digits) - 1}}}"] if len(digits) > 1 else []
+    for place, digit in enumerate(digits):
+        if digit != "0":
+            rest = len(digits) - place - 1
+            options.append(rf"{digits[:place]}[0-{int(digit) - 1}]\d{{{rest}}}")
+    return "(?:" + "|".join([*options, digits]) + ")"
+
+
 class IdConverter(IntegerConverter):
-    """A path id that fits PostgreSQL's BIGINT; anything larger is simply no route (404)."""
+    """A path id that fits PostgreSQL's BIGINT; anything larger is simply no route (404).
+    The regex itself refuses it: werkzeug converts only after it chose a rule, and a
+    failed conversion there answers 405 when the path has rules for other methods."""
+
+    regex = _numbers_up_to(BIGINT_MAX)
 
     def __init__(self, url_map: Map, *args: object, **kwargs: object) -> None:
         super().__init__(url_map, min=0, max=BIGINT_MAX)

@@ -389,6 +389,14 @@ OPERATIONS = (
         errors=(*_AUTH, "forbidden", "user_not_found"),
     ),
     Operation(
+        "get",
+        "/users/{user_id}/api-keys/{key_id}",
+        "Read one API key (never its secret)",
+        200,
+        ApiKey,
+        errors=(*_AUTH, "forbidden", "user_not_found", "key_not_found"),
+    ),
+    Operation(
         "delete",
         "/users/{user_id}/api-keys/{key_id}",
         "Revoke an API key (password auth)",
@@ -438,6 +446,15 @@ OPERATIONS = (
         password_only=True,
         many=True,
         errors=(*_AUTH, "forbidden", "user_not_found"),
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/webhooks/{webhook_id}",
+        "Read one webhook (password auth; never its secret)",
+        200,
+        Webhook,
+        password_only=True,
+        errors=(*_AUTH, "forbidden", "user_not_found", "webhook_not_found"),
     ),
     Operation(
         "delete",

@@ -80,6 +80,15 @@ def list_(user_id: int) -> Response:
         return json_response([webhook_json(webhook) for webhook in rows])
 
 
+@bp.get("/users/<id:user_id>/webhooks/<id:webhook_id>")
+@password_auth
+def read(user_id: int, webhook_id: int) -> Response:
+    """What a creation's Location names (never the secret)."""
+    authorize_path_user(user_id, write=False)
+    with request_session() as session:
+        return json_response(webhook_json(webhooks.get_webhook(session, user_id, webhook_id)))
+
+
 @bp.delete("/users/<id:user_id>/webhooks/<id:webhook_id>")
 @password_auth
 def delete(user_id: int, webhook_id: int) -> Response:
