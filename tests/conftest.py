@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import itertools
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,33 @@ def read_all_pages(client, path: str, auth: dict[str, str]) -> tuple[list[dict],
         if next_path is not None:
             assert page, "a Link to a next page after an empty page"
     return items, pages
+
+
+@contextlib.contextmanager
+def settlement_held(currency: str) -> Iterator[None]:
+    """Nothing of `currency` settles inside the block: the test holds its settlement lock
+    (doorbells find it taken and leave the work to the lock's next holder)."""
+    from common.ledger import SETTLEMENT_LOCK_CLASS  # noqa: PLC0415 - no import at collection
+
+    params = {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency}
+    with script_session() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:cls, hashtext(:currency))"), params)
+        try:
+            yield
+        finally:
+            holder.execute(text("SELECT pg_advisory_unlock(:cls, hashtext(:currency))"), params)
+            holder.commit()
+
+
+def sweep_until(predicate: Callable[[], object], timeout: float = 30) -> None:
+    """Run beat's sweep (as beat would, every ~second) until predicate() holds."""
+    from worker.tasks import sweep  # noqa: PLC0415 - the worker's code only where used
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        sweep.apply()
+        time.sleep(0.5)
 
 
 def basic_auth(username: str, password: str) -> dict[str, str]:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,14 +25,13 @@ from common.db import script_session
 from common.live_cache import LiveCache
 from common.settings import Settings
 from tests.conftest import SUPERUSER, Api, Member, assert_problem
+from tests.servers import environment, free_port, gunicorn_command, serving
 from tests.test_api_auth import ROUTES, World, assert_outcome, route_names
 from tests.test_api_auth import world as world  # noqa: PLC0414 - the module's fixture, reused
 from tests.test_live_caches import eventually
-from tests.test_security import _environment, _free_port, _log_lines
+from tests.test_security import _log_lines
 from web.auth import AUTH_MARK
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 CHALLENGE = 'Basic realm="remit", Bearer realm="remit"'
 MAX_FAILURES_PER_ADDRESS = Settings.model_fields["login_failures_per_address"].default
 KEY_FIELDS = {"id", "name", "scopes", "prefix", "created_at", "last_used_at"}
@@ -582,31 +578,10 @@ def test_odd_bearer_headers_are_unauthorized(client, member: Member, header: str
 def gunicorn_two_workers(app) -> Iterator[str]:
     """The API under gunicorn with two worker processes. The key cache lives far longer
     than the test, so only the revocation message can empty it."""
-    port = _free_port()
-    command = [GUNICORN, "--config", "python:web.gunicorn_conf", "--bind", f"127.0.0.1:{port}"]
-    process = subprocess.Popen(
-        [*command, "--workers", "2", "web.wsgi:app"],
-        cwd=ROOT,
-        env=_environment(PORT=str(port), PROMETHEUS_MULTIPROC_DIR=None, LOGIN_CACHE_TTL="600"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "gunicorn exited"
-            try:
-                requests.get(url + "/currencies", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "gunicorn did not start"
-                time.sleep(0.2)
+    port = free_port()
+    env = environment(PORT=str(port), PROMETHEUS_MULTIPROC_DIR=None, LOGIN_CACHE_TTL="600")
+    with serving(gunicorn_command(port, workers=2), env, port, "/currencies") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=40)
 
 
 def _statuses(url: str, headers: dict[str, str], count: int) -> list[int]:

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from common.audit import audit
 from common.db import script_session
-from tests.conftest import SUPERUSER, SUPERUSER_PASSWORD, Api, basic_auth
+from tests.conftest import SUPERUSER, SUPERUSER_PASSWORD, Api, basic_auth, settlement_held
 from worker.cli import main
 
 
@@ -44,24 +44,17 @@ def test_deposit_refuses_bad_input(api: Api, capsys: Any) -> None:
 
 def test_requeue_settles_a_failed_transfer(api: Api, capsys: Any) -> None:
     alice, bob = api.funded("10.00"), api.register()
-    with script_session() as holder:
-        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('USD'))"))
-        try:
-            body = api.transfer(
-                alice, alice.accounts["USD"], bob.accounts["USD"], "1.00"
-            ).get_json()
-            with script_session() as session, session.begin():
-                # As the settler leaves a transfer after its last failed attempt.
-                session.execute(
-                    text(
-                        "UPDATE transfers SET status = 'failed', reason = 'settlement_error', "
-                        "attempts = 5, next_attempt_at = now() + interval '1 hour' WHERE id = :id"
-                    ),
-                    {"id": body["id"]},
-                )
-        finally:
-            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('USD'))"))
-            holder.commit()
+    with settlement_held("USD"):
+        body = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "1.00").get_json()
+        with script_session() as session, session.begin():
+            # As the settler leaves a transfer after its last failed attempt.
+            session.execute(
+                text(
+                    "UPDATE transfers SET status = 'failed', reason = 'settlement_error', "
+                    "attempts = 5, next_attempt_at = now() + interval '1 hour' WHERE id = :id"
+                ),
+                {"id": body["id"]},
+            )
     code, out = _run(capsys, "requeue", str(body["id"]), "2")
     assert code == 0
     assert out == {"requeued": [body["id"]], "not_failed": [2]}

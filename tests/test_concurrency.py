@@ -14,8 +14,7 @@ from sqlalchemy import text
 from common.audit import audit
 from common.db import script_session
 from common.doorbells import ring
-from common.ledger import SETTLEMENT_LOCK_CLASS
-from tests.conftest import SUPERUSER, Api, Member
+from tests.conftest import SUPERUSER, Api, Member, settlement_held
 from worker.tasks import settle
 
 pytestmark = pytest.mark.slow
@@ -107,17 +106,8 @@ def test_200_concurrent_transfers_settle_as_if_applied_in_id_order(api: Api, app
 
     # Hold the USD settlement lock while the 200 requests race in, so that the worker
     # settles them only once all are committed: then "id order" is well defined.
-    with script_session() as holder:
-        holder.execute(
-            text("SELECT pg_advisory_lock(:c, hashtext('USD'))"), {"c": SETTLEMENT_LOCK_CLASS}
-        )
-        try:
-            results = _in_parallel(app, jobs, _post_transfer)
-        finally:
-            holder.execute(
-                text("SELECT pg_advisory_unlock(:c, hashtext('USD'))"), {"c": SETTLEMENT_LOCK_CLASS}
-            )
-            holder.commit()
+    with settlement_held("USD"):
+        results = _in_parallel(app, jobs, _post_transfer)
     assert [status for status, _ in results] == [202] * 200
     accepted = [body for _, body in results]
     assert len({t["id"] for t in accepted}) == 200

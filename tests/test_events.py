@@ -28,9 +28,17 @@ from common.doorbells import ring
 from common.events import event_json
 from common.ledger import settle_batch
 from common.transfers import TransferRequest, submit_transfer
-from tests.conftest import SUPERUSER, Api, Member, assert_problem, basic_auth, next_page
+from tests.conftest import (
+    SUPERUSER,
+    Api,
+    Member,
+    assert_problem,
+    basic_auth,
+    next_page,
+    settlement_held,
+    sweep_until,
+)
 from web.fields import EVENT_TYPES
-from worker.tasks import sweep
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -78,14 +86,6 @@ def submit_without_doorbell(member: Member, source: int, target: int, amount: st
 
 def _row(transfer_id: int) -> Any:
     return fetch("SELECT status FROM transfers WHERE id = :id", id=transfer_id)[0]
-
-
-def _sweep_until(predicate: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        sweep.apply()
-        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -187,25 +187,20 @@ def test_a_transfer_that_fails_then_settles_keeps_both_events(api: Api, poison: 
     alice, bob = api.funded("40.00", "EUR"), api.register()
     ids = []
     # Poisoned before the worker can see it: accepted under the currency's lock.
-    with script_session() as holder:
-        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('EUR'))"))
-        try:
-            response = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "4.00")
-            ids.append(response.get_json()["id"])
-            poison(ids[0])
-        finally:
-            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('EUR'))"))
-            holder.commit()
+    with settlement_held("EUR"):
+        response = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "4.00")
+        ids.append(response.get_json()["id"])
+        poison(ids[0])
     ring("EUR")
     transfer_id = ids[0]
-    _sweep_until(lambda: _row(transfer_id).status == "failed")
+    sweep_until(lambda: _row(transfer_id).status == "failed")
     assert events_of(transfer_id) == [(alice.id, "transfer.failed", transfer_id)]
     failed = api.get_transfer(alice, transfer_id)
     [failed_event] = event_ids(transfer_id, "transfer.failed")
     assert event_json_now(failed_event)["data"] == failed
 
     poison.cure(transfer_id)
-    _sweep_until(lambda: _row(transfer_id).status == "settled")
+    sweep_until(lambda: _row(transfer_id).status == "settled")
     assert events_of(transfer_id) == [
         (alice.id, "transfer.failed", transfer_id),
         (alice.id, "transfer.settled", transfer_id),
@@ -225,20 +220,15 @@ def test_batches_that_roll_back_leave_no_events_behind(api: Api, poison: Any) ->
     the poisoned one stands alone: every rolled-back attempt wrote events that vanished."""
     alice, bob = api.funded("50.00", "CNY"), api.register()
     ids = []
-    with script_session() as holder:
-        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('CNY'))"))
-        try:
-            for _ in range(5):
-                response = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00")
-                ids.append(response.get_json()["id"])
-            poison(ids[2])
-        finally:
-            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('CNY'))"))
-            holder.commit()
+    with settlement_held("CNY"):
+        for _ in range(5):
+            response = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00")
+            ids.append(response.get_json()["id"])
+        poison(ids[2])
     ring("CNY")
     healthy = [i for i in ids if i != ids[2]]
     assert all(api.wait_final(alice, i)["status"] == "settled" for i in healthy)
-    _sweep_until(lambda: _row(ids[2]).status == "failed")
+    sweep_until(lambda: _row(ids[2]).status == "failed")
     # Exactly one set of events per outcome, whichever batches settled what.
     by_transfer = sorted(events_of(*ids), key=lambda e: (e[2], e[1] == "transfer.received"))
     assert by_transfer == [
@@ -344,22 +334,17 @@ def test_a_failure_fans_out_too(api: Api, poison: Any) -> None:
     alice, bob = api.funded("40.00", "USD"), api.register()
     hook = add_webhook(alice.id, ["transfer.failed"])
     ids = []
-    with script_session() as holder:
-        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('USD'))"))
-        try:
-            response = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "4.00")
-            ids.append(response.get_json()["id"])
-            poison(ids[0])
-        finally:
-            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('USD'))"))
-            holder.commit()
+    with settlement_held("USD"):
+        response = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "4.00")
+        ids.append(response.get_json()["id"])
+        poison(ids[0])
     ring("USD")
-    _sweep_until(lambda: _row(ids[0]).status == "failed")
+    sweep_until(lambda: _row(ids[0]).status == "failed")
     [failed] = event_ids(ids[0], "transfer.failed")
     rows = fetch("SELECT webhook_id FROM webhook_deliveries WHERE event_id = :id", id=failed)
     assert [row.webhook_id for row in rows] == [hook]
     poison.cure(ids[0])
-    _sweep_until(lambda: _row(ids[0]).status == "settled")
+    sweep_until(lambda: _row(ids[0]).status == "settled")
 
 
 # --- the feed -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from common.db import script_session
 from common.doorbells import ring
 from common.ledger import requeue_failed
 from common.transfers import TransferRequest, submit_transfer
-from tests.conftest import SUPERUSER, Api
+from tests.conftest import SUPERUSER, Api, settlement_held, sweep_until
 from worker.tasks import sweep
 
 
@@ -30,15 +30,6 @@ def _row(transfer_id: int) -> Any:
         ).one()
 
 
-def _sweep_until(predicate: Any, timeout: float = 30) -> None:
-    """Run beat's sweep (as beat would, every ~second) until predicate() holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        sweep.apply()
-        time.sleep(0.5)
-
-
 def _submit_with_poisoned_middle(
     api: Api, poison: Any, currency: str
 ) -> tuple[Any, Any, list[int]]:
@@ -47,17 +38,12 @@ def _submit_with_poisoned_middle(
     # Hold back settlement by poisoning the next id before it exists: create it first
     # with the lock of a pending doorbell-less insert, then poison, then ring.
     ids = []
-    with script_session() as holder:
-        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext(:c))"), {"c": currency})
-        try:
-            for _ in range(5):
-                response = api.transfer(alice, source, target, "1.00")
-                assert response.status_code == 202
-                ids.append(response.get_json()["id"])
-            poison(ids[2])
-        finally:
-            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext(:c))"), {"c": currency})
-            holder.commit()
+    with settlement_held(currency):
+        for _ in range(5):
+            response = api.transfer(alice, source, target, "1.00")
+            assert response.status_code == 202
+            ids.append(response.get_json()["id"])
+        poison(ids[2])
     ring(currency)
     return alice, bob, ids
 
@@ -71,7 +57,7 @@ def test_a_poisoned_transfer_fails_alone_and_its_currency_keeps_settling(
     assert api.balance(bob, bob.accounts["EUR"]) == "4.00"
 
     # Attempts back off (1 s, 2 s); beat's sweep rings when one is due; the third fails it.
-    _sweep_until(lambda: _row(ids[2]).status == "failed")
+    sweep_until(lambda: _row(ids[2]).status == "failed")
     failed = _row(ids[2])
     assert failed.reason == "settlement_error"
     assert failed.attempts == 3
@@ -86,13 +72,13 @@ def test_a_poisoned_transfer_fails_alone_and_its_currency_keeps_settling(
 
     # Beat retries it once it is due (1 s in tests); cured, it settles.
     poison.cure(ids[2])
-    _sweep_until(lambda: _row(ids[2]).status == "settled")
+    sweep_until(lambda: _row(ids[2]).status == "settled")
     assert api.balance(bob, bob.accounts["EUR"]) == "5.00"
 
 
 def test_failed_transfers_outside_their_window_wait_for_the_operator(api: Api, poison: Any) -> None:
     alice, bob, ids = _submit_with_poisoned_middle(api, poison, "CNY")
-    _sweep_until(lambda: _row(ids[2]).status == "failed")
+    sweep_until(lambda: _row(ids[2]).status == "failed")
     poison.cure(ids[2])
     with script_session() as session, session.begin():
         # Its retry window (a day by default) closed long ago.

@@ -2,63 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.servers import environment, free_port, serving
+
 CREDENTIALS = ("operator", "flower-test-password")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
 def flower(settlement_worker) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
+    login = f"--basic-auth={CREDENTIALS[0]}:{CREDENTIALS[1]}"
+    command = [sys.executable, "-m", "celery", "--app", "worker.app", "flower", f"--port={port}",
+               "--address=127.0.0.1", login]  # fmt: skip
     # Started after the worker answers, as run.sh does: a Flower started first shows none.
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "--app",
-            "worker.app",
-            "flower",
-            f"--port={port}",
-            "--address=127.0.0.1",
-            f"--basic-auth={CREDENTIALS[0]}:{CREDENTIALS[1]}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "REMIT_LOG_SETUP": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(url + "/healthcheck", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "Flower did not start"
-                assert process.poll() is None, "Flower exited"
-                time.sleep(0.2)
+    with serving(command, environment(REMIT_LOG_SETUP="1"), port, "/healthcheck", 10) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def test_flower_lists_the_worker_and_requires_auth(flower: str, settlement_worker) -> None:

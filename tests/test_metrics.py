@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
 
 from common import backlog
 from common.db import script_session
-from tests.conftest import Api
+from tests.conftest import Api, settlement_held
 
 
 def _samples(client) -> dict[tuple[str, tuple], float]:
@@ -58,17 +57,12 @@ def test_metrics_follow_transfers_through_their_life(api: Api) -> None:
 
 def test_metrics_show_pending_transfers_and_their_age(api: Api) -> None:
     alice, bob = api.funded("5.00", "CNY"), api.register()
-    with script_session() as holder:
-        holder.execute(text("SELECT pg_advisory_lock(7301, hashtext('CNY'))"))
-        try:
-            api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00")
-            samples = _samples(api.client)
-            with script_session() as session:
-                pending = backlog.pending_by_currency(session)
-                failed = backlog.failed_count(session)
-        finally:
-            holder.execute(text("SELECT pg_advisory_unlock(7301, hashtext('CNY'))"))
-            holder.commit()
+    with settlement_held("CNY"):
+        api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00")
+        samples = _samples(api.client)
+        with script_session() as session:
+            pending = backlog.pending_by_currency(session)
+            failed = backlog.failed_count(session)
     assert _total(samples, "remit_transfers_pending", currency="CNY") >= 1
     assert _total(samples, "remit_transfers_oldest_pending_age_seconds", currency="CNY") >= 0
     assert re.match(r"^\d", str(_total(samples, "remit_queue_depth")))

@@ -13,7 +13,6 @@ import base64
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,27 +29,9 @@ from sqlalchemy import text
 from common.db import script_session
 from common.logs import json_formatter
 from tests.conftest import SUPERUSER, Api, assert_problem, basic_auth
+from tests.servers import GUNICORN, ROOT, environment, free_port, gunicorn_command, serving
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 GOOD_KEY = "k" * 64
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _environment(**changes: str | None) -> dict[str, str]:
-    """This run's environment with some variables changed (None: removed)."""
-    env = dict(os.environ)
-    for name, value in changes.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
 
 
 # --- production refuses to start without real secrets -------------------------------------
@@ -74,7 +55,7 @@ def _refusal(command: list[str], **changes: str | None) -> subprocess.CompletedP
     return subprocess.run(
         command,
         cwd=ROOT,
-        env=_environment(**{**PRODUCTION_WITHOUT_SECRETS, **changes}),
+        env=environment(**{**PRODUCTION_WITHOUT_SECRETS, **changes}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -134,9 +115,9 @@ def test_flower_refuses_to_start_without_a_real_password(flower_env, complaint) 
 @pytest.fixture
 def development_flower(tmp_path) -> Iterator[tuple[str, str]]:
     """`./run.sh flower` in development with no FLOWER_* set: its URL and the line it printed."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "flower.log"
-    env = _environment(
+    env = environment(
         REMIT_ENV="development",
         FLOWER_PORT=str(port),
         FLOWER_BASIC_AUTH=None,
@@ -312,39 +293,10 @@ def test_a_database_error_is_a_bare_problem(client, trip_wire: str) -> None:
 @pytest.fixture
 def gunicorn_server(app) -> Iterator[str]:
     """The API under its real server, as ./run.sh web starts it (one process, loopback)."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            GUNICORN,
-            "--config",
-            "python:web.gunicorn_conf",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "1",
-            "web.wsgi:app",
-        ],
-        cwd=ROOT,
-        env=_environment(PORT=str(port), PROMETHEUS_MULTIPROC_DIR=None),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "gunicorn exited"
-            try:
-                requests.get(url + "/currencies", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "gunicorn did not start"
-                time.sleep(0.2)
+    port = free_port()
+    env = environment(PORT=str(port), PROMETHEUS_MULTIPROC_DIR=None)
+    with serving(gunicorn_command(port, workers=1), env, port, "/currencies") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=40)
 
 
 def test_no_server_announces_its_version(gunicorn_server: str) -> None:
@@ -388,7 +340,7 @@ def test_production_hashes_are_argon2id_at_the_documented_cost() -> None:
             "from common.passwords import hash_password; print(hash_password('x'))",
         ],
         cwd=ROOT,
-        env=_environment(ARGON2_TIME_COST=None, ARGON2_MEMORY_KIB=None),
+        env=environment(ARGON2_TIME_COST=None, ARGON2_MEMORY_KIB=None),
         capture_output=True,
         text=True,
         timeout=60,
