@@ -5,7 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-CPU_COLUMNS = ("web", "worker", "postgres", "redis", "bench", "other", "irq", "steal", "idle")
+CPU_COLUMNS = (
+    "web",
+    "worker",
+    "webhooks",
+    "postgres",
+    "redis",
+    "bench",
+    "other",
+    "irq",
+    "steal",
+    "idle",
+)
 
 
 def _get(data: Any, *path: str) -> Any:
@@ -37,7 +48,7 @@ def _audit(ok: bool | None) -> str:
 def table(results: dict[str, Any]) -> str:
     """One line per measured number, with the ratio or target the issue sets."""
     phases = results.get("phases", {})
-    a, b, c, d, e, f, cold_start = (phases.get(key, {}) for key in "abcdefg")
+    a, b, c, d, e, f, cold_start, h = (phases.get(key, {}) for key in "abcdefgh")
     b_ratio, c_ratio = b.get("ratio_to_pgbench"), c.get("ratio_post_to_trivial")
     e2e = d.get("submit_to_settled_ms") or {}
     rows = [
@@ -89,6 +100,15 @@ def table(results: dict[str, Any]) -> str:
         ("g", f"POST req/s, same traffic from {_num(runs['keys_warm'].get('clients'))} warm keys",
          rate["keys_warm"],
          _target(warm, (warm or 0) >= 0.8, f"cold = {_num(warm, 2)} x warm  (target >= 0.8)")),
+    ]  # fmt: skip
+    fanout = _get(h, "steady", "settled_to_delivered_ms") or {}
+    backlog = h.get("backlog") or {}
+    rows += [
+        ("h", f"settled -> delivered p50/p95/p99 ms at {_num(h.get('rate_per_s'))}/s",
+         _ms(fanout, "p50", "p95", "p99"),
+         _target(fanout.get("p99"), (fanout.get("p99") or 0) < 1000, "p99 target < 1 s")),
+        ("h", f"deliveries/s, backlog of {_num(_get(backlog, 'deliveries', 'delivered'))}",
+         _num(backlog.get("delivered_per_s")), f"{h.get('webhooks', '-')} webhooks"),
     ]  # fmt: skip
 
     header = ("", "measure", "value", "ratio / target")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.config import Config
 from ops import services
@@ -74,7 +76,7 @@ def migrate(env: dict, logs: Path) -> None:
         raise RuntimeError(f"python -m worker.cli migrate failed, see {process.log_path}")
 
 
-def start(name: str, env: dict, logs: Path, **options: str) -> Process:
+def start(name: str, env: dict, logs: Path, **options: Any) -> Process:
     process = Process(name, services.command(name, **options), env, log=logs / f"{name}.log")
     process.start()
     return process
@@ -97,18 +99,23 @@ def http_ok(port: int) -> bool:
         return False
 
 
-def worker_ready(process: Process, processes: int) -> bool:
+def node(queue: str = "celery") -> str:
+    """The Celery node that consumes `queue`: the settlement worker, or the webhooks one."""
+    return f"{'webhooks' if queue == 'webhooks' else 'celery'}@{socket.gethostname()}"
+
+
+def worker_ready(process: Process, processes: int, queue: str = "celery") -> bool:
     """The worker answers a control ping and its whole pool has forked."""
     from worker.app import app
 
-    return bool(app.control.ping(timeout=0.5)) and len(process.tree()) >= processes
+    answered = app.control.ping(timeout=0.5, destination=[node(queue)])
+    return bool(answered) and len(process.tree()) >= processes
 
 
-def consume(on: bool) -> None:
-    """Let the worker take doorbells from the queue, or not (they wait in Redis)."""
+def consume(on: bool, queue: str = "celery") -> None:
+    """Let the worker of `queue` take messages from it, or not (they wait in Redis)."""
     from worker.app import app
 
     control = app.control.add_consumer if on else app.control.cancel_consumer
-    # One worker answers: limit=1 returns as soon as it has, instead of at the timeout.
-    if not control("celery", reply=True, timeout=5, limit=1):
-        raise RuntimeError(f"the worker did not acknowledge {control.__name__}")
+    if not control(queue, reply=True, timeout=5, destination=[node(queue)]):
+        raise RuntimeError(f"{node(queue)} did not acknowledge {control.__name__}")
