@@ -1,4 +1,4 @@
-"""The phases a-g; each returns its JSON section (bench.run times them)."""
+"""The phases a-h; each returns its JSON section (bench.run times them)."""
 
 from __future__ import annotations
 
@@ -609,67 +609,80 @@ def _deliveries(bench: Bench, what: str, after: int, receiver: Receiver, started
             "settled_to_delivered_ms": load.summary_ms(waits)}  # fmt: skip
 
 
+_LAST_DELIVERY = "SELECT coalesce(max(id), 0) FROM webhook_deliveries"
+
+
+def _steady(bench: Bench, receiver: Receiver) -> dict[str, Any]:
+    """d's open loop without the long polls; every delivery it caused, timed."""
+    rate = bench.config.latency_rate
+    count = max(1, int(rate * bench.config.ingest_seconds))
+    warm_auth(bench)
+    say(f"  {count:,} transfers at {rate:.1f}/s, each event delivered")
+    after, before = data.scalar(bench.conn, _LAST_DELIVERY), bench.meter.sample()
+    started = time.perf_counter()
+    steady = asyncio.run(open_loop(bench, rate, count, follow=False))
+    for key in ("submit_to_settled_ms", "server_created_to_settled_ms", "long_polls_unheld"):
+        del steady[key]  # not followed
+    steady |= _deliveries(bench, "all_delivered", after, receiver, started)
+    return steady | {"cpu_s": bench.meter.between(before, bench.meter.sample())}
+
+
+def _backlog(bench: Bench, receiver: Receiver) -> dict[str, Any]:
+    """Transfers between the payers settled while the delivery worker waits; then the
+    deliveries/s of the drain once it consumes again."""
+    config = bench.config
+    say(f"  {config.fanout_backlog:,} transfers settled while the webhooks worker waits")
+    after = data.scalar(bench.conn, _LAST_DELIVERY)
+    stack.consume(False, "webhooks")
+    try:
+        ids = [payer.user_id for payer in bench.payers]
+        data.insert_random(
+            bench.conn, ids, config.currencies, config.fanout_backlog, seed=config.seed + 8
+        )
+        _ring_all(bench)
+        wait_for_zero(lambda: data.pending_count(bench.conn), config.drain_timeout_s)
+        # The settlement worker publishes a batch's deliveries after its commit.
+        sql = "SELECT count(*) FROM webhook_deliveries WHERE id > %s"
+        made = data.scalar(bench.conn, sql, (after,))
+        with redis.Redis.from_url(bench.env["REDIS_URL"]) as connection:
+            wait_for_zero(lambda: max(0, made - int(connection.llen("webhooks"))), 60)
+            queued = int(connection.llen("webhooks"))
+        receiver.first.clear()
+        before, resumed = bench.meter.sample(), time.perf_counter()
+    finally:
+        stack.consume(True, "webhooks")
+    backlog = _deliveries(bench, "backlog_drained", after, receiver, resumed)
+    del backlog["settled_to_delivered_ms"]  # the pause, mostly
+    delivered = backlog["deliveries"].get("delivered", 0)
+    return backlog | {
+        "cpu_s": bench.meter.between(before, bench.meter.sample()),
+        "transfers": config.fanout_backlog,
+        "messages_queued": queued,
+        "delivered_per_s": round(delivered / max(backlog["backlog_drained_s"], 1e-3), 1),
+    }
+
+
 def fanout(bench: Bench) -> dict[str, Any]:
     """A webhook for each payer, delivered to a receiver here: settled -> delivered at a
-    steady rate (open loop, no polls), then a backlog made while the webhooks worker was
-    paused, drained. Beat runs for this phase only (its sweeps would ring doorbells into
-    the other phases' measurements)."""
+    steady rate, then the drain of a backlog. Beat runs for this phase only (its sweeps
+    would ring doorbells into the other phases' measurements)."""
     from common.webhooks import new_secret
 
-    config, payers = bench.config, bench.payers
-    receiver = Receiver({f"/hooks/{payer.user_id}": new_secret() for payer in payers})
+    receiver = Receiver({f"/hooks/{payer.user_id}": new_secret() for payer in bench.payers})
     url = f"http://127.0.0.1:{receiver.port}"
     data.create_webhooks(bench.conn, [
         (int(path.rsplit("/", 1)[1]), url + path, secret)
         for path, secret in receiver.secrets.items()
     ])  # fmt: skip
     beat = stack.start("beat", bench.env, bench.logs, schedule=bench.folder / "beat-schedule")
-    last = "SELECT coalesce(max(id), 0) FROM webhook_deliveries"
-    count = max(1, int(config.latency_rate * config.ingest_seconds))
-    result: dict[str, Any] = {"webhooks": len(payers), "rate_per_s": config.latency_rate}
+    result = {"webhooks": len(bench.payers), "rate_per_s": bench.config.latency_rate}
     try:
-        warm_auth(bench)
-        say(f"  {count:,} transfers at {config.latency_rate:.1f}/s, each event delivered")
-        after, before = data.scalar(bench.conn, last), bench.meter.sample()
-        started = time.perf_counter()
-        steady = asyncio.run(open_loop(bench, config.latency_rate, count, follow=False))
-        for key in ("submit_to_settled_ms", "server_created_to_settled_ms", "long_polls_unheld"):
-            del steady[key]  # not followed
-        steady |= _deliveries(bench, "all_delivered", after, receiver, started)
-        steady["cpu_s"] = bench.meter.between(before, bench.meter.sample())
-        result["steady"] = steady
-
-        say(f"  {config.fanout_backlog:,} transfers settled while the webhooks worker waits")
-        after = data.scalar(bench.conn, last)
-        stack.consume(False, "webhooks")
-        try:
-            ids = [payer.user_id for payer in payers]
-            data.insert_random(bench.conn, ids, config.currencies, config.fanout_backlog,
-                               seed=config.seed + 8)  # fmt: skip
-            _ring_all(bench)
-            wait_for_zero(lambda: data.pending_count(bench.conn), config.drain_timeout_s)
-            with redis.Redis.from_url(bench.env["REDIS_URL"]) as connection:
-                queued = int(connection.llen("webhooks"))
-            receiver.first.clear()
-            before, resumed = bench.meter.sample(), time.perf_counter()
-        finally:
-            stack.consume(True, "webhooks")
-        backlog = _deliveries(bench, "backlog_drained", after, receiver, resumed)
-        del backlog["settled_to_delivered_ms"]  # the pause, mostly
-        backlog["cpu_s"] = bench.meter.between(before, bench.meter.sample())
-        made = backlog["deliveries"].get("delivered", 0)
-        backlog |= {
-            "transfers": config.fanout_backlog,
-            "messages_queued": queued,
-            "delivered_per_s": round(made / max(backlog["backlog_drained_s"], 1e-3), 1),
-        }
-        result["backlog"] = backlog
+        result |= {"steady": _steady(bench, receiver), "backlog": _backlog(bench, receiver)}
     finally:
         beat.stop()
         receiver.stop()
         bench.conn.execute("UPDATE webhooks SET enabled = false")
-    result["receiver_statuses"] = dict(receiver.statuses)
-    return result
+    return result | {"receiver_statuses": dict(receiver.statuses)}
 
 
 # Each phase's title and function, in the order they run.
