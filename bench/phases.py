@@ -216,8 +216,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
     args = {"port": bench.port, "clients": config.clients, "folder": bench.logs}
     # The worker stops taking doorbells (drained after) so settlement takes no API CPU.
     first_id = data.scalar(bench.conn, "SELECT coalesce(max(id), 0) FROM transfers")
-    stack.consume(False)
-    try:
+    with stack.paused():
         for name, workload in workloads.items():
             if workload.payers:
                 result[f"{name}_auth_warmup_rounds"] = warm_auth(bench)
@@ -235,8 +234,6 @@ def ingest(bench: Bench) -> dict[str, Any]:
         # Should be 0: a doorbell taken before the pause would have settled meanwhile.
         sql = "SELECT count(*) FROM transfers WHERE id > %s AND status <> 'pending'"
         result["settled_while_paused"] = data.scalar(bench.conn, sql, (first_id,))
-    finally:
-        stack.consume(True)
     trivial = result["trivial"]["requests_per_s"]
     result["ratio_post_to_trivial"] = round(result["post"]["requests_per_s"] / trivial, 3)
     result["ratio_batch_to_trivial"] = round(result["batch"]["transfers_per_s"] / trivial, 3)
@@ -515,15 +512,12 @@ def cold_start(bench: Bench) -> dict[str, Any]:
         per_request = 1000 * (cpu["web"] + cpu["postgres"]) / run["requests"]
         runs[name].append(run | {"web_and_postgres_cpu_ms_per_request": round(per_request, 3)})
 
-    stack.consume(False)
-    try:
+    with stack.paused():
         measure("basic_cold", basic)
         for payers in fresh:
             measure("keys_cold", payers)
             warm_auth(bench, regulars)  # a key's cache entry lives LOGIN_CACHE_TTL (10 s)
             measure("keys_warm", tuple(regulars[n % warm] for n in range(cold)))
-    finally:
-        stack.consume(True)
     result: dict[str, Any] = {"method": "POST /users/{id}/transfers; worker paused, drained after"}
     for name, done in runs.items():
         rates = [run["requests_per_s"] for run in done]
@@ -633,8 +627,7 @@ def _backlog(bench: Bench, receiver: Receiver) -> dict[str, Any]:
     config = bench.config
     say(f"  {config.fanout_backlog:,} transfers settled while the webhooks worker waits")
     after = data.scalar(bench.conn, _LAST_DELIVERY)
-    stack.consume(False, "webhooks")
-    try:
+    with stack.paused("webhooks"):
         ids = [payer.user_id for payer in bench.payers]
         data.insert_random(
             bench.conn, ids, config.currencies, config.fanout_backlog, seed=config.seed + 8
@@ -649,8 +642,6 @@ def _backlog(bench: Bench, receiver: Receiver) -> dict[str, Any]:
             queued = int(connection.llen("webhooks"))
         receiver.first.clear()
         before, resumed = bench.meter.sample(), time.perf_counter()
-    finally:
-        stack.consume(True, "webhooks")
     backlog = _deliveries(bench, "backlog_drained", after, receiver, resumed)
     del backlog["settled_to_delivered_ms"]  # the pause, mostly
     delivered = backlog["deliveries"].get("delivered", 0)

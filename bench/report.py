@@ -5,18 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-CPU_COLUMNS = (
-    "web",
-    "worker",
-    "webhooks",
-    "postgres",
-    "redis",
-    "bench",
-    "other",
-    "irq",
-    "steal",
-    "idle",
-)
+CPU_COLUMNS = ("web", "worker", "webhooks", "postgres", "redis", "bench", "other", "irq", "steal",
+               "idle")  # fmt: skip
 
 
 def _get(data: Any, *path: str) -> Any:

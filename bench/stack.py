@@ -3,12 +3,13 @@ as production starts them (ops.services); only the bind address is the bench's."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +113,19 @@ def worker_ready(process: Process, processes: int, queue: str = "celery") -> boo
     return bool(answered) and len(process.tree()) >= processes
 
 
-def consume(on: bool, queue: str = "celery") -> None:
-    """Let the worker of `queue` take messages from it, or not (they wait in Redis)."""
+def _control(on: bool, queue: str) -> None:
     from worker.app import app
 
     control = app.control.add_consumer if on else app.control.cancel_consumer
     if not control(queue, reply=True, timeout=5, destination=[node(queue)]):
         raise RuntimeError(f"{node(queue)} did not acknowledge {control.__name__}")
+
+
+@contextlib.contextmanager
+def paused(queue: str = "celery") -> Iterator[None]:
+    """The worker of `queue` takes no message from it meanwhile (they wait in Redis)."""
+    _control(False, queue)
+    try:
+        yield
+    finally:
+        _control(True, queue)
