@@ -22,7 +22,7 @@ from tests.chaos.load import User
 from tests.webhook_receiver import Answer, Receiver
 
 # Each answer takes this long: attempts overlap, so a kill finds some in flight.
-ANSWER_DELAY_S = 0.02
+ANSWER_DELAY_S = 0.01
 
 
 class ChaosReceiver(Receiver):

@@ -59,8 +59,9 @@ MAX_PER_CLIENT = int(os.environ.get("CHAOS_MAX_PER_CLIENT", "80"))
 FUNDING = {"USD": "300.00", "EUR": "200.00"}
 # After the last fault: every accepted transfer must be final within this.
 DRAIN_BOUND_S = 120.0
-# Then every webhook delivery must be made within this.
-DELIVERY_DRAIN_BOUND_S = 60.0
+# Then every webhook delivery must be made within this. The delivery worker may trail
+# the load by tens of seconds on a busy machine (about 5 ms of CPU per delivery).
+DELIVERY_DRAIN_BOUND_S = 120.0
 # A test's schedule: retries within seconds, a killed worker's leases back in 4 s.
 WEBHOOK_SETTINGS = {
     "WEBHOOK_TIMEOUT": "2",
@@ -68,7 +69,7 @@ WEBHOOK_SETTINGS = {
     "WEBHOOK_RETRY_BASE": "0.5",
     "WEBHOOK_RETRY_CAP": "2",
     "WEBHOOK_SWEEP_INTERVAL": "1",
-    "WEBHOOK_CONCURRENCY": "8",
+    "WEBHOOK_CONCURRENCY": "16",
 }
 
 # (seconds after the load started, fault, args). Workers w1 and w2 take turns.
@@ -348,6 +349,9 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
             1
             for fault in faults.log
             if fault.name.endswith("mid_batch") and fault.detail.get("mid_batch")
+        ),
+        "mid-delivery kills confirmed": sum(
+            1 for fault in faults.log if fault.detail.get("in_flight")
         ),
         "fault log": [f"{f.at:>5}s {f.name}({f.target}) {f.took}s {f.detail}" for f in faults.log],
         "final statuses": counts,
