@@ -577,18 +577,14 @@ class Receiver:
         self.thread.join(10)
 
 
-def _deliveries_left(bench: Bench, after: int) -> Callable[[], int]:
-    sql = "SELECT count(*) FROM webhook_deliveries WHERE id > %s AND state = 'pending'"
-    return lambda: data.scalar(bench.conn, sql, (after,))
-
-
 def _deliveries(bench: Bench, what: str, after: int, receiver: Receiver, started: float) -> dict:
     """Wait until every delivery after id `after` is made: the seconds since `started`,
     their states, and each event's settled_at (its body's) -> first arrival here."""
     timeout = bench.config.drain_timeout_s
     # The transfers settle first: then all their deliveries exist.
     wait_for_zero(lambda: data.pending_count(bench.conn), timeout)
-    wait_for_zero(_deliveries_left(bench, after), timeout)
+    sql = "SELECT count(*) FROM webhook_deliveries WHERE id > %s AND state = 'pending'"
+    wait_for_zero(lambda: data.scalar(bench.conn, sql, (after,)), timeout)
     seconds = time.perf_counter() - started
     states = dict(bench.conn.execute(
         "SELECT state, count(*) FROM webhook_deliveries WHERE id > %s GROUP BY state", (after,)

@@ -1,5 +1,6 @@
 """The run's own PostgreSQL and Redis (ops.servers) and Remit's processes on them, started
-as production starts them (ops.services); only the bind address is the bench's."""
+as production starts them (ops.services); only the bind address is the bench's (and the
+delivery worker's REMIT_ENV, see bench/README.md)."""
 
 from __future__ import annotations
 
