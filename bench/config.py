@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = "abcdefg"
+PHASES = "abcdefgh"
 # Project knobs that change what is measured: recorded with every result.
 RECORDED_KNOBS = (
     "WEB_CONCURRENCY", "WORKER_CONCURRENCY", "SETTLE_BATCH_SIZE", "SETTLE_GATHER",
     "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "AUTH_CACHE_TTL", "LOGIN_CACHE_TTL", "WEB_THREADS",
-    "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB", "LOG_LEVEL",
+    "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB", "LOG_LEVEL", "WEBHOOK_CONCURRENCY",
 )  # fmt: skip
 
 
@@ -52,6 +52,9 @@ class Config:
     cold_clients: int = size(1000, 40, "--cold-clients", "new clients per auth scheme in g")
     cold_requests: int = size(3, 3, "--cold-requests", "first requests of each new client in g")
     warm_clients: int = size(100, 8, "--warm-clients", "warm key clients sending g's traffic")
+    fanout_backlog: int = size(
+        2500, 100, "--fanout-backlog", "transfers settled while h's webhooks worker is paused"
+    )
     web_workers: int = size(_cores("WEB_CONCURRENCY"), None, "--web-workers", "gunicorn processes")
     worker_processes: int = size(_cores("WORKER_CONCURRENCY"), None, "--workers", "Celery pool")
     load_tool: str = "auto"
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(prog="./run.sh bench", description=about)
     option = parser.add_argument
     option("--quick", action="store_true", help="tiny sizes, short phases (a smoke run, ~1 min)")
-    option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abcdefg)")
+    option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abcdefgh)")
     tools = ("auto", "wrk", "python")
     option("--load-tool", choices=tools, default="auto", help="phase c's load: wrk, else aiohttp")
     option("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")

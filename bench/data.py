@@ -51,6 +51,14 @@ def create_keys(conn: psycopg.Connection, keys: list[tuple[int, str, bytes]]) ->
         )
 
 
+def create_webhooks(conn: psycopg.Connection, hooks: list[tuple[int, str, str]]) -> None:
+    """Webhooks (user id, URL, secret) for every event type, as POST .../webhooks stores them."""
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO webhooks (user_id, url, events, secret) VALUES (%s, %s, '{*}', %s)", hooks
+        )
+
+
 # Cross-user transfers of 1.00 to 99.99 (in the currency's minor units) between random
 # bench users, the currencies in turn, commission at the currency's rate (ceil, as
 # common.money.commission_for). setseed() makes a run's draws repeatable.

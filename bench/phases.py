@@ -1,4 +1,4 @@
-"""The phases a-g; each returns its JSON section (bench.run times them)."""
+"""The phases a-h; each returns its JSON section (bench.run times them)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import random
 import re
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import redis
-from aiohttp import BasicAuth
+from aiohttp import BasicAuth, web
+from standardwebhooks import Webhook as Signer
+from standardwebhooks import WebhookVerificationError
 
 from bench import data, load, say, stack
+from ops.servers import free_port
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -212,8 +216,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
     args = {"port": bench.port, "clients": config.clients, "folder": bench.logs}
     # The worker stops taking doorbells (drained after) so settlement takes no API CPU.
     first_id = data.scalar(bench.conn, "SELECT coalesce(max(id), 0) FROM transfers")
-    stack.consume(False)
-    try:
+    with stack.paused():
         for name, workload in workloads.items():
             if workload.payers:
                 result[f"{name}_auth_warmup_rounds"] = warm_auth(bench)
@@ -231,8 +234,6 @@ def ingest(bench: Bench) -> dict[str, Any]:
         # Should be 0: a doorbell taken before the pause would have settled meanwhile.
         sql = "SELECT count(*) FROM transfers WHERE id > %s AND status <> 'pending'"
         result["settled_while_paused"] = data.scalar(bench.conn, sql, (first_id,))
-    finally:
-        stack.consume(True)
     trivial = result["trivial"]["requests_per_s"]
     result["ratio_post_to_trivial"] = round(result["post"]["requests_per_s"] / trivial, 3)
     result["ratio_batch_to_trivial"] = round(result["batch"]["transfers_per_s"] / trivial, 3)
@@ -248,9 +249,9 @@ DEADLINE_S = 3 * WAIT_S  # still pending this long after it was due: "still_pend
 CONNECTIONS = 512  # at most: an operation beyond waits for one, within its latency
 
 
-async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
-    """Transfers sent at a fixed rate whatever the answers, each long-polled until final;
-    latency counts from when it was due (no coordinated omission)."""
+async def open_loop(bench: Bench, rate: float, count: int, follow: bool = True) -> dict[str, Any]:
+    """Transfers sent at a fixed rate whatever the answers, each long-polled until final
+    (unless not `follow`); latency counts from when it was due (no coordinated omission)."""
     payers = bench.payers
     workload = load.Workload("post", payers=payers, payees=bench.payees)
     build = load.request_builder(workload, random.Random(7))
@@ -275,7 +276,7 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
         submit.append(time.perf_counter() - due)
         url = f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={WAIT_S}"
         poll = {"method": "GET", "url": url, "headers": {"Authorization": payer.authorization}}
-        while transfer["status"] == "pending" and time.perf_counter() < due + DEADLINE_S:
+        while follow and transfer["status"] == "pending" and time.perf_counter() < due + DEADLINE_S:
             status, transfer, retry_after = await fetch(http, **poll)
             if status != 200:
                 return f"get_{status}"
@@ -284,7 +285,7 @@ async def open_loop(bench: Bench, rate: float, count: int) -> dict[str, Any]:
                 counts["unheld"] += 1
                 await asyncio.sleep(int(retry_after))
         if transfer["status"] == "pending":
-            return "still_pending"
+            return "still_pending" if follow else "accepted"
         e2e.append(time.perf_counter() - due)
         if (created := transfer.get("created_at")) and (settled := transfer.get("settled_at")):
             span = datetime.fromisoformat(settled) - datetime.fromisoformat(created)
@@ -511,15 +512,12 @@ def cold_start(bench: Bench) -> dict[str, Any]:
         per_request = 1000 * (cpu["web"] + cpu["postgres"]) / run["requests"]
         runs[name].append(run | {"web_and_postgres_cpu_ms_per_request": round(per_request, 3)})
 
-    stack.consume(False)
-    try:
+    with stack.paused():
         measure("basic_cold", basic)
         for payers in fresh:
             measure("keys_cold", payers)
             warm_auth(bench, regulars)  # a key's cache entry lives LOGIN_CACHE_TTL (10 s)
             measure("keys_warm", tuple(regulars[n % warm] for n in range(cold)))
-    finally:
-        stack.consume(True)
     result: dict[str, Any] = {"method": "POST /users/{id}/transfers; worker paused, drained after"}
     for name, done in runs.items():
         rates = [run["requests_per_s"] for run in done]
@@ -536,6 +534,144 @@ def cold_start(bench: Bench) -> dict[str, Any]:
     return result
 
 
+class Receiver:
+    """Webhook deliveries' receiver (aiohttp.web on a loop in a thread of its own): every
+    signature verified as a receiver would (standardwebhooks), and the first arrival of
+    each webhook-id kept with its event."""
+
+    def __init__(self, secrets: dict[str, str]) -> None:
+        self.secrets = secrets  # path -> its webhook's secret
+        self.first: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.statuses: Counter[int] = Counter()
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="receiver", daemon=True)
+        self.ready = threading.Event()
+        self.thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("the webhook receiver did not start")
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body, arrived = await request.read(), time.time()
+        try:
+            event = Signer(self.secrets[request.path]).verify(body, dict(request.headers))
+        except (KeyError, WebhookVerificationError):
+            self.statuses[400] += 1
+            return web.Response(status=400)
+        self.statuses[204] += 1
+        self.first.setdefault(event["id"], (arrived, event))
+        return web.Response(status=204)
+
+    def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{hook:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _deliveries(bench: Bench, what: str, after: int, receiver: Receiver, started: float) -> dict:
+    """Wait until every delivery after id `after` is made: the seconds since `started`,
+    their states, and each event's settled_at (its body's) -> first arrival here."""
+    timeout = bench.config.drain_timeout_s
+    # The transfers settle first: then all their deliveries exist.
+    wait_for_zero(lambda: data.pending_count(bench.conn), timeout)
+    sql = "SELECT count(*) FROM webhook_deliveries WHERE id > %s AND state = 'pending'"
+    wait_for_zero(lambda: data.scalar(bench.conn, sql, (after,)), timeout)
+    seconds = time.perf_counter() - started
+    states = dict(bench.conn.execute(
+        "SELECT state, count(*) FROM webhook_deliveries WHERE id > %s GROUP BY state", (after,)
+    ).fetchall())  # fmt: skip
+    waits = [
+        arrived - datetime.fromisoformat(settled).timestamp()
+        for arrived, event in receiver.first.values()
+        if (settled := event["data"].get("settled_at"))
+    ]
+    return {f"{what}_s": round(seconds, 2), "deliveries": states,
+            "distinct_webhook_ids_received": len(receiver.first),
+            "settled_to_delivered_ms": load.summary_ms(waits)}  # fmt: skip
+
+
+_LAST_DELIVERY = "SELECT coalesce(max(id), 0) FROM webhook_deliveries"
+
+
+def _steady(bench: Bench, receiver: Receiver) -> dict[str, Any]:
+    """d's open loop without the long polls; every delivery it caused, timed."""
+    rate = bench.config.latency_rate
+    count = max(1, int(rate * bench.config.ingest_seconds))
+    warm_auth(bench)
+    say(f"  {count:,} transfers at {rate:.1f}/s, each event delivered")
+    after, before = data.scalar(bench.conn, _LAST_DELIVERY), bench.meter.sample()
+    started = time.perf_counter()
+    steady = asyncio.run(open_loop(bench, rate, count, follow=False))
+    for key in ("submit_to_settled_ms", "server_created_to_settled_ms", "long_polls_unheld"):
+        del steady[key]  # not followed
+    steady |= _deliveries(bench, "all_delivered", after, receiver, started)
+    return steady | {"cpu_s": bench.meter.between(before, bench.meter.sample())}
+
+
+def _backlog(bench: Bench, receiver: Receiver) -> dict[str, Any]:
+    """Transfers between the payers settled while the delivery worker waits; then the
+    deliveries/s of the drain once it consumes again."""
+    config = bench.config
+    say(f"  {config.fanout_backlog:,} transfers settled while the webhooks worker waits")
+    after = data.scalar(bench.conn, _LAST_DELIVERY)
+    with stack.paused("webhooks"):
+        ids = [payer.user_id for payer in bench.payers]
+        data.insert_random(
+            bench.conn, ids, config.currencies, config.fanout_backlog, seed=config.seed + 8
+        )
+        _ring_all(bench)
+        wait_for_zero(lambda: data.pending_count(bench.conn), config.drain_timeout_s)
+        # The settlement worker publishes a batch's deliveries after its commit.
+        sql = "SELECT count(*) FROM webhook_deliveries WHERE id > %s"
+        made = data.scalar(bench.conn, sql, (after,))
+        with redis.Redis.from_url(bench.env["REDIS_URL"]) as connection:
+            wait_for_zero(lambda: max(0, made - int(connection.llen("webhooks"))), 60)
+            queued = int(connection.llen("webhooks"))
+        receiver.first.clear()
+        before, resumed = bench.meter.sample(), time.perf_counter()
+    backlog = _deliveries(bench, "backlog_drained", after, receiver, resumed)
+    del backlog["settled_to_delivered_ms"]  # the pause, mostly
+    delivered = backlog["deliveries"].get("delivered", 0)
+    return backlog | {
+        "cpu_s": bench.meter.between(before, bench.meter.sample()),
+        "transfers": config.fanout_backlog,
+        "messages_queued": queued,
+        "delivered_per_s": round(delivered / max(backlog["backlog_drained_s"], 1e-3), 1),
+    }
+
+
+def fanout(bench: Bench) -> dict[str, Any]:
+    """A webhook for each payer, delivered to a receiver here: settled -> delivered at a
+    steady rate, then the drain of a backlog. Beat runs for this phase only (its sweeps
+    would ring doorbells into the other phases' measurements)."""
+    from common.webhooks import new_secret
+
+    receiver = Receiver({f"/hooks/{payer.user_id}": new_secret() for payer in bench.payers})
+    url = f"http://127.0.0.1:{receiver.port}"
+    data.create_webhooks(bench.conn, [
+        (int(path.rsplit("/", 1)[1]), url + path, secret)
+        for path, secret in receiver.secrets.items()
+    ])  # fmt: skip
+    beat = stack.start("beat", bench.env, bench.logs, schedule=bench.folder / "beat-schedule")
+    result = {"webhooks": len(bench.payers), "rate_per_s": bench.config.latency_rate}
+    try:
+        result |= {"steady": _steady(bench, receiver), "backlog": _backlog(bench, receiver)}
+    finally:
+        beat.stop()
+        receiver.stop()
+        bench.conn.execute("UPDATE webhooks SET enabled = false")
+    return result | {"receiver_statuses": dict(receiver.statuses)}
+
+
 # Each phase's title and function, in the order they run.
 ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "a": ("pgbench TPC-B-like, the reference", pgbench),
@@ -545,4 +681,5 @@ ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "e": ("read latency with a big transfers table", reads),
     "f": ("worker and web memory after many settlements", memory),
     "g": ("cold start: new clients' first requests, Basic and API keys", cold_start),
+    "h": ("webhook fan-out: settled -> delivered, and a backlog's deliveries/s", fanout),
 }

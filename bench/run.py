@@ -42,6 +42,7 @@ class Bench:
         self.redis = Redis(self.folder / "redis")
         self.web: Any = None
         self.worker: Any = None
+        self.webhooks: Any = None
         self.conn: Any = None
         self.env: dict[str, str] = {}
         self.port = 0
@@ -123,10 +124,17 @@ class Bench:
         say(f"starting gunicorn ({config.web_workers}) and the worker ({config.worker_processes})")
         self.web = stack.start("web", self.env, self.logs, bind=f"127.0.0.1:{self.port}")
         self.worker = stack.start("worker", self.env, self.logs)
-        self.meter.groups |= {"web": self.web.pid, "worker": self.worker.pid}
+        # The delivery worker in REMIT_ENV=test, its one difference from production here:
+        # it may deliver to loopback, where phase h's receiver listens.
+        self.webhooks = stack.start("webhooks", self.env | {"REMIT_ENV": "test"}, self.logs)
+        self.meter.groups |= {"web": self.web.pid, "worker": self.worker.pid,
+                              "webhooks": self.webhooks.pid}  # fmt: skip
         stack.wait_until(self.web, lambda: stack.http_ok(self.port), "gunicorn")
         pool = config.worker_processes
         stack.wait_until(self.worker, lambda: stack.worker_ready(self.worker, pool), "the worker")
+        stack.wait_until(
+            self.webhooks, lambda: stack.worker_ready(self.webhooks, 0, "webhooks"), "webhooks"
+        )
         self.remember_memory("start")
 
     def remember_memory(self, label: str) -> None:
@@ -150,8 +158,8 @@ class Bench:
         self.results["phases"][key] = result
         if self.web is not None:
             self.remember_memory(f"after_{key}")
-            stack.check(self.web)
-            stack.check(self.worker)
+            for process in (self.web, self.worker, self.webhooks):
+                stack.check(process)
 
     def fail(self, what: str, error: Exception) -> str:
         self.failed = True
@@ -162,7 +170,7 @@ class Bench:
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        for process in (self.web, self.worker):
+        for process in (self.web, self.worker, self.webhooks):
             if process is not None:
                 process.stop()
         self.redis.stop()

@@ -1,14 +1,18 @@
 """The run's own PostgreSQL and Redis (ops.servers) and Remit's processes on them, started
-as production starts them (ops.services); only the bind address is the bench's."""
+as production starts them (ops.services); only the bind address is the bench's (and the
+delivery worker's REMIT_ENV, see bench/README.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench.config import Config
 from ops import services
@@ -74,7 +78,7 @@ def migrate(env: dict, logs: Path) -> None:
         raise RuntimeError(f"python -m worker.cli migrate failed, see {process.log_path}")
 
 
-def start(name: str, env: dict, logs: Path, **options: str) -> Process:
+def start(name: str, env: dict, logs: Path, **options: Any) -> Process:
     process = Process(name, services.command(name, **options), env, log=logs / f"{name}.log")
     process.start()
     return process
@@ -97,18 +101,32 @@ def http_ok(port: int) -> bool:
         return False
 
 
-def worker_ready(process: Process, processes: int) -> bool:
+def node(queue: str = "celery") -> str:
+    """The Celery node that consumes `queue`: the settlement worker, or the webhooks one."""
+    return f"{'webhooks' if queue == 'webhooks' else 'celery'}@{socket.gethostname()}"
+
+
+def worker_ready(process: Process, processes: int, queue: str = "celery") -> bool:
     """The worker answers a control ping and its whole pool has forked."""
     from worker.app import app
 
-    return bool(app.control.ping(timeout=0.5)) and len(process.tree()) >= processes
+    answered = app.control.ping(timeout=0.5, destination=[node(queue)])
+    return bool(answered) and len(process.tree()) >= processes
 
 
-def consume(on: bool) -> None:
-    """Let the worker take doorbells from the queue, or not (they wait in Redis)."""
+def _control(on: bool, queue: str) -> None:
     from worker.app import app
 
     control = app.control.add_consumer if on else app.control.cancel_consumer
-    # One worker answers: limit=1 returns as soon as it has, instead of at the timeout.
-    if not control("celery", reply=True, timeout=5, limit=1):
-        raise RuntimeError(f"the worker did not acknowledge {control.__name__}")
+    if not control(queue, reply=True, timeout=5, destination=[node(queue)]):
+        raise RuntimeError(f"{node(queue)} did not acknowledge {control.__name__}")
+
+
+@contextlib.contextmanager
+def paused(queue: str = "celery") -> Iterator[None]:
+    """The worker of `queue` takes no message from it meanwhile (they wait in Redis)."""
+    _control(False, queue)
+    try:
+        yield
+    finally:
+        _control(True, queue)

@@ -69,7 +69,7 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert result["ok"] is True
     assert result["mode"] == "quick"
     phases = result["phases"]
-    assert sorted(phases) == list("abcdefg")
+    assert sorted(phases) == list("abcdefgh")
     for key, phase in phases.items():
         assert "error" not in phase, (key, phase)
         assert phase["cpu_s"]["wall_s"] >= 0
@@ -122,6 +122,18 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
         assert g[run]["requests_per_s"] > 0
     assert g["ratio_keys_to_basic"] > 0
     assert g["drain_after"]["pending_drained_s"] >= 0
+
+    h = phases["h"]
+    steady, backlog = h["steady"], h["backlog"]
+    assert steady["outcomes"] == {"accepted": steady["operations"]}
+    # Every delivery made, each event received once at least, every signature valid.
+    assert set(steady["deliveries"]) == set(backlog["deliveries"]) == {"delivered"}
+    assert steady["distinct_webhook_ids_received"] == steady["deliveries"]["delivered"] > 0
+    assert _ordered(steady["settled_to_delivered_ms"])
+    assert backlog["deliveries"]["delivered"] == 2 * backlog["transfers"]
+    assert backlog["distinct_webhook_ids_received"] == backlog["deliveries"]["delivered"]
+    assert backlog["delivered_per_s"] > 0
+    assert set(h["receiver_statuses"]) == {"204"}
 
     chart = result_path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,9 +8,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.chaos.harness import Stack, wait_until
+
+if TYPE_CHECKING:
+    from tests.chaos.deliveries import ChaosReceiver
 
 # How long a mid-batch kill waits to catch the worker inside a batch before killing anyway.
 CATCH_BATCH_S = 8.0
@@ -38,8 +41,9 @@ class Fault:
 
 
 class Faults:
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, receiver: ChaosReceiver | None = None) -> None:
         self.stack = stack
+        self.receiver = receiver
         self.log: list[Fault] = []
         self.errors: list[str] = []
         self.t0 = time.monotonic()
@@ -153,12 +157,44 @@ class Faults:
             raise RuntimeError(result.stderr[-2000:])
         return {}
 
+    # --- webhook deliveries -----------------------------------------------------------------
+
+    def kill_webhooks_mid_delivery(self, down_s: float = 1.0) -> dict[str, Any]:
+        """SIGKILL the delivery worker while the receiver is answering one of its attempts
+        (claimed, not yet recorded: its lease must run out before the sweep hands it out
+        again); restart it."""
+        assert self.receiver is not None
+        started = time.monotonic()
+        while self.receiver.in_flight == 0 and time.monotonic() - started < CATCH_BATCH_S:
+            time.sleep(0.002)
+        in_flight = self.receiver.in_flight
+        self.stack.processes["webhooks"].kill()
+        self._restart_later("webhooks", down_s)
+        return {"in_flight": in_flight, "waited_s": round(time.monotonic() - started, 2)}
+
+    def receiver_down(self, down_s: float) -> dict[str, Any]:
+        """The receiver's port closed for `down_s`: attempts meanwhile are refused and
+        retried on the backoff schedule."""
+        receiver = self.receiver
+        assert receiver is not None
+        receiver.stop()
+
+        def start() -> None:
+            time.sleep(down_s)
+            receiver.start()
+
+        thread = threading.Thread(target=start, name="receiver-up")
+        thread.start()
+        self._restarts.append(thread)
+        return {"down_s": down_s}
+
     # --- Redis -----------------------------------------------------------------------------
 
     def redis_flushall(self) -> dict[str, Any]:
         queued = self.stack.redis.command("LLEN", "celery")
+        deliveries = self.stack.redis.command("LLEN", "webhooks")
         self.stack.redis.command("FLUSHALL")
-        return {"doorbells_dropped": queued}
+        return {"doorbells_dropped": queued, "delivery_messages_dropped": deliveries}
 
     def redis_restart(self, down_s: float = 2.0) -> dict[str, Any]:
         self.stack.redis.stop()

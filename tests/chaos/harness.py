@@ -265,6 +265,17 @@ class Stack:
 
         wait_until(ready, timeout, 0.2, f"worker {name} to be ready")
 
+    def start_webhooks(self) -> AppProcess:
+        """The delivery worker, by the command compose runs (`./run.sh webhooks`), with
+        the stack's WEBHOOK_CONCURRENCY (ops.services reads it from this process's)."""
+        command = services.command("webhooks", hostname="webhooks@%h")
+        threads = self.settings.get("WEBHOOK_CONCURRENCY")
+        if threads:
+            command[command.index("--concurrency") + 1] = threads
+        webhooks = self._add("webhooks", command, None)
+        webhooks.start()
+        return webhooks
+
     def start_beat(self, *, redis_url: str | None = None) -> AppProcess:
         command = services.command("beat", schedule=self.log_dir / "beat-schedule")
         beat = self._add("beat", command, redis_url)

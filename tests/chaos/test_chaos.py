@@ -8,6 +8,13 @@ restarted, every database connection is terminated, PostgreSQL restarts, and doo
 are published twice. Then, once the system drains, the ledger must be exactly what the
 accepted transfers say.
 
+Every user has a webhook (registered before any of their transfers) pointing at a real
+receiver in this process; the delivery worker runs beside the settlement nodes and is
+SIGKILLed mid-delivery, the receiver goes down for a while, and the Redis faults drop
+delivery messages too. Once the deliveries drain, every event the database holds for
+those users must have reached the receiver, correctly signed: duplicates allowed, loss
+not.
+
 A PostgreSQL trigger on the throwaway database makes each batch's postings insert sleep
 a little (inside the settlement transaction): that is the window the mid-batch kills
 aim at, and each kill reports whether it caught a worker inside a batch.
@@ -25,6 +32,12 @@ from typing import Any
 
 import pytest
 
+from tests.chaos.deliveries import (
+    ChaosReceiver,
+    check_deliveries,
+    drain_deliveries,
+    register_webhooks,
+)
 from tests.chaos.faults import Faults
 from tests.chaos.harness import Stack, wait_until
 from tests.chaos.load import (
@@ -46,12 +59,26 @@ MAX_PER_CLIENT = int(os.environ.get("CHAOS_MAX_PER_CLIENT", "80"))
 FUNDING = {"USD": "300.00", "EUR": "200.00"}
 # After the last fault: every accepted transfer must be final within this.
 DRAIN_BOUND_S = 120.0
+# Then every webhook delivery must be made within this. The delivery worker may trail
+# the load by tens of seconds on a busy machine (about 5 ms of CPU per delivery).
+DELIVERY_DRAIN_BOUND_S = 120.0
+# A test's schedule: retries within seconds, a killed worker's leases back in 4 s.
+WEBHOOK_SETTINGS = {
+    "WEBHOOK_TIMEOUT": "2",
+    "WEBHOOK_LEASE": "4",
+    "WEBHOOK_RETRY_BASE": "0.5",
+    "WEBHOOK_RETRY_CAP": "2",
+    "WEBHOOK_SWEEP_INTERVAL": "1",
+    "WEBHOOK_CONCURRENCY": "16",
+}
 
 # (seconds after the load started, fault, args). Workers w1 and w2 take turns.
 PLAN: list[tuple[float, str, tuple[Any, ...]]] = [
     (3, "kill_child_mid_batch", ("w1",)),
+    (6, "kill_webhooks_mid_delivery", ()),
     (8, "redis_flushall", ()),
     (12, "kill_node_mid_batch", ("w2",)),
+    (16, "receiver_down", (4.0,)),
     (17, "duplicate_doorbell", ()),
     (21, "terminate_backends", ()),
     (26, "redis_restart", ()),
@@ -59,6 +86,7 @@ PLAN: list[tuple[float, str, tuple[Any, ...]]] = [
     # Frozen longer than the visibility timeout: its messages are redelivered meanwhile.
     (35, "stop_worker", ("w1", 14.0)),
     (39, "kill_node_mid_batch", ("w2",)),
+    (47, "kill_webhooks_mid_delivery", ()),
     (52, "pg_restart", ()),
     (60, "kill_node_mid_batch", ("w1",)),
     (64, "duplicate_doorbell", ()),
@@ -92,7 +120,7 @@ def fund(stack: Stack, users: list[User], recorder: Recorder) -> list[int]:
 
 def ensure_workers(stack: Stack) -> None:
     """After the storm: every worker node running again (none left stopped or dead)."""
-    for name in ("w1", "w2"):
+    for name in ("w1", "w2", "webhooks"):
         process = stack.processes[name]
         process.signal_group(signal.SIGCONT)
         if not process.alive():
@@ -232,17 +260,20 @@ def percentiles(values: list[float]) -> str:
 
 def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     started = time.monotonic()
-    stack: Stack = stack_factory("main", batch_delay=0.15)
+    stack: Stack = stack_factory("main", batch_delay=0.15, settings=WEBHOOK_SETTINGS)
     stack.start_web()
     for name in ("w1", "w2"):
         stack.start_worker(name)
+    stack.start_webhooks()
     stack.start_beat()
     stack.wait_web()
-    for name in ("w1", "w2"):
+    for name in ("w1", "w2", "webhooks"):
         stack.wait_worker_ready(name)
 
     recorder = Recorder()
+    receiver = ChaosReceiver()
     users = register_users(stack.base_url, USERS)
+    paths = register_webhooks(stack, users, receiver)
     funding_ids = fund(stack, users, recorder)
     wait_until(
         lambda: stack.status_counts().get("pending", 0) == 0,
@@ -254,7 +285,7 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
 
     # Load and faults.
     load = Load(stack.base_url, users, recorder, clients=CLIENTS, max_per_client=MAX_PER_CLIENT)
-    faults = Faults(stack)
+    faults = Faults(stack, receiver)
     load_started, load_started_at = time.monotonic(), time.time()
     stack.watch()
     load.start()
@@ -267,6 +298,7 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
 
     # Quiescence, then the ledger against what the clients were told.
     drain_s, counts = drain(stack, DRAIN_BOUND_S)
+    delivery_drain_s, deliveries_left = drain_deliveries(stack, DELIVERY_DRAIN_BOUND_S)
     with stack.pg.connect(stack.database) as connection:
         transfers = {
             row[0]: row
@@ -290,6 +322,8 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     violations = [line for line in audit_report.splitlines() if not line.startswith("audit:")]
     final_resends, resend_problems = late_resends(stack, users, accepted, recorder)
     problems += resend_problems
+    webhook_summary, webhook_problems = check_deliveries(stack, receiver, paths)
+    receiver.stop()
 
     bad_5xx, no_answer = recorder.bad_5xx(), recorder.no_answer()
     summary = {
@@ -316,10 +350,16 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
             for fault in faults.log
             if fault.name.endswith("mid_batch") and fault.detail.get("mid_batch")
         ),
+        "mid-delivery kills confirmed": sum(
+            1 for fault in faults.log if fault.detail.get("in_flight")
+        ),
         "fault log": [f"{f.at:>5}s {f.name}({f.target}) {f.took}s {f.detail}" for f in faults.log],
         "final statuses": counts,
         **settle_latency(stack, load_started_at),
-        "setup / load / drain s": f"{setup_s:.1f} / {load_s:.1f} / {drain_s:.1f}",
+        "setup / load / drain / delivery drain s": (
+            f"{setup_s:.1f} / {load_s:.1f} / {drain_s:.1f} / {delivery_drain_s:.1f}"
+        ),
+        **{f"webhooks: {key}": value for key, value in webhook_summary.items()},
         "audit violations / other violations": f"{len(violations)} / {len(problems)}",
         "processes that crashed (restarted as a supervisor would)": len(stack.crashes),
         "errors logged": {
@@ -341,6 +381,9 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     assert audit_status == 0, audit_report
     assert not problems, problems[:30]
     assert len(accepted) >= 1000, f"only {len(accepted)} transfers were accepted"
+    assert not deliveries_left, f"{deliveries_left} deliveries pending after the bound"
+    # Every event of every user reached the receiver, signed; duplicates allowed.
+    assert not webhook_problems, webhook_problems[:30]
     for fault in faults.log:
         if fault.name == "sigterm_mid_batch":
             # A clean warm shutdown after the batch in hand and one task slice at most.
