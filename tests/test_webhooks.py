@@ -466,6 +466,18 @@ def test_the_superuser_reads_but_does_not_manage(api, owned) -> None:
     assert_problem(response, 404, "user_not_found")
 
 
+def test_the_superuser_manages_its_own_webhooks(api) -> None:
+    """Its deposits' events are its own, as its keys are (it moves money only by deposits,
+    but a webhook moves none)."""
+    base = f"/users/{SUPERUSER.id}/webhooks"
+    response = api.client.post(base, json={"url": "http://127.0.0.1:9/"}, headers=SUPERUSER.auth)
+    assert response.status_code == 201
+    webhook_id = response.get_json()["id"]
+    listed = api.client.get(base, headers=SUPERUSER.auth).get_json()
+    assert [webhook["id"] for webhook in listed] == [webhook_id]
+    assert api.client.delete(f"{base}/{webhook_id}", headers=SUPERUSER.auth).status_code == 204
+
+
 # --- DELETE and GET .../deliveries ------------------------------------------------------
 
 

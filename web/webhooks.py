@@ -15,7 +15,7 @@ from common import webhooks
 from common.db import request_session, request_transaction
 from common.models import Webhook, WebhookAttempt
 from common.render import timestamp
-from web.auth import authorize_path_user, password_auth
+from web.auth import authorize_own_path, authorize_path_user, password_auth
 from web.context import current_settings
 from web.fields import DeliveryListQuery, WebhookCreate, parse_body, parse_query
 from web.render import decode_cursor, json_response, page_response
@@ -51,7 +51,7 @@ def attempt_json(attempt: WebhookAttempt) -> dict[str, Any]:
 @bp.post("/users/<id:user_id>/webhooks")
 @password_auth
 def create(user_id: int) -> Response:
-    authorize_path_user(user_id, write=True)
+    authorize_own_path(user_id)
     fields = parse_body(WebhookCreate)
     # Checked before the transaction: the name lookup must not hold the owner's row lock.
     url = webhooks.check_url(fields.url, allow_loopback=not current_settings().is_production)
@@ -92,7 +92,7 @@ def read(user_id: int, webhook_id: int) -> Response:
 @bp.delete("/users/<id:user_id>/webhooks/<id:webhook_id>")
 @password_auth
 def delete(user_id: int, webhook_id: int) -> Response:
-    authorize_path_user(user_id, write=True)
+    authorize_own_path(user_id)
     request_transaction(lambda session: webhooks.delete_webhook(session, user_id, webhook_id))
     return Response(status=204)
 
