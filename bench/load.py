@@ -63,6 +63,36 @@ def session(port: int, traces: list | None = None, **connector: Any) -> aiohttp.
     )
 
 
+async def timed(http: aiohttp.ClientSession, **request: Any) -> tuple[int, float]:
+    """One request of aiohttp's request() keywords, read to the end: status, seconds."""
+    begin = time.perf_counter()
+    async with http.request(**request) as response:
+        await response.read()
+    return response.status, time.perf_counter() - begin
+
+
+def get(url: str, payer: Payer) -> dict[str, Any]:
+    """aiohttp request() keywords: `payer`'s GET of `url`."""
+    return {"method": "GET", "url": url, "headers": {"Authorization": payer.authorization}}
+
+
+async def run_sessions(
+    http: aiohttp.ClientSession, sessions: Iterable[list[dict[str, Any]]], clients: int
+) -> list[tuple[int, int, float]]:
+    """`clients` loops on `http`, each taking the next session not yet started and sending
+    its requests (request() keywords) one after another; each request's place in its
+    session, status and seconds (timed from when it was sent)."""
+    waiting, answers = iter(sessions), []
+
+    async def client() -> None:
+        for session in waiting:
+            for place, request in enumerate(session):
+                answers.append((place, *await timed(http, **request)))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return answers
+
+
 def choose_tool(preference: str) -> tuple[str, str]:
     """The closed-loop tool (wrk unless told python or not installed) and its version."""
     if preference == "python" or not (wrk := shutil.which("wrk")):
@@ -151,15 +181,13 @@ def _aiohttp(workload: Workload, port: int, clients: int, seconds: float, _: Pat
         while time.perf_counter() < started + seconds:
             request = build(number + sent)  # users in turn, as wrk's script does
             sent += 1
-            begin = time.perf_counter()
             try:
-                async with http.request(**request) as response:
-                    await response.read()
+                status, took = await timed(http, **request)
             except (aiohttp.ClientError, TimeoutError):
                 errors["transport"] += 1
                 continue
-            latencies.append(time.perf_counter() - begin)
-            if response.status >= 400:
+            latencies.append(took)
+            if status >= 400:
                 errors["status"] += 1
 
     async def clients_run() -> None:
