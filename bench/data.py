@@ -41,22 +41,18 @@ def create_users(
     return list(users.values())
 
 
-def create_keys(conn: psycopg.Connection, keys: list[tuple[int, str, bytes]]) -> None:
-    """API keys (user id, prefix, digest) with both scopes, as POST .../api-keys stores them."""
-    with conn.cursor() as cursor:
-        cursor.executemany(
-            "INSERT INTO api_keys (user_id, name, scopes, prefix, digest) "
-            "VALUES (%s, 'bench', ARRAY['read', 'transfers'], %s, %s)",
-            keys,
-        )
+# Per table, a row as the API stores it: an API key (user id, prefix, digest) with both
+# scopes, as POST .../api-keys; a webhook (user id, URL, secret) for every event type.
+_ROWS = {
+    "api_keys": "INSERT INTO api_keys (user_id, name, scopes, prefix, digest) "
+    "VALUES (%s, 'bench', ARRAY['read', 'transfers'], %s, %s)",
+    "webhooks": "INSERT INTO webhooks (user_id, url, events, secret) VALUES (%s, %s, '{*}', %s)",
+}
 
 
-def create_webhooks(conn: psycopg.Connection, hooks: list[tuple[int, str, str]]) -> None:
-    """Webhooks (user id, URL, secret) for every event type, as POST .../webhooks stores them."""
+def insert_rows(conn: psycopg.Connection, table: str, rows: list[tuple]) -> None:
     with conn.cursor() as cursor:
-        cursor.executemany(
-            "INSERT INTO webhooks (user_id, url, events, secret) VALUES (%s, %s, '{*}', %s)", hooks
-        )
+        cursor.executemany(_ROWS[table], rows)
 
 
 # Cross-user transfers of 1.00 to 99.99 (in the currency's minor units) between random

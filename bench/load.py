@@ -4,6 +4,7 @@ a Python client takes tens), else aiohttp; aiohttp for everything else."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -12,7 +13,6 @@ import re
 import shutil
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,40 @@ def session(port: int, traces: list | None = None, **connector: Any) -> aiohttp.
         auto_decompress=False,
         trace_configs=traces,
     )
+
+
+async def timed(http: aiohttp.ClientSession, **request: Any) -> tuple[int, float]:
+    """One request of aiohttp's request() keywords, read to the end: status, seconds."""
+    begin = time.perf_counter()
+    async with http.request(**request) as response:
+        await response.read()
+    return response.status, time.perf_counter() - begin
+
+
+def get(url: str, payer: Payer) -> dict[str, Any]:
+    """aiohttp request() keywords: `payer`'s GET of `url`."""
+    return {"method": "GET", "url": url, "headers": {"Authorization": payer.authorization}}
+
+
+async def run_sessions(
+    http: aiohttp.ClientSession, sessions: Iterable[list[dict[str, Any]]], clients: int
+) -> list[tuple[int, int, float]]:
+    """`clients` loops on `http`, each taking the next session not yet started and sending
+    its requests (request() keywords) one after another; each request's place in its
+    session, status (0: a transport error) and seconds (timed from when it was sent)."""
+    answers: list[tuple[int, int, float]] = []
+    waiting = iter(sessions)  # shared: a session is taken by one client only
+
+    async def client() -> None:
+        for session in waiting:
+            for place, request in enumerate(session):
+                try:
+                    answers.append((place, *await timed(http, **request)))
+                except (aiohttp.ClientError, TimeoutError):
+                    answers.append((place, 0, 0.0))  # status 0: no answer
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return answers
 
 
 def choose_tool(preference: str) -> tuple[str, str]:
@@ -142,30 +176,18 @@ def request_builder(workload: Workload, rng: random.Random) -> Callable[[int], d
 
 def _aiohttp(workload: Workload, port: int, clients: int, seconds: float, _: Path) -> tuple:
     build = request_builder(workload, random.Random(len(workload.payers) + clients))
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
     started = time.perf_counter()
+    end = started + seconds
+    # One-request sessions, users in turn as wrk's script does, until the time is up.
+    numbers = itertools.takewhile(lambda _n: time.perf_counter() < end, itertools.count())
+    requests = ([build(number)] for number in numbers)
 
-    async def client(http: aiohttp.ClientSession, number: int) -> None:
-        sent = 0
-        while time.perf_counter() < started + seconds:
-            request = build(number + sent)  # users in turn, as wrk's script does
-            sent += 1
-            begin = time.perf_counter()
-            try:
-                async with http.request(**request) as response:
-                    await response.read()
-            except (aiohttp.ClientError, TimeoutError):
-                errors["transport"] += 1
-                continue
-            latencies.append(time.perf_counter() - begin)
-            if response.status >= 400:
-                errors["status"] += 1
-
-    async def clients_run() -> None:
+    async def run() -> list[tuple[int, int, float]]:
         async with session(port, limit=clients) as http:
-            await asyncio.gather(*(client(http, n) for n in range(clients)))
+            return await run_sessions(http, requests, clients)
 
-    asyncio.run(clients_run())
-    elapsed = time.perf_counter() - started
+    answers = asyncio.run(run())
+    elapsed, latencies = time.perf_counter() - started, [t for _, s, t in answers if s]
+    errors = {"transport": len(answers) - len(latencies)}
+    errors["status"] = sum(status >= 400 for _, status, _ in answers)
     return len(latencies), elapsed, errors, summary_ms(latencies, ("p50", "p90", "p99"))

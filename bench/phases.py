@@ -55,8 +55,10 @@ def wait_for_zero(count: Callable[[], int], timeout: float, series: list | None 
         time.sleep(0.1)
 
 
-def drain(bench: Bench) -> dict[str, Any]:
-    """Wait until nothing is pending and no doorbell is queued; how long each took."""
+def drain(bench: Bench, rings: int = 0) -> dict[str, Any]:
+    """Ring `rings` times, then wait until nothing is pending and no doorbell is queued;
+    how long each took."""
+    _ring_all(bench, rings)
     timeout, pending = bench.config.drain_timeout_s, data.pending_count(bench.conn)
     seconds = wait_for_zero(lambda: data.pending_count(bench.conn), timeout)
     return {
@@ -84,38 +86,30 @@ def _audit(bench: Bench) -> dict[str, Any]:
     }
 
 
-def _insert(bench: Bench, count: int, seed: int, settled_from: datetime | None = None) -> tuple:
-    say(f"  inserting {count:,} {'settled' if settled_from else 'pending'} transfers")
-    users, codes = [user.id for user in bench.users], bench.config.currencies
-    return data.insert_random(bench.conn, users, codes, count, seed=seed, settled_from=settled_from)
+def _insert(
+    bench: Bench, count: int, seed: int, at: datetime | None = None, ids: tuple = ()
+) -> tuple:
+    """`count` random transfers between users `ids` (default: all), pending or settled `at`."""
+    say(f"  inserting {count:,} {'settled' if at else 'pending'} transfers")
+    users, codes = list(ids) or [user.id for user in bench.users], bench.config.currencies
+    return data.insert_random(bench.conn, users, codes, count, seed=seed, settled_from=at)
 
 
 def warm_auth(bench: Bench, payers: tuple[load.Payer, ...] = ()) -> int:
     """Fill every web process's auth cache: rounds of one request per user on new
     connections until three in a row beat an argon2 verification; how many rounds."""
-    payers = payers or bench.payers
     threshold = max(0.015, 0.6 * bench.verify_s)
-
-    async def one(http: aiohttp.ClientSession, payer: load.Payer) -> tuple[float, int]:
-        # Timed from when the request may go, not while it waits for one of the 4 slots.
-        async with slots:
-            begin = time.perf_counter()
-            headers = {"Authorization": payer.authorization}
-            async with http.get(f"/users/{payer.user_id}/accounts", headers=headers) as response:
-                await response.read()
-            return time.perf_counter() - begin, response.status
-
-    slots = asyncio.Semaphore(4)
+    requests = [load.get(f"/users/{p.user_id}/accounts", p) for p in payers or bench.payers]
 
     async def rounds() -> int:
         count = fast = 0
         async with load.session(bench.port, force_close=True) as http:
             while count < 30 and fast < 3:
                 count += 1
-                answers = await asyncio.gather(*(one(http, payer) for payer in payers))
-                if any(status != 200 for _, status in answers):
+                answers = await load.run_sessions(http, ([r] for r in requests), 4)
+                if any(status != 200 for _, status, _ in answers):
                     raise RuntimeError(f"auth warm-up: unexpected statuses {answers}")
-                fast = fast + 1 if max(s for s, _ in answers) < threshold else 0
+                fast = fast + 1 if max(s for *_, s in answers) < threshold else 0
         return count
 
     return asyncio.run(rounds())
@@ -158,8 +152,7 @@ def settlement(bench: Bench) -> dict[str, Any]:
 
     config = bench.config
     # Doorbells with nothing to settle warm every pool process up before the clock starts.
-    _ring_all(bench, 2 * config.worker_processes)
-    drain(bench)
+    drain(bench, rings=2 * config.worker_processes)
     ids = _insert(bench, config.backlog, config.seed)
     series: list[list[float]] = []
     say("  settling the backlog")
@@ -237,8 +230,7 @@ def ingest(bench: Bench) -> dict[str, Any]:
     trivial = result["trivial"]["requests_per_s"]
     result["ratio_post_to_trivial"] = round(result["post"]["requests_per_s"] / trivial, 3)
     result["ratio_batch_to_trivial"] = round(result["batch"]["transfers_per_s"] / trivial, 3)
-    _ring_all(bench)
-    after = result["drain_after"] = drain(bench)
+    after = result["drain_after"] = drain(bench, rings=1)
     if after["pending_at_start"] and after["pending_drained_s"]:
         after["settled_per_s"] = round(after["pending_at_start"] / after["pending_drained_s"], 1)
     return result
@@ -249,17 +241,18 @@ DEADLINE_S = 3 * WAIT_S  # still pending this long after it was due: "still_pend
 CONNECTIONS = 512  # at most: an operation beyond waits for one, within its latency
 
 
-async def open_loop(bench: Bench, rate: float, count: int, follow: bool = True) -> dict[str, Any]:
-    """Transfers sent at a fixed rate whatever the answers, each long-polled until final
-    (unless not `follow`); latency counts from when it was due (no coordinated omission)."""
-    payers = bench.payers
+async def open_loop(bench: Bench, follow: bool = True) -> dict[str, Any]:
+    """Transfers sent at --rate for --seconds whatever the answers, each long-polled until
+    final (unless not `follow`); latency counts from when it was due (no coordinated omission)."""
+    rate, payers = bench.config.latency_rate, bench.payers
+    count = max(1, int(rate * bench.config.ingest_seconds))
+    say(f"  {count:,} transfers at {rate:.1f}/s, {'each long-polled' if follow else 'no polls'}")
     workload = load.Workload("post", payers=payers, payees=bench.payees)
     build = load.request_builder(workload, random.Random(7))
     e2e: list[float] = []
     submit: list[float] = []
     server: list[float] = []
-    outcomes: Counter[str] = Counter()
-    counts: Counter[str] = Counter()
+    outcomes, counts = Counter[str](), Counter[str]()  # counts: connections opened, polls unheld
 
     async def fetch(http: aiohttp.ClientSession, **request: Any) -> tuple[int, Any, str]:
         """Status, JSON body (None unless 2xx) and Retry-After of one request."""
@@ -274,8 +267,7 @@ async def open_loop(bench: Bench, rate: float, count: int, follow: bool = True) 
         if status != 202:
             return f"post_{status}"
         submit.append(time.perf_counter() - due)
-        url = f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={WAIT_S}"
-        poll = {"method": "GET", "url": url, "headers": {"Authorization": payer.authorization}}
+        poll = load.get(f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={WAIT_S}", payer)
         while follow and transfer["status"] == "pending" and time.perf_counter() < due + DEADLINE_S:
             status, transfer, retry_after = await fetch(http, **poll)
             if status != 200:
@@ -303,8 +295,7 @@ async def open_loop(bench: Bench, rate: float, count: int, follow: bool = True) 
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_create_end.append(opened)
-    http = load.session(bench.port, limit=CONNECTIONS, traces=[trace])
-    async with http:
+    async with load.session(bench.port, limit=CONNECTIONS, traces=[trace]) as http:
         start = time.perf_counter() + 0.2
         tasks = []
         for number in range(count):
@@ -326,34 +317,23 @@ async def open_loop(bench: Bench, rate: float, count: int, follow: bool = True) 
 
 
 def latency(bench: Bench) -> dict[str, Any]:
-    config = bench.config
-    rate = config.latency_rate
-    count = max(1, int(rate * config.ingest_seconds))
     rounds = warm_auth(bench)
     # The open loop's CPU alone, without the drains and the auth warm-up (argon2).
     cpu_before = bench.meter.sample()
-    say(f"  {count:,} transfers at {rate:.1f}/s, each long-polled until final")
-    result = asyncio.run(open_loop(bench, rate, count))
+    result = asyncio.run(open_loop(bench))
     result["open_loop_cpu_s"] = bench.meter.between(cpu_before, bench.meter.sample())
-    result["auth_warmup_rounds"] = rounds
-    result["rate_per_s"] = round(rate, 1)
-    result |= {"seconds": config.ingest_seconds, "wait_param_s": WAIT_S}
+    result |= {"auth_warmup_rounds": rounds, "rate_per_s": round(bench.config.latency_rate, 1)}
+    result |= {"seconds": bench.config.ingest_seconds, "wait_param_s": WAIT_S}
     result["drain_after"] = drain(bench)
     return result
 
 
-async def _sequential(port: int, requests: list[tuple[str, str]], warmup: int) -> dict[str, Any]:
-    """(url, authorization) one after another on one keep-alive connection."""
-    latencies: list[float] = []
-    statuses: Counter[int] = Counter()
+async def _sequential(port: int, requests: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """One request after another on one keep-alive connection; the first `warmup` untimed."""
     async with load.session(port, limit=1) as http:
-        for number, (url, authorization) in enumerate(requests):
-            begin = time.perf_counter()
-            async with http.get(url, headers={"Authorization": authorization}) as response:
-                await response.read()
-            statuses[response.status] += 1
-            if number >= warmup:
-                latencies.append(time.perf_counter() - begin)
+        answers = await load.run_sessions(http, [requests], 1)
+    statuses = Counter(status for _, status, _ in answers)
+    latencies = [took for place, _, took in answers if place >= warmup]
     return {"statuses": dict(statuses), "latency_ms": load.summary_ms(latencies)}
 
 
@@ -390,11 +370,11 @@ def reads(bench: Bench) -> dict[str, Any]:
     # A short warm-up on the measuring connection itself (pools, caches, planner).
     warmup = 2 * len(payers)
     gets = [
-        (f"/users/{user_id}/transfers/{transfer_id}", by_user[user_id].authorization)
+        load.get(f"/users/{user_id}/transfers/{transfer_id}", by_user[user_id])
         for user_id, transfer_id in (visible * 2)[: warmup + config.reads]
     ]
     lists = [
-        (f"/users/{payer.user_id}/transfers?limit=100", payer.authorization)
+        load.get(f"/users/{payer.user_id}/transfers?limit=100", payer)
         for payer in (payers[i % len(payers)] for i in range(warmup + config.reads))
     ]
     say(f"  {config.reads:,} GET transfer, then {config.reads:,} GET list (100)")
@@ -417,8 +397,7 @@ def memory(bench: Bench) -> dict[str, Any]:
     if decided < config.settlements:
         missing = config.settlements - decided
         _insert(bench, missing, config.seed + 7)
-        _ring_all(bench)
-        result["top_up"] = drain(bench)
+        result["top_up"] = drain(bench, rings=1)
         result["top_up_transfers"] = missing
     result["settlements"] = _decided_by_worker(bench)
     bench.remember_memory("after_settlements")
@@ -428,10 +407,11 @@ def memory(bench: Bench) -> dict[str, Any]:
     for group in ("web", "worker"):
         start, after = snapshots["start"][group], snapshots["after_settlements"][group]
         section = result[group] = {
-            "rss_start_mib": round(start["rss_kib"] / 1024, 1),
-            "rss_after_mib": round(after["rss_kib"] / 1024, 1),
-            "pss_start_mib": round(start["pss_kib"] / 1024, 1),
-            "pss_after_mib": round(after["pss_kib"] / 1024, 1),
+            f"{kind}_{when}_mib": round(snapshot[f"{kind}_kib"] / 1024, 1)
+            for kind in ("rss", "pss")
+            for when, snapshot in (("start", start), ("after", after))
+        }
+        section |= {
             "processes": len(after["processes"]),
             "rss_growth_pct": round(100 * (after["rss_kib"] / start["rss_kib"] - 1), 1),
         }
@@ -456,7 +436,7 @@ def _new_clients(bench: Bench, count: int, prefix: str, keys: bool) -> tuple[loa
     if keys:
         auth = [new_secret() for _ in users]
         rows = [(u.id, s[:PREFIX_LENGTH], digest_of(s)) for u, s in zip(users, auth, strict=True)]
-        data.create_keys(bench.conn, rows)
+        data.insert_rows(bench.conn, "api_keys", rows)
         auth = [f"Bearer {secret}" for secret in auth]
     return tuple(load.Payer(u.id, a, u.accounts[code]) for u, a in zip(users, auth, strict=True))
 
@@ -465,26 +445,19 @@ async def _sessions(bench: Bench, payers: tuple[load.Payer, ...], each: int) -> 
     """A session per payer (a client, maybe again): `each` POST transfers one after another,
     --clients sessions at a time on as many keep-alive connections."""
     workload = load.Workload("post", payers=payers, payees=bench.payees)
-    build, times = load.request_builder(workload, random.Random(len(payers))), ([], [])
-    statuses: Counter[int] = Counter()
-    waiting = iter(range(len(payers)))
-
-    async def client(http: aiohttp.ClientSession) -> None:
-        for number in waiting:  # the next session that has not started
-            for sent in range(each):
-                begin = time.perf_counter()
-                async with http.request(**build(number)) as response:
-                    await response.read()
-                statuses[response.status] += 1
-                times[bool(sent)].append(time.perf_counter() - begin)
-
+    build = load.request_builder(workload, random.Random(len(payers)))
+    sessions = ([build(number) for _ in range(each)] for number in range(len(payers)))
     started = time.perf_counter()
     async with load.session(bench.port, limit=bench.config.clients) as http:
-        await asyncio.gather(*(client(http) for _ in range(bench.config.clients)))
+        answers = await load.run_sessions(http, sessions, bench.config.clients)
     seconds, requests = time.perf_counter() - started, len(payers) * each
+    times: tuple[list[float], list[float]] = ([], [])  # a session's first request, the later
+    for place, _, took in answers:
+        times[bool(place)].append(took)
     return {"clients": len(set(payers)), "sessions": len(payers), "requests_per_client": each,
             "requests": requests, "seconds": round(seconds, 2),
-            "requests_per_s": round(requests / seconds, 1), "statuses": dict(statuses),
+            "requests_per_s": round(requests / seconds, 1),
+            "statuses": dict(Counter(status for _, status, _ in answers)),
             "first_request_ms": load.summary_ms(times[0]),
             "later_requests_ms": load.summary_ms(times[1])}  # fmt: skip
 
@@ -520,17 +493,15 @@ def cold_start(bench: Bench) -> dict[str, Any]:
             measure("keys_warm", tuple(regulars[n % warm] for n in range(cold)))
     result: dict[str, Any] = {"method": "POST /users/{id}/transfers; worker paused, drained after"}
     for name, done in runs.items():
-        rates = [run["requests_per_s"] for run in done]
-        result[name] = sorted(done, key=lambda run: run["requests_per_s"])[len(done) // 2]
-        result[name]["rounds_per_s"] = rates
+        middle = sorted(done, key=lambda run: run["requests_per_s"])[len(done) // 2]
+        result[name] = middle | {"rounds_per_s": [run["requests_per_s"] for run in done]}
     rate = {name: result[name]["requests_per_s"] for name in runs}
     result["ratio_keys_to_basic"] = round(rate["keys_cold"] / rate["basic_cold"], 2)
     # Each round's cold run against the warm run right after it: moments apart.
     pairs = zip(runs["keys_cold"], runs["keys_warm"], strict=True)
     paired = sorted(c["requests_per_s"] / w["requests_per_s"] for c, w in pairs)
     result["ratio_cold_to_warm_keys"] = round(paired[len(paired) // 2], 3)
-    _ring_all(bench)
-    result["drain_after"] = drain(bench)
+    result["drain_after"] = drain(bench, rings=1)
     return result
 
 
@@ -604,13 +575,10 @@ _LAST_DELIVERY = "SELECT coalesce(max(id), 0) FROM webhook_deliveries"
 
 def _steady(bench: Bench, receiver: Receiver) -> dict[str, Any]:
     """d's open loop without the long polls; every delivery it caused, timed."""
-    rate = bench.config.latency_rate
-    count = max(1, int(rate * bench.config.ingest_seconds))
     warm_auth(bench)
-    say(f"  {count:,} transfers at {rate:.1f}/s, each event delivered")
     after, before = data.scalar(bench.conn, _LAST_DELIVERY), bench.meter.sample()
     started = time.perf_counter()
-    steady = asyncio.run(open_loop(bench, rate, count, follow=False))
+    steady = asyncio.run(open_loop(bench, follow=False))
     for key in ("submit_to_settled_ms", "server_created_to_settled_ms", "long_polls_unheld"):
         del steady[key]  # not followed
     steady |= _deliveries(bench, "all_delivered", after, receiver, started)
@@ -624,10 +592,8 @@ def _backlog(bench: Bench, receiver: Receiver) -> dict[str, Any]:
     say(f"  {config.fanout_backlog:,} transfers settled while the webhooks worker waits")
     after = data.scalar(bench.conn, _LAST_DELIVERY)
     with stack.paused("webhooks"):
-        ids = [payer.user_id for payer in bench.payers]
-        data.insert_random(
-            bench.conn, ids, config.currencies, config.fanout_backlog, seed=config.seed + 8
-        )
+        payers = tuple(payer.user_id for payer in bench.payers)
+        _insert(bench, config.fanout_backlog, config.seed + 8, ids=payers)
         _ring_all(bench)
         wait_for_zero(lambda: data.pending_count(bench.conn), config.drain_timeout_s)
         # The settlement worker publishes a batch's deliveries after its commit.
@@ -657,10 +623,8 @@ def fanout(bench: Bench) -> dict[str, Any]:
 
     receiver = Receiver({f"/hooks/{payer.user_id}": new_secret() for payer in bench.payers})
     url = f"http://127.0.0.1:{receiver.port}"
-    data.create_webhooks(bench.conn, [
-        (int(path.rsplit("/", 1)[1]), url + path, secret)
-        for path, secret in receiver.secrets.items()
-    ])  # fmt: skip
+    hooks = [(int(p.removeprefix("/hooks/")), url + p, s) for p, s in receiver.secrets.items()]
+    data.insert_rows(bench.conn, "webhooks", hooks)
     beat = stack.start("beat", bench.env, bench.logs, schedule=bench.folder / "beat-schedule")
     result = {"webhooks": len(bench.payers), "rate_per_s": bench.config.latency_rate}
     try:

@@ -40,9 +40,7 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pg = Postgres(self.folder / "pg", stack.PG_SETTINGS)
         self.redis = Redis(self.folder / "redis")
-        self.web: Any = None
-        self.worker: Any = None
-        self.webhooks: Any = None
+        self.processes: dict[str, Any] = {}  # web, worker, webhooks (ops.supervisor.Process)
         self.conn: Any = None
         self.env: dict[str, str] = {}
         self.port = 0
@@ -122,23 +120,23 @@ class Bench:
 
         config = self.config
         say(f"starting gunicorn ({config.web_workers}) and the worker ({config.worker_processes})")
-        self.web = stack.start("web", self.env, self.logs, bind=f"127.0.0.1:{self.port}")
-        self.worker = stack.start("worker", self.env, self.logs)
+        started = self.processes  # each kept as soon as started: stop() stops it
+        started["web"] = stack.start("web", self.env, self.logs, bind=f"127.0.0.1:{self.port}")
+        started["worker"] = stack.start("worker", self.env, self.logs)
         # The delivery worker in REMIT_ENV=test, its one difference from production here:
         # it may deliver to loopback, where phase h's receiver listens.
-        self.webhooks = stack.start("webhooks", self.env | {"REMIT_ENV": "test"}, self.logs)
-        self.meter.groups |= {"web": self.web.pid, "worker": self.worker.pid,
-                              "webhooks": self.webhooks.pid}  # fmt: skip
-        stack.wait_until(self.web, lambda: stack.http_ok(self.port), "gunicorn")
+        started["webhooks"] = stack.start("webhooks", self.env | {"REMIT_ENV": "test"}, self.logs)
+        self.meter.groups |= {name: process.pid for name, process in started.items()}
+        web, worker, webhooks = started.values()
+        stack.wait_until(web, lambda: stack.http_ok(self.port), "gunicorn")
         pool = config.worker_processes
-        stack.wait_until(self.worker, lambda: stack.worker_ready(self.worker, pool), "the worker")
-        stack.wait_until(
-            self.webhooks, lambda: stack.worker_ready(self.webhooks, 0, "webhooks"), "webhooks"
-        )
+        stack.wait_until(worker, lambda: stack.worker_ready(worker, pool), "the worker")
+        stack.wait_until(webhooks, lambda: stack.worker_ready(webhooks, 0, "webhooks"), "webhooks")
         self.remember_memory("start")
 
     def remember_memory(self, label: str) -> None:
-        snapshot = procs.memory_snapshot({"web": self.web.pid, "worker": self.worker.pid})
+        groups = {name: self.processes[name].pid for name in ("web", "worker")}
+        snapshot = procs.memory_snapshot(groups)
         snapshot["at_s"] = round(time.monotonic() - self.started, 1)
         self.results["memory"][label] = snapshot
 
@@ -147,7 +145,7 @@ class Bench:
         say(f"phase {key}: {title}")
         before, started = self.meter.sample(), time.perf_counter()
         try:
-            if self.web is not None:
+            if self.processes:
                 phases.drain(self)
             result = work(self)
         except Exception as error:
@@ -156,9 +154,9 @@ class Bench:
         result["phase_seconds"] = round(time.perf_counter() - started, 1)
         result["cpu_s"] = self.meter.between(before, self.meter.sample())
         self.results["phases"][key] = result
-        if self.web is not None:
+        if self.processes:
             self.remember_memory(f"after_{key}")
-            for process in (self.web, self.worker, self.webhooks):
+            for process in self.processes.values():
                 stack.check(process)
 
     def fail(self, what: str, error: Exception) -> str:
@@ -170,9 +168,8 @@ class Bench:
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        for process in (self.web, self.worker, self.webhooks):
-            if process is not None:
-                process.stop()
+        for process in self.processes.values():
+            process.stop()
         self.redis.stop()
         self.pg.stop()
 

@@ -114,19 +114,17 @@ def worker_ready(process: Process, processes: int, queue: str = "celery") -> boo
     return bool(answered) and len(process.tree()) >= processes
 
 
-def _control(on: bool, queue: str) -> None:
-    from worker.app import app
-
-    control = app.control.add_consumer if on else app.control.cancel_consumer
-    if not control(queue, reply=True, timeout=5, destination=[node(queue)]):
-        raise RuntimeError(f"{node(queue)} did not acknowledge {control.__name__}")
-
-
 @contextlib.contextmanager
 def paused(queue: str = "celery") -> Iterator[None]:
     """The worker of `queue` takes no message from it meanwhile (they wait in Redis)."""
-    _control(False, queue)
+    from worker.app import app
+
+    def control(command: Callable[..., Any]) -> None:
+        if not command(queue, reply=True, timeout=5, destination=[node(queue)]):
+            raise RuntimeError(f"{node(queue)} did not acknowledge {command.__name__}")
+
+    control(app.control.cancel_consumer)
     try:
         yield
     finally:
-        _control(True, queue)
+        control(app.control.add_consumer)
