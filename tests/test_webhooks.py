@@ -537,22 +537,25 @@ def test_bad_deliveries_query(api, owned, query: dict[str, str]) -> None:
     assert_problem(response, 400, "invalid_query")
 
 
-def test_deliveries_are_paged_newest_first(api, owned) -> None:
-    member, webhook_id = owned
+def _event_and_delivery(user_id: int, webhook_id: int, **delivery: Any) -> tuple[int, int]:
+    """An event of `user_id` and its delivery to `webhook_id`, written by hand."""
     with script_session() as session, session.begin():
         event_id = session.execute(
-            insert(Event).values(user_id=member.id, type="transfer.settled").returning(Event.id)
+            insert(Event).values(user_id=user_id, type="transfer.settled").returning(Event.id)
         ).scalar_one()
+        values = {"webhook_id": webhook_id, "event_id": event_id, **delivery}
         delivery_id = session.execute(
-            insert(WebhookDelivery)
-            .values(
-                webhook_id=webhook_id,
-                event_id=event_id,
-                state="failed",
-                deadline_at=func.now(),
-            )
-            .returning(WebhookDelivery.id)
+            insert(WebhookDelivery).values(**values).returning(WebhookDelivery.id)
         ).scalar_one()
+    return event_id, delivery_id
+
+
+def test_deliveries_are_paged_newest_first(api, owned) -> None:
+    member, webhook_id = owned
+    event_id, delivery_id = _event_and_delivery(
+        member.id, webhook_id, state="failed", deadline_at=func.now()
+    )
+    with script_session() as session, session.begin():
         for attempt in range(1, 8):
             session.execute(
                 insert(WebhookAttempt).values(
@@ -885,20 +888,12 @@ def test_a_lease_is_handed_out_once_and_claimed_by_its_token(api, payer, receive
     # common.webhooks directly, no worker involved: sweep twice, claim with each token.
     member, _ = payer
     webhook = register_webhook(api, member, receiver)
-    with script_session() as session, session.begin():
-        event_id = session.execute(
-            insert(Event).values(user_id=member.id, type="transfer.settled").returning(Event.id)
-        ).scalar_one()
-        delivery_id = session.execute(
-            insert(WebhookDelivery)
-            .values(
-                webhook_id=webhook["id"],
-                event_id=event_id,
-                deadline_at=func.now() + text("interval '1 day'"),
-                next_attempt_at=func.now() + text("interval '1 hour'"),
-            )
-            .returning(WebhookDelivery.id)
-        ).scalar_one()
+    event_id, delivery_id = _event_and_delivery(
+        member.id,
+        webhook["id"],
+        deadline_at=func.now() + text("interval '1 day'"),
+        next_attempt_at=func.now() + text("interval '1 hour'"),
+    )
 
     def sweep() -> dict[int, Any]:
         _, leased = settlement_transaction(lambda s: sweep_deliveries(s, 30))
