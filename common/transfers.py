@@ -34,7 +34,7 @@ from common.db import Db, execute_direct
 from common.errors import Invalid, NotFound, RemitError
 from common.limits import BIGINT_MAX
 from common.logs import request_id as current_request_id
-from common.models import SUPERUSER_ID, Account, Transfer, TransferStatus
+from common.models import SUPERUSER_ID, Account, AccountKind, Transfer, TransferStatus
 from common.money import InvalidAmount, commission_for, parse_amount
 
 
@@ -129,6 +129,8 @@ class AccountRef(Protocol):
     def user_id(self) -> int: ...
     @property
     def currency(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,10 @@ class _Account:
     id: int
     user_id: int
     currency: str
+    kind: str
 
 
-_ACCOUNTS = select(ACCOUNTS.c.id, ACCOUNTS.c.user_id, ACCOUNTS.c.currency).where(
+_ACCOUNTS = select(ACCOUNTS.c.id, ACCOUNTS.c.user_id, ACCOUNTS.c.currency, ACCOUNTS.c.kind).where(
     ACCOUNTS.c.id == any_(bindparam("ids", type_=ARRAY(ACCOUNTS.c.id.type)))
 )
 _ACCOUNT_ROWS = args_row(_Account)
@@ -281,7 +284,9 @@ def _transfer_row(
     if source is None or source.user_id != user_id:
         raise NotFound("account_not_found", f"you have no account {request.from_account_id}")
     target = accounts.get(request.to_account_id)
-    if target is None:
+    # The superuser's commission and external accounts take no payments: money leaves
+    # only by payouts, and commission only by settlement.
+    if target is None or target.kind != AccountKind.USER:
         raise NotFound("account_not_found", f"no account {request.to_account_id}")
     return _row(
         db,

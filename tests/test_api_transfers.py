@@ -182,15 +182,21 @@ def test_no_commission_between_accounts_of_the_same_user(api) -> None:
     assert commission_posting(api.client, final["id"], "USD") is None
 
 
-def test_transfer_to_a_superuser_account_pays_commission(api) -> None:
-    alice = api.funded("10.10")
+def test_the_superusers_commission_and_external_accounts_take_no_transfers(api) -> None:
+    """Money leaves only by payouts, and commission only by settlement: as unknown accounts."""
+    alice = api.funded("20.00")
     accounts = api.client.get("/users/1/accounts", headers=SUPERUSER.auth).get_json()
-    [external] = [a["id"] for a in accounts if a["currency"] == "USD" and a["kind"] == "external"]
-    response = api.transfer(alice, alice.accounts["USD"], external, "10.00")
-    assert response.status_code == 202
-    assert response.get_json()["commission"] == "0.10"
-    assert api.wait_final(alice, response.get_json()["id"])["status"] == "settled"
-    assert api.balance(alice, alice.accounts["USD"]) == "0.00"
+    house = [a["id"] for a in accounts if a["currency"] == "USD"]
+    assert len(house) == 2  # the USD commission and external accounts
+    for target in house:
+        response = api.transfer(alice, alice.accounts["USD"], target, "10.00")
+        assert_problem(response, 404, "account_not_found")
+        path = f"/users/{alice.id}/transfers/batch"
+        batch = {"transfers": [{"from": alice.accounts["USD"], "to": target, "amount": "1"}]}
+        response = api.client.post(path, json=batch, headers=alice.auth)
+        assert response.status_code == 202
+        assert response.get_json()["results"][0]["status"] == 404
+    assert api.balance(alice, alice.accounts["USD"]) == "20.00"
 
 
 # --- insufficient funds: accepted, then rejected -----------------------------------------
