@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from apispec import APISpec
 from flask import Blueprint, Flask, Response
 from flask_swagger_ui import get_swaggerui_blueprint
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 
 from common.limits import IDEMPOTENCY_KEY_MAX_LENGTH
@@ -48,6 +48,17 @@ class Account(BaseModel):
     kind: Literal["user", "commission", "external"]
     balance: str = Money
     created_at: str = Timestamp
+    # Present only with ?at= (never null), hence not required.
+    as_of: Annotated[
+        str | None,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "description": "With ?at= only: the instant the balance is for (RFC 3339, UTC)",
+                "examples": ["2026-11-27T10:15:30.000000Z"],
+            }
+        ),
+    ] = None
 
 
 class Transfer(BaseModel):
@@ -250,10 +261,11 @@ OPERATIONS = (
     Operation(
         "get",
         "/accounts/{account_id}",
-        "Read an account",
+        "Read an account, or its balance at an instant (?at=)",
         200,
         Account,
-        errors=(*_AUTH, "account_not_found"),
+        query=fields.AccountQuery,
+        errors=(*_AUTH, "account_not_found", "invalid_query"),
     ),
     Operation(
         "get",
