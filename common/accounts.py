@@ -61,11 +61,11 @@ def postings_page(
     return query.order_by(order).limit(limit)
 
 
-# The last posting at or before the instant: one descent of ix_postings_account_created
-# (account_id, created_at, id). Within an account, created_at (clock_timestamp() per row,
-# written under the currency's settlement lock) never decreases as ids grow, so the last
-# by (created_at, id) is the one whose balance_after is the balance then. The instant is
-# compared with the database's clock, the clock that stamped the postings.
+# The last posting at or before the instant: one descent of the index on (account_id,
+# created_at, id). Settlement stamps a batch's postings with its statement_timestamp() and
+# batches of a currency run one at a time under its lock, so within an account created_at
+# never decreases as ids grow: the last by (created_at, id) holds the balance then. The
+# instant is compared with the database's clock, the one that stamped the postings.
 _BALANCE_AT = text(
     "SELECT CAST(:at AS timestamptz) > statement_timestamp(),"
     " (SELECT balance_after FROM postings WHERE account_id = :account_id"
