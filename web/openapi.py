@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from apispec import APISpec
 from flask import Blueprint, Flask, Response
 from flask_swagger_ui import get_swaggerui_blueprint
-from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from common.limits import IDEMPOTENCY_KEY_MAX_LENGTH
@@ -41,6 +41,12 @@ class User(BaseModel):
     created_at: str = Timestamp
 
 
+def _only_a_string(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+    schema.pop("anyOf", None)
+    schema["type"] = "string"
+
+
 class Account(BaseModel):
     id: int
     user_id: int
@@ -48,17 +54,13 @@ class Account(BaseModel):
     kind: Literal["user", "commission", "external"]
     balance: str = Money
     created_at: str = Timestamp
-    # Present only with ?at= (never null), hence not required.
-    as_of: Annotated[
-        str | None,
-        WithJsonSchema(
-            {
-                "type": "string",
-                "description": "With ?at= only: the instant the balance is for (RFC 3339, UTC)",
-                "examples": ["2026-11-27T10:15:30.000000Z"],
-            }
-        ),
-    ] = None
+    # Present only with ?at= (never null): not required, and no "default": null.
+    as_of: str | None = Field(
+        None,
+        description="With ?at= only: the instant the balance is for (RFC 3339, UTC)",
+        examples=["2026-11-27T10:15:30.000000Z"],
+        json_schema_extra=_only_a_string,
+    )
 
 
 class Transfer(BaseModel):
