@@ -245,3 +245,13 @@ def test_the_statement_replays_to_the_same_balance_at_any_instant(api) -> None:
         assert body["as_of"] == instant(at)
 
     check()
+
+
+def test_a_plus_offset_must_be_percent_encoded(api) -> None:
+    member = api.register()
+    path = f"/accounts/{member.accounts['USD']}?at=2026-01-01T05:30:00"
+    encoded = api.client.get(path + "%2B05:30", headers=member.auth)
+    assert encoded.status_code == 200
+    assert encoded.get_json()["as_of"] == "2026-01-01T00:00:00.000000Z"
+    bare = api.client.get(path + "+05:30", headers=member.auth)  # "+" reads as a space
+    assert_problem(bare, 400, "invalid_query")
