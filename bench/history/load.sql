@@ -1,6 +1,7 @@
 -- 1,000 users with a USD account each; 500,000 settled transfers of 0.01 between them,
 -- one every 30 s of 2026 (times grow with ids, as settlement writes them); account of
--- user 'hot' takes part in a fifth of them. Two postings per transfer: 1,000,000.
+-- user 'load1' takes part in a fifth of them. Two postings per transfer: 1,000,000.
+-- Nobody is funded, so balance_after goes negative: the load is for plans, not audits.
 INSERT INTO users (username, password_hash)
 SELECT 'load' || g, 'x' FROM generate_series(1, 1000) g;
 INSERT INTO accounts (user_id, currency, balance)
