@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, select, text
 from sqlalchemy.orm import Session
 
 from common.currencies import get_currency
-from common.errors import Conflict, NotFound
+from common.errors import Conflict, Invalid, NotFound
 from common.models import SUPERUSER_ID, Account, AccountKind, Posting, User
 
 MAX_ACCOUNTS_PER_USER = 50
@@ -58,3 +59,26 @@ def postings_page(
         query = query.where(Posting.id < after_id if descending else Posting.id > after_id)
     order = Posting.id.desc() if descending else Posting.id.asc()
     return query.order_by(order).limit(limit)
+
+
+# The last posting at or before the instant: one descent of the index on (account_id,
+# created_at, id). Settlement stamps a batch's postings with its statement_timestamp() and
+# batches of a currency run one at a time under its lock, so within an account created_at
+# never decreases as ids grow: the last by (created_at, id) holds the balance then. The
+# instant is compared with the database's clock, the one that stamped the postings.
+_BALANCE_AT = text(
+    "SELECT CAST(:at AS timestamptz) > statement_timestamp(),"
+    " (SELECT balance_after FROM postings WHERE account_id = :account_id"
+    " AND created_at <= CAST(:at AS timestamptz) ORDER BY created_at DESC, id DESC LIMIT 1)"
+)
+
+
+def balance_at(session: Session, account_id: int, at: datetime) -> int:
+    """The account's balance at the instant `at`: 0 before its first posting.
+
+    An instant later than the database's clock is refused (invalid_query).
+    """
+    row = session.execute(_BALANCE_AT, {"account_id": account_id, "at": at}).one()
+    if row[0]:
+        raise Invalid("invalid_query", "at: must not be in the future")
+    return int(row[1] or 0)

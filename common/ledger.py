@@ -190,8 +190,11 @@ def _lock_accounts(session: Session, account_ids: Iterable[int]) -> dict[int, Ac
 # batch is a transfer or two, and its round trips are most of the settler's work.
 _APPLY = text(
     "WITH posted AS ("
-    " INSERT INTO postings (transfer_id, account_id, leg, amount, balance_after)"
-    " SELECT * FROM unnest(CAST(:posting_transfer_ids AS bigint[]),"
+    # A batch's postings are stamped with its transfers' settled_at (statement_timestamp(),
+    # not the column default's clock_timestamp()): the balance at a transfer's settled_at
+    # then includes it (GET /accounts/{id}?at=, docs/decisions/0035).
+    " INSERT INTO postings (transfer_id, account_id, leg, amount, balance_after, created_at)"
+    " SELECT *, statement_timestamp() FROM unnest(CAST(:posting_transfer_ids AS bigint[]),"
     " CAST(:posting_account_ids AS bigint[]), CAST(:posting_legs AS text[]),"
     " CAST(:posting_amounts AS bigint[]), CAST(:posting_balances AS bigint[]))"
     "), balanced AS ("

@@ -204,6 +204,8 @@ class Posting(Base):
         CheckConstraint("leg IN ('debit', 'credit', 'commission')", name="leg_known"),
         CheckConstraint("amount <> 0", name="amount_non_zero"),
         Index("ix_postings_account_id_id", "account_id", "id"),
+        # Balance history: the last posting at or before an instant (migration 0004).
+        Index("ix_postings_account_id_created_at_id", "account_id", "created_at", "id"),
     )
 
 

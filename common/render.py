@@ -19,7 +19,8 @@ def timestamp(moment: datetime | None) -> str | None:
     """RFC 3339 in UTC with microseconds, as every timestamp of the API."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Not strftime("%Y"): glibc writes year 999 as "999", and ?at= can ask for such years.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def transfer_json(db: Db, transfer: TransferRow) -> dict[str, Any]:

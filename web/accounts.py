@@ -7,8 +7,22 @@ from common.currencies import get_currency
 from common.db import request_session, request_transaction
 from common.transfers import submit_deposit
 from web.auth import authenticated, authorize_path_user, current_user, require_superuser
-from web.fields import DepositCreate, PageQuery, idempotency_key, parse_body, parse_query
-from web.render import account_json, decode_cursor, json_response, page_response, posting_json
+from web.fields import (
+    AccountQuery,
+    DepositCreate,
+    PageQuery,
+    idempotency_key,
+    parse_body,
+    parse_query,
+)
+from web.render import (
+    account_at_json,
+    account_json,
+    decode_cursor,
+    json_response,
+    page_response,
+    posting_json,
+)
 from web.transfers import accept
 
 bp = Blueprint("accounts", __name__)
@@ -36,9 +50,14 @@ def open_account(user_id: int, currency: str) -> Response:
 @bp.get("/accounts/<id:account_id>")
 @authenticated
 def get_account(account_id: int) -> Response:
+    at = parse_query(AccountQuery).at
     with request_session() as session:
         account = accounts.get_visible_account(session, account_id, current_user().id)
-        return json_response(account_json(session, account))
+        if at is None:
+            return json_response(account_json(session, account))
+        # Balance history (docs/api.md): read from the postings settlement wrote.
+        balance = accounts.balance_at(session, account.id, at)
+        return json_response(account_at_json(session, account, balance, at))
 
 
 @bp.get("/accounts/<id:account_id>/postings")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Annotated, Literal, TypeVar
 
@@ -178,6 +179,58 @@ class TransferWaitQuery(Schema):
         BeforeValidator(_seconds),
         WithJsonSchema({"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS}),
     ] = Field(Decimal(0), ge=0, le=MAX_WAIT_SECONDS, json_schema_extra={"default": 0})
+
+
+# RFC 3339's date-time, with its offset required: "Z" or +hh:mm/-hh:mm (either case of
+# T and Z, as the RFC allows). Up to 9 fractional digits; we keep microseconds.
+_INSTANT = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+
+def parse_instant(value: object) -> datetime:
+    """An RFC 3339 timestamp with a time zone, as an aware UTC datetime.
+
+    Digits past the microsecond are cut, not rounded: the instant stays at or after
+    every posting it counts, which are stored to the microsecond.
+    """
+    if not isinstance(value, str) or not (match := _INSTANT.fullmatch(value)):
+        raise ValueError(
+            "must be an RFC 3339 timestamp with a time zone, like 2026-11-27T10:15:30Z"
+        )
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    fraction, zulu, sign, offset_hours, offset_minutes = match.groups()[6:]
+    if second == 60:
+        raise ValueError("leap seconds are not supported")
+    if zulu or (int(offset_hours) == 0 and int(offset_minutes) == 0):
+        zone = UTC
+    elif int(offset_hours) > 23 or int(offset_minutes) > 59:
+        raise ValueError("time zone offset out of range")
+    else:
+        offset = timedelta(hours=int(offset_hours), minutes=int(offset_minutes))
+        zone = timezone(-offset if sign == "-" else offset)
+    micros = int((fraction or "0").ljust(6, "0")[:6])
+    try:
+        local = datetime(year, month, day, hour, minute, second, micros, tzinfo=zone)
+        return local.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValueError("not a valid date and time") from None
+
+
+INSTANT_SCHEMA = {
+    "type": "string",
+    "format": "date-time",
+    "description": "RFC 3339 with a time zone, not in the future (the database's clock)",
+    "examples": ["2026-11-27T10:15:30Z"],
+}
+
+
+class AccountQuery(Schema):
+    # The balance as it was at this instant (docs/api.md "Balance history").
+    at: (
+        Annotated[datetime, BeforeValidator(parse_instant), WithJsonSchema(INSTANT_SCHEMA)] | None
+    ) = None
 
 
 class TransferListQuery(PageQuery):

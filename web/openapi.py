@@ -41,6 +41,12 @@ class User(BaseModel):
     created_at: str = Timestamp
 
 
+def _only_a_string(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+    schema.pop("anyOf", None)
+    schema["type"] = "string"
+
+
 class Account(BaseModel):
     id: int
     user_id: int
@@ -48,6 +54,13 @@ class Account(BaseModel):
     kind: Literal["user", "commission", "external"]
     balance: str = Money
     created_at: str = Timestamp
+    # Present only with ?at= (never null): not required, and no "default": null.
+    as_of: str | None = Field(
+        None,
+        description="With ?at= only: the instant the balance is for (RFC 3339, UTC)",
+        examples=["2026-11-27T10:15:30.000000Z"],
+        json_schema_extra=_only_a_string,
+    )
 
 
 class Transfer(BaseModel):
@@ -250,10 +263,11 @@ OPERATIONS = (
     Operation(
         "get",
         "/accounts/{account_id}",
-        "Read an account",
+        "Read an account, or its balance at an instant (?at=)",
         200,
         Account,
-        errors=(*_AUTH, "account_not_found"),
+        query=fields.AccountQuery,
+        errors=(*_AUTH, "account_not_found", "invalid_query"),
     ),
     Operation(
         "get",

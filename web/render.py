@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
@@ -42,6 +43,16 @@ def account_json(session: Session, account: Account) -> dict[str, Any]:
         "balance": format_amount(account.balance, _decimals(session, account.currency)),
         "created_at": timestamp(account.created_at),
     }
+
+
+def account_at_json(
+    session: Session, account: Account, balance: int, at: datetime
+) -> dict[str, Any]:
+    """The account as GET /accounts/{id}?at= shows it: its balance at `at`, and `as_of`."""
+    body = account_json(session, account)
+    body["balance"] = format_amount(balance, _decimals(session, account.currency))
+    body["as_of"] = timestamp(at)
+    return body
 
 
 def posting_json(posting: Posting, decimals: int) -> dict[str, Any]:
