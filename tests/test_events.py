@@ -183,17 +183,21 @@ def all_currencies_now() -> list[Any]:
         return all_currencies(session)
 
 
+def _failed_transfer(api: Api, poison: Any, payer: Any, payee: Any, currency: str) -> int:
+    """A transfer of 4.00 that settlement keeps failing until it is `failed`: poisoned
+    before the worker can see it (accepted under the currency's lock)."""
+    with settlement_held(currency):
+        response = api.transfer(payer, payer.accounts[currency], payee.accounts[currency], "4.00")
+        transfer_id: int = response.get_json()["id"]
+        poison(transfer_id)
+    ring(currency)
+    sweep_until(lambda: _row(transfer_id).status == "failed")
+    return transfer_id
+
+
 def test_a_transfer_that_fails_then_settles_keeps_both_events(api: Api, poison: Any) -> None:
     alice, bob = api.funded("40.00", "EUR"), api.register()
-    ids = []
-    # Poisoned before the worker can see it: accepted under the currency's lock.
-    with settlement_held("EUR"):
-        response = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "4.00")
-        ids.append(response.get_json()["id"])
-        poison(ids[0])
-    ring("EUR")
-    transfer_id = ids[0]
-    sweep_until(lambda: _row(transfer_id).status == "failed")
+    transfer_id = _failed_transfer(api, poison, alice, bob, "EUR")
     assert events_of(transfer_id) == [(alice.id, "transfer.failed", transfer_id)]
     failed = api.get_transfer(alice, transfer_id)
     [failed_event] = event_ids(transfer_id, "transfer.failed")
@@ -333,18 +337,12 @@ def test_no_deliveries_without_webhooks(
 def test_a_failure_fans_out_too(api: Api, poison: Any) -> None:
     alice, bob = api.funded("40.00", "USD"), api.register()
     hook = add_webhook(alice.id, ["transfer.failed"])
-    ids = []
-    with settlement_held("USD"):
-        response = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "4.00")
-        ids.append(response.get_json()["id"])
-        poison(ids[0])
-    ring("USD")
-    sweep_until(lambda: _row(ids[0]).status == "failed")
-    [failed] = event_ids(ids[0], "transfer.failed")
+    transfer_id = _failed_transfer(api, poison, alice, bob, "USD")
+    [failed] = event_ids(transfer_id, "transfer.failed")
     rows = fetch("SELECT webhook_id FROM webhook_deliveries WHERE event_id = :id", id=failed)
     assert [row.webhook_id for row in rows] == [hook]
-    poison.cure(ids[0])
-    sweep_until(lambda: _row(ids[0]).status == "settled")
+    poison.cure(transfer_id)
+    sweep_until(lambda: _row(transfer_id).status == "settled")
 
 
 # --- the feed -----------------------------------------------------------------------------
