@@ -86,3 +86,14 @@ def parse_announcement(data: bytes) -> dict[int, Final | None]:
         transfer_id: Final(status, reason, settled_at if status == "settled" else None)
         for transfer_id, status, reason in entries
     }
+
+
+HOLDS_CHANNEL = "remit:holds:changed"
+
+
+def announce_holds(hold_ids: Iterable[int]) -> None:
+    """Tell requests waiting on these holds that settlement changed them (after
+    commit): they read them again. If the message is lost, they wake at their timeout."""
+    ids = ",".join(str(i) for i in hold_ids)
+    if ids:
+        publish(HOLDS_CHANNEL, ids)

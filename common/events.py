@@ -128,7 +128,9 @@ def transfer_at(transfer: TransferRow, event_type: str) -> TransferRow:
 
     settled and rejected are final: the row still shows them. A failed transfer may
     have been retried since (pending, then settled or rejected), so a
-    `transfer.failed` event shows the failure whatever the row says now."""
+    `transfer.failed` event shows the failure whatever the row says now. Refunds come
+    only after a transfer settled, so at any of its events it had none."""
+    transfer = transfer._replace(refunded=0, refunds_claimed=0)
     if event_type == EventType.TRANSFER_FAILED:
         return transfer._replace(
             status=TransferStatus.FAILED.value, reason=SETTLEMENT_ERROR, settled_at=None

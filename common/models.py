@@ -63,6 +63,23 @@ class TransferStatus(enum.StrEnum):
 SETTLEMENT_ERROR = "settlement_error"
 
 
+class TransferKind(enum.StrEnum):
+    TRANSFER = "transfer"
+    DEPOSIT = "deposit"
+    REFUND = "refund"
+    PAYOUT = "payout"
+    CAPTURE = "capture"
+
+
+class HoldStatus(enum.StrEnum):
+    PENDING = "pending"
+    HELD = "held"
+    REJECTED = "rejected"
+    CAPTURED = "captured"
+    VOIDED = "voided"
+    EXPIRED = "expired"
+
+
 class PostingLeg(enum.StrEnum):
     DEBIT = "debit"
     CREDIT = "credit"
@@ -120,12 +137,16 @@ class Account(Base):
     currency: Mapped[str] = mapped_column(String(3), ForeignKey("currencies.code"), nullable=False)
     kind: Mapped[str] = mapped_column(String(16), nullable=False, server_default="user")
     balance: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # Reserved by active holds: `available` is balance - held.
+    held: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _created_at()
 
     __table_args__ = (
         CheckConstraint("kind IN ('user', 'commission', 'external')", name="kind_known"),
         # The database refuses an overdraft even if the code had a bug.
         CheckConstraint("balance >= 0 OR kind = 'external'", name="no_overdraft"),
+        CheckConstraint("held >= 0", name="held_non_negative"),
+        CheckConstraint("held <= balance OR kind = 'external'", name="reserve_within_balance"),
         Index("ix_accounts_user_id_id", "user_id", "id"),
     )
 
@@ -135,6 +156,7 @@ class Transfer(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, server_default="transfer")
     from_account_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("accounts.id"), nullable=False
     )
@@ -162,10 +184,33 @@ class Transfer(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created_at()
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A refund's original transfer.
+    refund_of: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("transfers.id"))
+    # Of an original: its settled refunds, and its refunds not rejected (pending, failed
+    # or settled), which a new refund must fit beside (docs/api.md "Refunds").
+    refunded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    refunds_claimed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # A capture's hold.
+    hold_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("holds.id", use_alter=True))
+    # A payout's: where the money went outside.
+    destination: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (
         CheckConstraint(
             "status IN ('pending', 'settled', 'rejected', 'failed')", name="status_known"
+        ),
+        CheckConstraint(
+            "kind IN ('transfer', 'deposit', 'refund', 'payout', 'capture')", name="kind_known"
+        ),
+        CheckConstraint("(kind = 'refund') = (refund_of IS NOT NULL)", name="refund_of_iff_refund"),
+        CheckConstraint("(kind = 'capture') = (hold_id IS NOT NULL)", name="hold_id_iff_capture"),
+        CheckConstraint(
+            "(kind = 'payout') = (destination IS NOT NULL)", name="destination_iff_payout"
+        ),
+        CheckConstraint("kind <> 'refund' OR commission = 0", name="refund_without_commission"),
+        CheckConstraint(
+            "0 <= refunded AND refunded <= refunds_claimed AND refunds_claimed <= amount",
+            name="refunds_within_amount",
         ),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("commission >= 0", name="commission_non_negative"),
@@ -184,6 +229,89 @@ class Transfer(Base):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_transfers_failed", "id", postgresql_where=text("status = 'failed'")),
+        # Every capture belongs to exactly one hold, and a hold has one live capture.
+        Index(
+            "uq_transfers_hold_id_live",
+            "hold_id",
+            unique=True,
+            postgresql_where=text("hold_id IS NOT NULL AND status <> 'rejected'"),
+        ),
+        Index(
+            "ix_transfers_refund_of", "refund_of", postgresql_where=text("refund_of IS NOT NULL")
+        ),
+    )
+
+
+class Hold(Base):
+    """A reservation of amount + commission on `from`, made and released by settlement
+    (common.ledger) under the account locks it already takes. `transfer_id` is the
+    hold's capture once asked for; `void_requested_at` a void the settler has still to
+    apply (docs/api.md "Holds")."""
+
+    __tablename__ = "holds"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    from_account_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("accounts.id"), nullable=False
+    )
+    to_account_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("accounts.id"), nullable=False
+    )
+    from_user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), nullable=False)
+    to_user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), ForeignKey("currencies.code"), nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    commission: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    captured_amount: Mapped[int | None] = mapped_column(BigInteger)
+    transfer_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("transfers.id"))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    comment: Mapped[str] = mapped_column(String(255), nullable=False, server_default="")
+    requested_by: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), nullable=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    void_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'held', 'rejected', 'captured', 'voided', 'expired')",
+            name="status_known",
+        ),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("commission >= 0", name="commission_non_negative"),
+        CheckConstraint("from_account_id <> to_account_id", name="distinct_accounts"),
+        CheckConstraint(
+            "(status = 'captured') = (captured_amount IS NOT NULL)",
+            name="captured_amount_iff_captured",
+        ),
+        CheckConstraint(
+            "captured_amount IS NULL OR captured_amount BETWEEN 1 AND amount",
+            name="captured_within_amount",
+        ),
+        CheckConstraint(
+            "status <> 'captured' OR transfer_id IS NOT NULL", name="captured_by_a_transfer"
+        ),
+        UniqueConstraint("requested_by", "idempotency_key"),
+        Index("ix_holds_from_user_id_id", "from_user_id", "id"),
+        Index("ix_holds_to_user_id_id", "to_user_id", "id"),
+        # Settlement's work on holds: reservations to make, voids to apply, expiries due.
+        Index("ix_holds_pending", "currency", "id", postgresql_where=text("status = 'pending'")),
+        Index(
+            "ix_holds_void_requested",
+            "currency",
+            "id",
+            postgresql_where=text("status = 'held' AND void_requested_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_holds_expiry",
+            "currency",
+            "expires_at",
+            postgresql_where=text("status = 'held' AND transfer_id IS NULL"),
+        ),
     )
 
 
@@ -270,6 +398,7 @@ class Event(Base):
     user_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     type: Mapped[str] = mapped_column(String(32), nullable=False)
     transfer_id: Mapped[int | None] = mapped_column(BigInteger)
+    hold_id: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.statement_timestamp()
     )
@@ -279,6 +408,7 @@ class Event(Base):
             "type IN (" + ", ".join(f"'{event_type.value}'" for event_type in EventType) + ")",
             name="type_known",
         ),
+        CheckConstraint("num_nonnulls(transfer_id, hold_id) = 1", name="of_one_object"),
         # The feed's order; `type` included so that a filtered page skips the other
         # types in the index alone, without reading their rows.
         Index("ix_events_user_id_txid_id", "user_id", "txid", "id", postgresql_include=["type"]),

@@ -40,4 +40,9 @@ def transfer_json(db: Db, transfer: TransferRow) -> dict[str, Any]:
         "reason": transfer.reason,
         "created_at": timestamp(transfer.created_at),
         "settled_at": timestamp(transfer.settled_at),
+        "kind": transfer.kind,
+        "refund_of": transfer.refund_of,
+        "refunded": format_amount(transfer.refunded, decimals),
+        "hold_id": transfer.hold_id,
+        "destination": transfer.destination,
     }

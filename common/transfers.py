@@ -74,6 +74,12 @@ class TransferRow(NamedTuple):
     next_attempt_at: datetime | None
     created_at: datetime
     settled_at: datetime | None
+    kind: str
+    refund_of: int | None
+    refunded: int
+    refunds_claimed: int
+    hold_id: int | None
+    destination: str | None
 
 
 # Every statement here selects or returns these columns, in TransferRow's order, so
@@ -197,6 +203,7 @@ def _row(
     if amount + commission > BIGINT_MAX:
         raise Invalid("invalid_amount", "amount is too large")
     return {
+        "kind": kind,
         "from_account_id": source.id,
         "to_account_id": target.id,
         "from_user_id": source.user_id,
@@ -215,6 +222,7 @@ def _row(
 # The columns _row fills: the statement is built and compiled once, the row is its
 # parameters.
 _ROW_COLUMNS = (
+    "kind",
     "from_account_id",
     "to_account_id",
     "from_user_id",

@@ -25,6 +25,7 @@ TRANSFER_FIELDS = {
     "reason",
     "created_at",
     "settled_at",
+    *("kind", "refund_of", "refunded", "hold_id", "destination"),
 }
 MISSING_ID = 2**62
 

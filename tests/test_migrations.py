@@ -44,6 +44,7 @@ SEED_CURRENCIES = {
 TABLES = {
     *("currencies", "users", "accounts", "transfers", "postings"),
     *("api_keys", "events", "webhooks", "webhook_deliveries", "webhook_attempts"),
+    "holds",
 }
 
 

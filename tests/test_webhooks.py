@@ -544,7 +544,9 @@ def _event_and_delivery(user_id: int, webhook_id: int, **delivery: Any) -> tuple
     """An event of `user_id` and its delivery to `webhook_id`, written by hand."""
     with script_session() as session, session.begin():
         event_id = session.execute(
-            insert(Event).values(user_id=user_id, type="transfer.settled").returning(Event.id)
+            insert(Event)
+            .values(user_id=user_id, type="transfer.settled", transfer_id=0)
+            .returning(Event.id)
         ).scalar_one()
         values = {"webhook_id": webhook_id, "event_id": event_id, **delivery}
         delivery_id = session.execute(

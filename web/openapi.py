@@ -77,6 +77,14 @@ class Transfer(BaseModel):
     reason: str | None = Field(examples=[None, "insufficient_funds"])
     created_at: str = Timestamp
     settled_at: str | None = Timestamp
+    kind: Literal["transfer", "deposit", "refund", "payout", "capture"]
+    refund_of: int | None = Field(description="A refund's original transfer")
+    refunded: str = Field(
+        description="The sum of its settled refunds, in the currency's decimals",
+        examples=["0.00"],
+    )
+    hold_id: int | None = Field(description="A capture's hold")
+    destination: str | None = Field(description="A payout's destination outside Remit")
 
 
 class Event(BaseModel):
