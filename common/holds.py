@@ -156,10 +156,12 @@ _HOLD_COLUMNS_IN = (
 _INSERT = (
     insert(HOLDS)
     .values(
-        {column: bindparam(column) for column in _HOLD_COLUMNS_IN},
-        # The database's clock, the one the settler compares expires_at with.
-        expires_at=func.statement_timestamp()
-        + bindparam("expires_in", type_=Integer) * literal_column("interval '1 second'"),
+        {
+            **{column: bindparam(column) for column in _HOLD_COLUMNS_IN},
+            # The database's clock, the one the settler compares expires_at with.
+            "expires_at": func.statement_timestamp()
+            + bindparam("expires_in", type_=Integer) * literal_column("interval '1 second'"),
+        }
     )
     .on_conflict_do_nothing(index_elements=["requested_by", "idempotency_key"])
     .returning(*HOLD_COLUMNS)
