@@ -400,7 +400,13 @@ _VOID = (
     update(HOLDS)
     .where(
         HOLDS.c.id == bindparam("id"),
-        HOLDS.c.status.in_([HoldStatus.PENDING.value, HoldStatus.HELD.value]),
+        # Literal, not bound: this statement is compiled once to plain text (compiled()).
+        HOLDS.c.status.in_(
+            [
+                literal_column(f"'{HoldStatus.PENDING.value}'"),
+                literal_column(f"'{HoldStatus.HELD.value}'"),
+            ]
+        ),
         HOLDS.c.transfer_id.is_(None),
         HOLDS.c.void_requested_at.is_(None),
     )
