@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import text
 
 from common.db import script_session
 from common.doorbells import ring
+from common.events import event_json
 from tests.conftest import (
     SUPERUSER,
     Api,
@@ -378,6 +380,33 @@ def test_capture_replays_with_its_idempotency_key(api: Api, pair) -> None:
     assert_problem(used, 422, "idempotency_key_mismatch")
 
 
+def test_concurrent_captures_and_voids_of_one_hold_leave_one_winner(app, api: Api, pair) -> None:
+    payer, payee = pair
+    hold = held_hold(api, payer, payee, "10.00")
+    paths = [f"/users/{payer.id}/holds/{hold['id']}/{('capture', 'void')[n % 2]}" for n in range(8)]
+
+    def post(path: str) -> tuple[str, int, str | None]:
+        response = app.test_client().post(path, json={}, headers=payer.auth)
+        body = response.get_json()
+        return path.rsplit("/", 1)[1], response.status_code, body.get("code")
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(post, paths))
+    winners = {what for what, status, _ in outcomes if status == 202}
+    # Either one capture won (every void and other capture refused), or a void did
+    # (every capture refused; the other voids are the same void asked again).
+    assert winners in ({"capture"}, {"void"}), outcomes
+    accepted = [what for what, status, _ in outcomes if status == 202]
+    if winners == {"capture"}:
+        assert len(accepted) == 1, outcomes
+    assert all(code == "hold_not_active" for _, status, code in outcomes if status != 202)
+    final = wait_hold(api, payer, hold["id"], FINAL)
+    assert final["status"] == ("captured" if winners == {"capture"} else "voided")
+    expected = ("89.90", "0.00") if winners == {"capture"} else ("100.00", "0.00")
+    shown = account(api, payer)
+    assert (shown["balance"], shown["held"]) == expected
+
+
 # --- void -------------------------------------------------------------------------------------
 
 
@@ -614,6 +643,10 @@ def test_hold_events_in_the_feed(api: Api, pair) -> None:
     assert held["updated_at"] == events[0]["created_at"]
     assert (captured["status"], captured["captured_amount"]) == ("captured", "1.00")
     assert events[3]["data"]["status"] == "voided"
+    # A webhook's body is the same event object.
+    with script_session() as session:
+        for event in events:
+            assert event_json(session, int(event["id"])) == event
     typed = api.client.get(
         f"/users/{payer.id}/events?type=hold.voided", headers=payer.auth
     ).get_json()
