@@ -102,7 +102,7 @@ def test_settling_a_refund_adds_to_the_originals_refunded(api: Api) -> None:
 
 
 def test_partial_refunds_add_up_to_the_amount_and_no_further(api: Api) -> None:
-    alice, bob, original = paid(api)
+    _alice, bob, original = paid(api)
     amounts = []
     for fields in ({"amount": "30"}, {"amount": "50.5"}, {}):
         response = refund(api.client, bob, original["id"], fields)
@@ -118,7 +118,7 @@ def test_partial_refunds_add_up_to_the_amount_and_no_further(api: Api) -> None:
 
 
 def test_a_refund_larger_than_what_is_left_is_refused(api: Api) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     assert_problem(
         refund(api.client, bob, original["id"], {"amount": "10.01"}),
         409,
@@ -135,7 +135,7 @@ def test_a_refund_larger_than_what_is_left_is_refused(api: Api) -> None:
 
 
 def test_pending_refunds_count_against_the_room(api: Api) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     with settlement_held("USD"):
         assert refund(api.client, bob, original["id"], {"amount": "7"}).status_code == 202
         assert_problem(
@@ -243,7 +243,7 @@ def test_the_rules_apply_in_order(api: Api) -> None:
     "amount", ["0", "0.00", "-1", "1.001", "abc", "", " 1", "1e2", "NaN", "1" * 16]
 )
 def test_a_bad_amount_is_invalid_amount(api: Api, amount: str) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     assert_problem(
         refund(api.client, bob, original["id"], {"amount": amount}), 400, "invalid_amount"
     )
@@ -252,13 +252,13 @@ def test_a_bad_amount_is_invalid_amount(api: Api, amount: str) -> None:
 
 @pytest.mark.parametrize("value", [True, [], {}, ["1"], {"a": 1}, 0, -1])
 def test_a_bad_json_amount_is_invalid_amount(api: Api, value: Any) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     response = refund(api.client, bob, original["id"], {"amount": value}, as_json=True)
     assert_problem(response, 400, "invalid_amount")
 
 
 def test_a_json_number_and_null_amount(api: Api) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     response = refund(api.client, bob, original["id"], {"amount": 2.5}, as_json=True)
     assert response.get_json()["amount"] == "2.50"
     response = refund(api.client, bob, original["id"], {"amount": None}, as_json=True)
@@ -269,7 +269,7 @@ def test_a_json_number_and_null_amount(api: Api) -> None:
     "comment", ["x" * 256, "a\x00b", 5, ["c"]], ids=["long", "nul", "number", "list"]
 )
 def test_a_bad_comment_is_invalid_request(api: Api, comment: Any) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     response = refund(api.client, bob, original["id"], {"comment": comment}, as_json=True)
     assert_problem(response, 400, "invalid_request")
 
@@ -297,7 +297,7 @@ def test_credentials_paths_and_scopes(api: Api) -> None:
 
 
 def test_a_replay_returns_the_same_refund_and_claims_once(api: Api) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     key = secrets.token_hex(8)
     first = refund(api.client, bob, original["id"], {"amount": "4.0"}, key)
     assert first.status_code == 202
@@ -313,7 +313,7 @@ def test_a_replay_returns_the_same_refund_and_claims_once(api: Api) -> None:
 
 
 def test_a_replay_of_a_defaulted_refund_after_the_room_is_gone(api: Api) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     key = secrets.token_hex(8)
     first = refund(api.client, bob, original["id"], {}, key).get_json()
     assert first["amount"] == "10.00"
@@ -326,11 +326,9 @@ def test_a_replay_of_a_defaulted_refund_after_the_room_is_gone(api: Api) -> None
 
 
 def test_a_key_of_a_transfer_is_not_a_refunds(api: Api) -> None:
-    alice, bob, original = paid(api, "10.00")
+    _alice, bob, original = paid(api, "10.00")
     key = secrets.token_hex(8)
     carol = api.register()
-    sent = api.transfer(bob, bob.accounts["USD"], carol.accounts["USD"], "1", **{})
-    assert sent.status_code == 202
     response = api.client.post(
         f"/users/{bob.id}/transfers",
         data={"from": bob.accounts["USD"], "to": carol.accounts["USD"], "amount": "1"},
@@ -363,7 +361,7 @@ def _concurrently(app: Any, member: Member, transfer_id: int, jobs: list[dict]) 
 @pytest.mark.slow
 def test_twenty_concurrent_refunds_never_exceed_the_transfer(app: Any, api: Api) -> None:
     alice, bob, original = paid(api, "100.00")
-    # 20 × 7.00 = 140.00 asked of 100.00: 14 fit.
+    # 20 x 7.00 = 140.00 asked of 100.00: 14 fit.
     results = _concurrently(app, bob, original["id"], [{"amount": "7.00"}] * THREADS)
     statuses = sorted(status for status, _ in results)
     assert statuses == [202] * 14 + [409] * 6, results
@@ -380,7 +378,7 @@ def test_twenty_concurrent_refunds_never_exceed_the_transfer(app: Any, api: Api)
 
 @pytest.mark.slow
 def test_twenty_concurrent_default_refunds_make_one(app: Any, api: Api) -> None:
-    alice, bob, original = paid(api, "100.00")
+    _alice, bob, original = paid(api, "100.00")
     results = _concurrently(app, bob, original["id"], [{}] * THREADS)
     accepted = [body for status, body in results if status == 202]
     assert len(accepted) == 1, results
@@ -391,7 +389,7 @@ def test_twenty_concurrent_default_refunds_make_one(app: Any, api: Api) -> None:
 
 @pytest.mark.slow
 def test_twenty_concurrent_replays_of_one_key_make_one(app: Any, api: Api) -> None:
-    alice, bob, original = paid(api, "100.00")
+    _alice, bob, original = paid(api, "100.00")
     key = secrets.token_hex(8)
 
     def one(_: int) -> tuple[int, dict]:
