@@ -41,7 +41,14 @@ from sqlalchemy import (
 from common import broker
 from common.db import Db, execute_direct
 from common.errors import Invalid
-from common.models import SETTLEMENT_ERROR, Event, EventType, Transfer, TransferStatus
+from common.models import (
+    SETTLEMENT_ERROR,
+    Event,
+    EventType,
+    Transfer,
+    TransferKind,
+    TransferStatus,
+)
 from common.render import timestamp, transfer_json
 from common.transfers import TransferRow
 
@@ -53,34 +60,54 @@ DELIVERY_WINDOW = "24 hours"
 _FINAL = ", ".join(f"'{s.value}'" for s in TransferStatus if s != TransferStatus.PENDING)
 
 
-# Two CTEs to append (after a comma) to a WITH clause whose CTE `decided` returns
-# (id, status, from_user_id, to_user_id) of the transfers it has just changed:
-# - `evented` inserts their events: `transfer.<status>` to the payer for each final
-#   status, and `transfer.received` to the payee of a settled transfer between two
-#   users; a row still pending gets none. Event ids follow the transfers' order.
-# - `delivered` inserts one delivery per event and enabled webhook of its user that
-#   asked for its type (or "*"), and returns their ids. With no webhooks registered,
-#   that is one probe of an empty index per event.
-TRANSFER_EVENTS = (
-    "evented AS ("
-    " INSERT INTO events (user_id, type, transfer_id)"
-    " SELECT e.user_id, e.type, e.transfer_id FROM ("
-    "  SELECT from_user_id, 'transfer.' || status, id, 0 FROM decided"
-    f"  WHERE status IN ({_FINAL})"
-    "  UNION ALL"
-    f"  SELECT to_user_id, '{EventType.TRANSFER_RECEIVED.value}', id, 1 FROM decided"
-    f"  WHERE status = '{TransferStatus.SETTLED.value}' AND to_user_id <> from_user_id"
-    " ) AS e(user_id, type, transfer_id, n) ORDER BY e.transfer_id, e.n"
-    " RETURNING id, user_id, type, created_at"
-    "), delivered AS ("
-    " INSERT INTO webhook_deliveries (webhook_id, event_id, deadline_at)"
-    f" SELECT w.id, evented.id, evented.created_at + interval '{DELIVERY_WINDOW}'"
-    " FROM evented JOIN webhooks w ON w.user_id = evented.user_id"
-    " WHERE w.enabled AND w.events && ARRAY['*', evented.type::text]"
-    " ORDER BY evented.id, w.id"
-    " RETURNING id"
-    ")"
-)
+def _event_ctes(*, holds: bool) -> str:
+    """Two CTEs to append (after a comma) to a WITH clause whose CTE `decided` returns
+    (id, status, from_user_id, to_user_id, kind) of the transfers it has just changed,
+    and, with `holds`, whose CTE `holds_decided` returns (id, status, from_user_id,
+    evented) of the holds it has just changed:
+    - `evented` inserts their events: `transfer.<status>` to the payer for each final
+      status; `transfer.received` to the payee of a settled transfer, refund or capture
+      between two users (a payout's payee is the outside world); `hold.<status>` to the
+      maker of each hold whose change is `evented`. A row still pending gets none.
+      Event ids follow the transfers' order, then the holds'.
+    - `delivered` inserts one delivery per event and enabled webhook of its user that
+      asked for its type (or "*"), and returns their ids. With no webhooks registered,
+      that is one probe of an empty index per event."""
+    hold_events = (
+        "  UNION ALL"
+        "  SELECT from_user_id, 'hold.' || status, NULL::bigint, id, 2 FROM holds_decided"
+        "  WHERE evented"
+        if holds
+        else ""
+    )
+    return (
+        "evented AS ("
+        " INSERT INTO events (user_id, type, transfer_id, hold_id)"
+        " SELECT e.user_id, e.type, e.transfer_id, e.hold_id FROM ("
+        "  SELECT from_user_id, 'transfer.' || status, id, NULL::bigint, 0 FROM decided"
+        f"  WHERE status IN ({_FINAL})"
+        "  UNION ALL"
+        f"  SELECT to_user_id, '{EventType.TRANSFER_RECEIVED.value}', id, NULL::bigint, 1"
+        f"  FROM decided WHERE status = '{TransferStatus.SETTLED.value}'"
+        f"  AND to_user_id <> from_user_id AND kind <> '{TransferKind.PAYOUT.value}'"
+        + hold_events
+        + " ) AS e(user_id, type, transfer_id, hold_id, n)"
+        " ORDER BY e.n = 2, coalesce(e.transfer_id, e.hold_id), e.n"
+        " RETURNING id, user_id, type, created_at"
+        "), delivered AS ("
+        " INSERT INTO webhook_deliveries (webhook_id, event_id, deadline_at)"
+        f" SELECT w.id, evented.id, evented.created_at + interval '{DELIVERY_WINDOW}'"
+        " FROM evented JOIN webhooks w ON w.user_id = evented.user_id"
+        " WHERE w.enabled AND w.events && ARRAY['*', evented.type::text]"
+        " ORDER BY evented.id, w.id"
+        " RETURNING id"
+        ")"
+    )
+
+
+# For statements that decide transfers only (a failed attempt), and for settlement.
+TRANSFER_EVENTS = _event_ctes(holds=False)
+LEDGER_EVENTS = _event_ctes(holds=True)
 
 # The ids of the deliveries `delivered` wrote, for the statement's final SELECT.
 DELIVERY_IDS = "ARRAY(SELECT id FROM delivered ORDER BY id)"

@@ -13,7 +13,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.orm import Session
 
 from common import broker
-from common.announcements import announce_decided, announce_final
+from common.announcements import announce_decided, announce_final, announce_holds
 from common.currencies import CurrencyInfo, get_currency, known_currency
 from common.db import is_outage, settlement_transaction
 from common.doorbells import marks, ring
@@ -136,6 +136,7 @@ def _settle_until_done(
                 ((d.transfer_id, d.status.value, d.reason) for d in result.decisions),
                 result.settled_at,
             )
+            announce_holds(sorted({d.hold_id for d in result.hold_decisions}))
         publish_deliveries(result.deliveries)
         _log_decisions(result)
         record_outcomes(
@@ -268,6 +269,6 @@ def sweep(self: Task) -> dict[str, int]:
         due.setdefault(currency, 0)
     for currency, count in sorted(due.items()):
         if count:
-            log.warning("%d %s transfers pending too long: ringing again", count, currency)
+            log.warning("%d %s transfers or holds overdue: ringing again", count, currency)
         ring(currency)
     return due
