@@ -10,11 +10,20 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from common.audit import audit
 from common.db import script_session
+from common.doorbells import ring
 from common.errors import Conflict
 from common.models import SUPERUSER_ID
 from common.transfers import submit_refund
-from tests.conftest import SUPERUSER, Api, Member, assert_problem, settlement_held
+from tests.conftest import (
+    SUPERUSER,
+    Api,
+    Member,
+    assert_problem,
+    settlement_held,
+    sweep_until,
+)
 from tests.test_api_keys import bearer, create_key
 
 MISSING_ID = 2**62
@@ -374,6 +383,9 @@ def test_twenty_concurrent_refunds_never_exceed_the_transfer(app: Any, api: Api)
         assert api.wait_final(bob, transfer_id)["status"] == "settled"
     assert api.balance(alice, alice.accounts["USD"]) == "997.00"
     assert api.balance(bob, bob.accounts["USD"]) == "2.00"
+    assert claimed(original["id"]) == (9800, 9800)
+    with script_session() as session:
+        assert audit(session) == []
 
 
 @pytest.mark.slow
@@ -432,3 +444,27 @@ def test_a_rejected_refund_gives_its_room_back(api: Api) -> None:
     assert api.balance(alice, alice.accounts["USD"]) == "918.20"
     assert claimed(original["id"]) == (1920, 1920)
     assert api.get_transfer(alice, original["id"])["refunded"] == "19.20"
+    with script_session() as session:
+        assert audit(session) == []
+
+
+def test_a_failed_refund_keeps_its_room_until_it_settles(api: Api, poison: Any) -> None:
+    alice, bob, original = paid(api, "10.00")
+    with settlement_held("USD"):
+        response = refund(api.client, bob, original["id"], {"amount": "6.00"})
+        refund_id = response.get_json()["id"]
+        poison(refund_id)
+    ring("USD")
+    sweep_until(lambda: api.get_transfer(bob, refund_id)["status"] == "failed")
+    # Its 6.00 is still claimed: only 4.00 is left.
+    assert claimed(original["id"]) == (600, 0)
+    assert_problem(
+        refund(api.client, bob, original["id"], {"amount": "4.01"}),
+        409,
+        "refund_exceeds_transfer",
+    )
+    poison.cure(refund_id)
+    sweep_until(lambda: api.get_transfer(bob, refund_id)["status"] == "settled")
+    assert claimed(original["id"]) == (600, 600)
+    assert api.get_transfer(alice, original["id"])["refunded"] == "6.00"
+    assert api.balance(alice, alice.accounts["USD"]) == "995.90"
