@@ -8,14 +8,16 @@ audit after each.
 
 from __future__ import annotations
 
+import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
 
 from common.audit import audit
 from common.db import script_session
-from tests.conftest import Api, Member
+from tests.conftest import Api, Member, sweep_until
 from worker.tasks import settle, sweep
 
 
@@ -48,12 +50,16 @@ def make_hold(payer: Member, payee: Member, amount: int, commission: int = 0, **
     )
 
 
-def request_capture(hold_id: int, amount: int, commission: int) -> int:
-    """A capture transfer and the hold's transfer_id, as the capture route writes them."""
+def request_capture(hold_id: int, amount: int, commission: int) -> int | None:
+    """A capture transfer and the hold's transfer_id, as the capture route writes them;
+    None when the hold is not held with nothing asked of it."""
     with script_session() as session, session.begin():
         hold = session.execute(
             text("SELECT * FROM holds WHERE id = :id FOR NO KEY UPDATE"), {"id": hold_id}
         ).one()
+        if hold.status != "held" or hold.transfer_id or hold.void_requested_at:
+            return None
+        amount = min(amount, hold.amount)
         transfer_id = session.scalar(
             text(
                 "INSERT INTO transfers (kind, hold_id, from_account_id, to_account_id,"
@@ -233,3 +239,84 @@ def test_settled_refunds_add_up_and_rejected_ones_give_their_room_back(api: Api)
     )
     assert (row.refunded, row.refunds_claimed) == (100, 100)
     assert_audit_clean()
+
+
+def try_void(hold_id: int) -> bool:
+    """The void route's statement."""
+    return bool(
+        execute(
+            "UPDATE holds SET void_requested_at = now() WHERE id = :id"
+            " AND status IN ('pending', 'held') AND transfer_id IS NULL"
+            " AND void_requested_at IS NULL RETURNING id",
+            id=hold_id,
+        )
+    )
+
+
+def test_holds_captures_voids_and_transfers_at_once_never_overdraw(api: Api) -> None:
+    alice, bob = api.funded("20.00"), api.register()
+    rng = random.Random(16)
+    hold_ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def guarded(work: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as error:  # reported by the test below
+                errors.append(error)
+
+        return run
+
+    def make_holds() -> None:
+        for _ in range(40):
+            hold_ids.append(make_hold(alice, bob, rng.randint(50, 400)))
+
+    def transfers() -> None:
+        for _ in range(30):
+            api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "0.75")
+
+    def settler() -> None:
+        for _ in range(40):
+            settle_usd()
+
+    def capture_and_void() -> None:
+        for _ in range(200):
+            if hold_ids:
+                hold_id = rng.choice(hold_ids)
+                if rng.random() < 0.5:
+                    request_capture(hold_id, rng.randint(1, 400), 0)
+                else:
+                    try_void(hold_id)
+
+    workers = [
+        threading.Thread(target=guarded(work))
+        for work in (make_holds, transfers, settler, settler, capture_and_void, capture_and_void)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    sweep_until(
+        lambda: (
+            execute(
+                "SELECT count(*) FROM holds WHERE id = ANY(:ids) AND (status = 'pending' OR"
+                " (status = 'held' AND (void_requested_at IS NOT NULL"
+                " OR transfer_id IS NOT NULL)))",
+                ids=hold_ids,
+            )
+            == 0
+            and execute(
+                "SELECT count(*) FROM transfers WHERE status = 'pending' AND from_user_id = :id",
+                id=alice.id,
+            )
+            == 0
+        )
+    )
+    assert_audit_clean()
+    balance, held = account(alice)
+    assert 0 <= held <= balance
+    statuses = {hold_row(i).status for i in hold_ids}
+    assert statuses <= {"held", "rejected", "captured", "voided"}
+    assert {"captured", "voided"} <= statuses
