@@ -154,7 +154,7 @@ def settlement(bench: Bench) -> dict[str, Any]:
     # Doorbells with nothing to settle warm every pool process up before the clock starts.
     drain(bench, rings=2 * config.worker_processes)
     ids = _insert(bench, config.backlog, config.seed)
-    seconds, series = _timed_drain(bench, lambda: data.pending_count(bench.conn))
+    seconds, series, cpu = _timed_drain(bench, lambda: data.pending_count(bench.conn))
     settled, rejected, failed, span = bench.conn.execute(
         "SELECT count(*) FILTER (WHERE status = 'settled'), "
         "count(*) FILTER (WHERE status = 'rejected'), count(*) FILTER (WHERE status = 'failed'), "
@@ -174,23 +174,34 @@ def settlement(bench: Bench) -> dict[str, Any]:
         "batch_size": int(bench.env.get("SETTLE_BATCH_SIZE") or DEFAULT_SETTLE_BATCH_SIZE),
         "pending_over_time": series,
     }
-    return _against_pgbench(bench, result)
+    return _against_pgbench(bench, result, cpu, settled + rejected)
 
 
-def _timed_drain(bench: Bench, left: Callable[[], int]) -> tuple[float, list[list[float]]]:
-    """Ring once and poll `left()` until 0: the seconds from the doorbell, the samples."""
+Drain = tuple[float, list[list[float]], dict[str, float]]  # seconds, samples, CPU split
+
+
+def _timed_drain(bench: Bench, left: Callable[[], int]) -> Drain:
+    """Ring once and poll `left()` until 0: the seconds from the doorbell, the samples,
+    the CPU split of the drain alone."""
     series: list[list[float]] = []
     say("  settling the backlog")
-    started = time.perf_counter()
+    before, started = bench.meter.sample(), time.perf_counter()
     _ring_all(bench)
     wait_for_zero(left, bench.config.drain_timeout_s, series)
-    return time.perf_counter() - started, series
+    seconds = time.perf_counter() - started
+    return seconds, series, bench.meter.between(before, bench.meter.sample())
 
 
-def _against_pgbench(bench: Bench, result: dict[str, Any]) -> dict[str, Any]:
-    """settled/s as a ratio to a's tps; then the queue drained and the ledger audited."""
+def _against_pgbench(
+    bench: Bench, result: dict[str, Any], cpu: dict[str, float], done: int
+) -> dict[str, Any]:
+    """settled/s as a ratio to a's tps, the drain's CPU per operation (steadier than
+    settled/s on a shared machine); then the queue drained and the ledger audited."""
     if reference := bench.results["phases"].get("a", {}).get("tps"):
         result["ratio_to_pgbench"] = round(result["settled_per_s"] / reference, 2)
+    result["drain_cpu_s"] = cpu
+    per_operation = 1000 * (cpu["worker"] + cpu["postgres"]) / max(done, 1)
+    result["worker_and_postgres_cpu_ms_per_operation"] = round(per_operation, 3)
     result["queue"] = drain(bench)
     result["audit"] = _audit(bench)
     return result
@@ -225,7 +236,7 @@ def mix(bench: Bench) -> dict[str, Any]:
     say(f"  inserting a mix of {count:,} pending operations")
     ids = data.insert_mix(conn, users, config.currencies, count, seed=config.seed + 11,
                           holds=holds, originals=originals)  # fmt: skip
-    seconds, series = _timed_drain(bench, left)
+    seconds, series, cpu = _timed_drain(bench, left)
     outcomes: dict[str, dict[str, int]] = {}
     for kind, status, n in conn.execute(_MIX_OUTCOMES, (*ids, *holds)).fetchall():
         outcomes.setdefault(kind, {})[status] = n
@@ -244,7 +255,7 @@ def mix(bench: Bench) -> dict[str, Any]:
         "settled_per_s": round(operations / seconds, 1),
         "left_over_time": series,
     }
-    return _against_pgbench(bench, result)
+    return _against_pgbench(bench, result, cpu, operations)
 
 
 def ingest(bench: Bench) -> dict[str, Any]:
