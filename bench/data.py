@@ -112,14 +112,10 @@ SELECT min(id), max(id) FROM inserted
 
 # Phase i's mix, interleaved in creation order by g % 20: 0-13 transfers, 14 a capture
 # of an even-numbered held hold (full or part of it), 15 the void of the next one (no
-# row here), 16-17 refunds of settled transfers (full or part), 18-19 payouts.
-_MIX = _drawn(""", held AS (
-  SELECT *, row_number() OVER (ORDER BY id) - 1 AS n FROM holds
-  WHERE id BETWEEN %(holds_first)s AND %(holds_last)s AND status = 'held'
-), originals AS (
-  SELECT *, row_number() OVER (ORDER BY id) - 1 AS n FROM transfers
-  WHERE id BETWEEN %(originals_first)s AND %(originals_last)s
-), mix AS (
+# row here), 16-17 refunds of settled transfers (full or part), 18-19 payouts. Holds
+# and originals are found by id from the first of their (contiguous) loads: primary-key
+# lookups whatever the planner thinks of tables loaded moments ago.
+_MIX = _drawn(""", mix AS (
   SELECT r.g, CASE WHEN r.g %% 20 < 14 THEN 'transfer' ELSE 'payout' END AS kind, r.from_id,
          CASE WHEN r.g %% 20 < 14 THEN r.to_id ELSE c.external_account_id END AS to_id,
          r.from_user, CASE WHEN r.g %% 20 < 14 THEN r.to_user ELSE x.user_id END AS to_user,
@@ -133,14 +129,15 @@ _MIX = _drawn(""", held AS (
   SELECT r.g, 'capture', h.from_account_id, h.to_account_id, h.from_user_id, h.to_user_id,
          h.currency, a.amount, ceil(a.amount * c.commission_rate)::bigint, h.from_user_id,
          NULL, h.id, NULL
-  FROM draws r JOIN held h ON h.n = r.g / 20 * 2 JOIN currencies c ON c.code = h.currency
+  FROM draws r JOIN holds h ON h.id = %(holds_first)s + r.g / 20 * 2 AND h.status = 'held'
+  JOIN currencies c ON c.code = h.currency
   CROSS JOIN LATERAL (SELECT CASE WHEN r.size < 0.5 THEN h.amount
                              ELSE greatest(1, floor(h.amount * r.size))::bigint END AS amount) a
   WHERE r.g %% 20 = 14
   UNION ALL
   SELECT r.g, 'refund', o.to_account_id, o.from_account_id, o.to_user_id, o.from_user_id,
          o.currency, a.amount, 0, o.to_user_id, o.id, NULL, NULL
-  FROM draws r JOIN originals o ON o.n = r.g / 20 * 2 + r.g %% 20 - 16
+  FROM draws r JOIN transfers o ON o.id = %(originals_first)s + r.g / 20 * 2 + r.g %% 20 - 16
   CROSS JOIN LATERAL (SELECT CASE WHEN r.size < 0.5 THEN o.amount
                              ELSE greatest(1, floor(o.amount * r.size))::bigint END AS amount) a
   WHERE r.g %% 20 IN (16, 17)
@@ -162,10 +159,9 @@ _MIX_INTENTS = (
     " WHERE t.id BETWEEN %(first)s AND %(last)s AND t.hold_id = h.id",
     "UPDATE transfers o SET refunds_claimed = o.refunds_claimed + t.amount FROM transfers t"
     " WHERE t.id BETWEEN %(first)s AND %(last)s AND t.refund_of = o.id",
-    "UPDATE holds SET void_requested_at = now() WHERE id IN (SELECT id FROM ("
-    " SELECT id, row_number() OVER (ORDER BY id) - 1 AS n FROM holds"
-    " WHERE id BETWEEN %(holds_first)s AND %(holds_last)s AND status = 'held') AS h"
-    " WHERE n %% 2 = 1 AND n / 2 * 20 + 15 < %(count)s)",
+    "UPDATE holds SET void_requested_at = now() WHERE status = 'held'"
+    " AND id BETWEEN %(holds_first)s AND %(holds_first)s + %(count)s / 10 + 1"
+    " AND (id - %(holds_first)s) %% 2 = 1 AND (id - %(holds_first)s) / 2 * 20 + 15 < %(count)s",
 )
 
 # One settled deposit from each currency's external account to every bench account.
@@ -274,8 +270,7 @@ def insert_mix(
     """Phase i's `count` operations, pending (`holds`: held ones to capture or void,
     `originals`: settled transfers to refund); the id range of its transfer rows."""
     params = {"users": users, "codes": list(codes), "count": count,
-              "holds_first": holds[0], "holds_last": holds[1],
-              "originals_first": originals[0], "originals_last": originals[1]}  # fmt: skip
+              "holds_first": holds[0], "originals_first": originals[0]}  # fmt: skip
     with conn.transaction():
         conn.execute("SELECT setseed(%s)", ((seed % 1000) / 1000,))
         first, last = _insert(conn, _MIX, params, settle=False)
