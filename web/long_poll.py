@@ -11,14 +11,15 @@ may wait a moment on a grace slot, else is answered at once (see docs/decisions/
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, current_app
 
-from common.announcements import CHANNEL, Final, parse_announcement
+from common.announcements import CHANNEL, HOLDS_CHANNEL, Final, parse_announcement
 from common.models import TransferStatus
-from common.pubsub import Subscription, subscribe, subscriber
+from common.pubsub import Subscription, subscribe, subscriber, text_of
 from common.render import timestamp
 
 Body = dict[str, Any]
@@ -166,3 +167,87 @@ subscribe(CHANNEL, Subscription(_waiters.wake))
 def listener() -> SettlementWaiters:
     """The process's waiters for settlement announcements."""
     return _waiters
+
+
+# --- Holds ------------------------------------------------------------------------------
+# A hold waits for settlement to have nothing left to do with it (reserve it, apply a
+# void, settle its capture). The settler names the holds it changed on HOLDS_CHANNEL;
+# a waiter then reads the hold again, and waits again while work is still outstanding.
+
+# The hold's body, and whether settlement still has work on it.
+HoldRead = tuple[Body, bool]
+
+
+def held_hold(hold_id: int, read: Callable[[], HoldRead], wait_s: float) -> HoldRead | None:
+    """`read()` once settlement has no work left on the hold, or as it is after
+    `wait_s`, on a long-poll slot; None when every slot is taken."""
+    return _hold_on(_slots().held, hold_id, read, wait_s)
+
+
+def grace_hold(hold_id: int, read: Callable[[], HoldRead], wait_s: float) -> HoldRead | None:
+    """The same on a grace slot, for at most UNHELD_GRACE_S; None when none is free."""
+    return _hold_on(_slots().grace, hold_id, read, min(wait_s, UNHELD_GRACE_S))
+
+
+def _hold_on(
+    slots: threading.BoundedSemaphore, hold_id: int, read: Callable[[], HoldRead], wait_s: float
+) -> HoldRead | None:
+    if not slots.acquire(blocking=False):
+        return None
+    try:
+        return _wait_hold(hold_id, read, wait_s)
+    finally:
+        slots.release()
+
+
+def _wait_hold(hold_id: int, read: Callable[[], HoldRead], wait_s: float) -> HoldRead:
+    # Listen first, then read (as _wait_final): a change announced in between is not
+    # missed. One hold may change more than once (held, then a void applied).
+    deadline = time.monotonic() + wait_s
+    while True:
+        waiter = _hold_waiters.register(hold_id)
+        try:
+            answer = read()
+            remaining = deadline - time.monotonic()
+            if not answer[1] or remaining <= 0 or not waiter.wait(remaining):
+                return answer
+        finally:
+            _hold_waiters.unregister(hold_id, waiter)
+
+
+class HoldWaiters:
+    """The requests waiting on holds, woken (to read again) by their announcements."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[int, list[Waiter]] = {}
+
+    def wake(self, data: bytes) -> None:
+        ids = {int(part) for part in text_of(data).split(",") if part.isdigit()}
+        with self._lock:
+            woken = [
+                waiter
+                for hold_id in ids & self._waiters.keys()
+                for waiter in self._waiters.pop(hold_id)
+            ]
+        for waiter in woken:
+            waiter.wake(None)
+
+    def register(self, hold_id: int) -> Waiter:
+        subscriber().wait_subscribed(timeout_s=1)
+        waiter = Waiter()
+        with self._lock:
+            self._waiters.setdefault(hold_id, []).append(waiter)
+        return waiter
+
+    def unregister(self, hold_id: int, waiter: Waiter) -> None:
+        with self._lock:
+            waiters = self._waiters.get(hold_id)
+            if waiters and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[hold_id]
+
+
+_hold_waiters = HoldWaiters()
+subscribe(HOLDS_CHANNEL, Subscription(_hold_waiters.wake))

@@ -35,12 +35,16 @@ def _decimals(db: Db, currency: str) -> int:
 
 
 def account_json(session: Session, account: Account) -> dict[str, Any]:
+    decimals = _decimals(session, account.currency)
     return {
         "id": account.id,
         "user_id": account.user_id,
         "currency": account.currency,
         "kind": account.kind,
-        "balance": format_amount(account.balance, _decimals(session, account.currency)),
+        "balance": format_amount(account.balance, decimals),
+        # Reserved by holds, and what a payment may still spend (docs/api.md "Holds").
+        "held": format_amount(account.held, decimals),
+        "available": format_amount(account.balance - account.held, decimals),
         "created_at": timestamp(account.created_at),
     }
 
@@ -51,6 +55,8 @@ def account_at_json(
     """The account as GET /accounts/{id}?at= shows it: its balance at `at`, and `as_of`."""
     body = account_json(session, account)
     body["balance"] = format_amount(balance, _decimals(session, account.currency))
+    # What was held then is not recorded: only the balance has a history.
+    del body["held"], body["available"]
     body["as_of"] = timestamp(at)
     return body
 
