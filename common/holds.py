@@ -19,12 +19,10 @@ from sqlalchemy import (
     Integer,
     Select,
     Table,
-    and_,
     bindparam,
     func,
     literal_column,
     select,
-    union,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert
@@ -41,6 +39,7 @@ from common.transfers import (
     _accounts,
     _amount_in,
     _transfer_row,
+    both_sides_page,
 )
 
 HOLDS: Table = Hold.__table__  # type: ignore[assignment]  # a mapped class's table
@@ -268,20 +267,16 @@ def holds_page(
     after_id: int | None,
     limit: int,
 ) -> Select[Any]:
-    """One page: a range scan of each side's index (maker, payee) merged by UNION, as
-    common.transfers.transfers_page does, so a page costs O(page)."""
+    """One page of the holds the user made or is the payee of (ix_holds_from_user_id_id,
+    ix_holds_to_user_id_id): O(page)."""
     conditions = []
     if filters.status is not None:
         conditions.append(HOLDS.c.status == filters.status.value)
-    if after_id is not None:
-        conditions.append(HOLDS.c.id < after_id if descending else HOLDS.c.id > after_id)
-    order = HOLDS.c.id.desc() if descending else HOLDS.c.id.asc()
-    sides = [
-        select(HOLDS.c.id).where(and_(side == user_id, *conditions)).order_by(order).limit(limit)
-        for side in (HOLDS.c.from_user_id, HOLDS.c.to_user_id)
-    ]
-    ids = select(union(*sides).subquery().c.id)
-    return select(*HOLD_COLUMNS).where(HOLDS.c.id.in_(ids)).order_by(order).limit(limit)
+    sides = (HOLDS.c.from_user_id, HOLDS.c.to_user_id)
+    return both_sides_page(
+        HOLDS, HOLD_COLUMNS, user_id, sides, conditions,
+        descending=descending, after_id=after_id, limit=limit,
+    )  # fmt: skip
 
 
 # A capture takes the hold's row as the settler's claim does (FOR NO KEY UPDATE): the

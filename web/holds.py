@@ -11,9 +11,10 @@ from functools import partial
 from typing import Any
 
 from flask import Blueprint, Response
+from sqlalchemy.orm import Session
 
 from common import holds
-from common.db import Db, request_session, request_statements, request_transaction
+from common.db import Db, request_statements, request_transaction
 from common.models import HoldStatus
 from common.render import hold_json
 from web import long_poll
@@ -28,7 +29,7 @@ from web.fields import (
     parse_query,
 )
 from web.metrics import LONG_POLLS_UNHELD
-from web.render import decode_cursor, json_response, page_response
+from web.render import json_response, listed_page
 from web.transfers import doorbells
 
 bp = Blueprint("holds", __name__)
@@ -130,16 +131,11 @@ def _read_visible(hold_id: int, user_id: int) -> tuple[dict[str, Any], bool]:
 def list_(user_id: int) -> Response:
     authorize_path_user(user_id, write=False)
     query = parse_query(HoldListQuery)
-    after_id = decode_cursor(query.cursor, query.sort)
     filters = holds.HoldFilter(status=HoldStatus(query.status) if query.status else None)
-    with request_session() as session:
-        rows = holds.list_holds(
-            session,
-            user_id,
-            filters,
-            descending=query.sort == "dsc",
-            after_id=after_id,
-            limit=query.limit + 1,
+
+    def fetch(session: Session, descending: bool, after_id: int | None, limit: int) -> Any:
+        return holds.list_holds(
+            session, user_id, filters, descending=descending, after_id=after_id, limit=limit
         )
-        items = [hold_json(session, hold) for hold in rows]
-    return page_response(items, rows, query.limit, query.sort)
+
+    return listed_page(query, fetch, hold_json)
