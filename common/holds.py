@@ -40,6 +40,7 @@ from common.transfers import (
     _amount_in,
     _transfer_row,
     both_sides_page,
+    insert_transfer,
 )
 
 HOLDS: Table = Hold.__table__  # type: ignore[assignment]  # a mapped class's table
@@ -284,28 +285,6 @@ def holds_page(
 # locked it waits, then sees what the settler made of it (docs/decisions/0036).
 _LOCK = select(*HOLD_COLUMNS).where(HOLDS.c.id == bindparam("id")).with_for_update(key_share=True)
 
-_CAPTURE_COLUMNS = (
-    "kind",
-    "hold_id",
-    "from_account_id",
-    "to_account_id",
-    "from_user_id",
-    "to_user_id",
-    "currency",
-    "amount",
-    "commission",
-    "comment",
-    "requested_by",
-    "idempotency_key",
-    "request_fingerprint",
-    "request_id",
-)
-_INSERT_CAPTURE = (
-    insert(TRANSFERS)
-    .values({column: bindparam(column) for column in _CAPTURE_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["requested_by", "idempotency_key"])
-    .returning(TRANSFERS.c.id)
-)
 _TRANSFER_BY_KEY = select(TRANSFERS.c.hold_id, TRANSFERS.c.request_fingerprint).where(
     TRANSFERS.c.requested_by == bindparam("requested_by"),
     TRANSFERS.c.idempotency_key == bindparam("key"),
@@ -380,12 +359,14 @@ def request_capture(
         "idempotency_key": idempotency_key,
         "request_fingerprint": fingerprint,
         "request_id": current_request_id.get(),
+        "refund_of": None,
+        "destination": None,
     }
-    inserted = execute_direct(session, _INSERT_CAPTURE, row, tuple_row).fetchone()
+    inserted = insert_transfer(session, row)
     if inserted is None:
         # The key was taken after the read above, by a payment of another kind.
         raise _mismatch()
-    params = {"id": hold.id, "transfer_id": inserted[0]}
+    params = {"id": hold.id, "transfer_id": inserted.id}
     updated = execute_direct(session, _SET_CAPTURE, params, HOLD_ROWS).fetchone()
     assert updated is not None
     return AcceptedHold(updated, created=True)

@@ -237,6 +237,7 @@ def _row(
         "request_id": current_request_id.get(),
         "refund_of": refund_of,
         "destination": destination,
+        "hold_id": None,
     }
 
 
@@ -258,6 +259,7 @@ _ROW_COLUMNS = (
     "request_id",
     "refund_of",
     "destination",
+    "hold_id",
 )
 _INSERT_ONE = (
     insert(TRANSFERS)
@@ -282,13 +284,19 @@ _INSERT_MANY = (
 _BY_ID = select(*_TRANSFER_COLUMNS).where(TRANSFERS.c.id == bindparam("id"))
 
 
+def insert_transfer(db: Db, row: dict[str, Any]) -> TransferRow | None:
+    """Insert one transfer (a value for every column of _ROW_COLUMNS); None when its
+    Idempotency-Key is already taken."""
+    # Core, not ORM: the row comes back as a plain row, which is all the response needs.
+    return execute_direct(db, _INSERT_ONE, row, _TRANSFER_ROWS).fetchone()
+
+
 def _record(db: Db, row: dict[str, Any]) -> Accepted:
     """Insert one transfer's row, or return the earlier transfer of its Idempotency-Key."""
     # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
     # nothing: of twenty simultaneous requests with one key, one row wins and the
     # others read it back below.
-    # Core, not ORM: the row comes back as a plain row, which is all the response needs.
-    transfer = execute_direct(db, _INSERT_ONE, row, _TRANSFER_ROWS).fetchone()
+    transfer = insert_transfer(db, row)
     if transfer is not None:
         return Accepted(transfer, created=True)
     assert row["idempotency_key"] is not None
