@@ -145,6 +145,8 @@ def integration_settings() -> Settings:
             "WEBHOOK_LEASE": "4",
             "WEBHOOK_SWEEP_INTERVAL": "0.5",
             "WEBHOOK_CONCURRENCY": "8",
+            # Every test registers from 127.0.0.1 (tests/test_overload.py sets its own).
+            "REGISTRATIONS_PER_ADDRESS": "1000000",
         }
     )
     _integration = use_settings(load_settings())

@@ -197,6 +197,7 @@ class Stack:
                 "ARGON2_MEMORY_KIB": "1024",
                 "LOGIN_FAILURES_PER_ADDRESS": "1000000",
                 "LOGIN_FAILURES_PER_USERNAME": "1000000",
+                "REGISTRATIONS_PER_ADDRESS": "1000000",
                 **self.settings,
             }
         )
