@@ -54,6 +54,16 @@ def hashing_slots() -> threading.BoundedSemaphore:
     return _slots
 
 
+def hashing_free() -> bool:
+    """A slot is free now (it may not be a moment later): lets a flood of requests
+    that would find none be refused before any other work."""
+    slots = hashing_slots()
+    if not slots.acquire(blocking=False):
+        return False
+    slots.release()
+    return True
+
+
 @contextmanager
 def _hashing_slot() -> Iterator[None]:
     slots = hashing_slots()

@@ -4,6 +4,7 @@ from flask import Blueprint, Response, request
 
 from common import users
 from common.db import request_transaction
+from common.passwords import HashingBusy, hashing_free
 from common.render import timestamp
 from web import throttle
 from web.fields import UserCreate, parse_body
@@ -16,6 +17,9 @@ bp = Blueprint("users", __name__)
 @bp.post("/users")
 def register() -> Response:
     fields = parse_body(UserCreate)
+    if not hashing_free():
+        # The cheapest answer to a flood: no counting, no transaction (503, web.problems).
+        raise HashingBusy
     # Before the hash: a script's registrations must not cost an argon2 hash each.
     wait = throttle.registration_retry_after(request.remote_addr or "unknown")
     if wait is not None:
