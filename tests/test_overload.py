@@ -267,9 +267,11 @@ def _busy(response: Any) -> None:
     assert response.headers["Retry-After"] == "1"
 
 
-def test_hash_bound_default_is_a_quarter_of_the_threads(settings) -> None:
-    assert settings.model_copy(update={"web_threads": 16}).hash_bound == 4
-    assert settings.model_copy(update={"web_threads": 2}).hash_bound == 1
+def test_hash_bound_default_is_the_process_share_of_the_cores(settings, monkeypatch) -> None:
+    monkeypatch.setattr("common.settings._cores", lambda: 8)
+    assert settings.model_copy(update={"web_concurrency": 8}).hash_bound == 1
+    assert settings.model_copy(update={"web_concurrency": 2}).hash_bound == 4
+    assert settings.model_copy(update={"web_concurrency": 16}).hash_bound == 1
     assert settings.model_copy(update={"hash_concurrency": 7}).hash_bound == 7
 
 
