@@ -95,9 +95,9 @@ default_pool_size = {config.pool_size}
 min_pool_size = 0
 reserve_pool_size = 0
 max_client_conn = {config.max_client_conn}
-;; A client waiting this long for a server connection gets an error, as the app's own
-;; pool_timeout would give it.
-query_wait_timeout = 30
+;; A client waits for a server connection as long as for one of its own pool (common/db.py's
+;; pool_timeout): then an error of class 08, which the processes take for an outage.
+query_wait_timeout = 5
 idle_transaction_timeout = {config.idle_in_transaction_timeout_s:g}
 server_connect_timeout = 5
 server_login_retry = 1
