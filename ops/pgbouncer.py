@@ -11,6 +11,7 @@ Its environment (all optional but DATABASE_URL):
 
 - DATABASE_URL: the PostgreSQL it pools for. Its user and password are the ones clients
   must present (and the ones it logs in with); without a password, clients are trusted.
+  Its `sslmode`, if any, is PgBouncer's to PostgreSQL (server_tls_sslmode).
 - PGBOUNCER_LISTEN_ADDR (0.0.0.0), PGBOUNCER_PORT (6432): where clients connect.
 - PGBOUNCER_POOL_SIZE (20): server connections per database and user.
 - PGBOUNCER_MAX_CLIENT_CONN (1000): client connections at once.
@@ -26,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from ops import die
 
@@ -44,6 +45,9 @@ class Upstream:
     port: int
     user: str
     password: str
+    # DATABASE_URL's sslmode, for PgBouncer's own connections to PostgreSQL (managed
+    # PostgreSQL often requires TLS).
+    sslmode: str = ""
 
     @classmethod
     def from_url(cls, url: str) -> Upstream:
@@ -55,6 +59,7 @@ class Upstream:
             port=parts.port or 5432,
             user=unquote(parts.username or "postgres"),
             password=unquote(parts.password or ""),
+            sslmode=parse_qs(parts.query).get("sslmode", [""])[-1],
         )
 
 
@@ -75,6 +80,7 @@ def _quoted(value: str) -> str:
 def ini_text(config: Config, auth_file: Path) -> str:
     upstream = config.upstream
     auth_type = "scram-sha-256" if upstream.password else "trust"
+    tls = f"server_tls_sslmode = {upstream.sslmode}\n" if upstream.sslmode else ""
     return f"""\
 ;; Written by ops/pgbouncer.py at each start: edit the variables, not this file.
 [databases]
@@ -105,7 +111,7 @@ server_check_query = select 1
 server_check_delay = 10
 server_lifetime = 3600
 server_idle_timeout = 600
-log_connections = 0
+{tls}log_connections = 0
 log_disconnections = 0
 log_pooler_errors = 1
 stats_period = 60

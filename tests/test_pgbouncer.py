@@ -95,8 +95,10 @@ def test_the_written_configuration_pools_transactions(tmp_path: Path) -> None:
     auth_file = tmp_path / "conf" / "userlist.txt"
     assert auth_file.read_text() == '"remit" "s""cret"\n'
     assert auth_file.stat().st_mode & 0o077 == 0
-    trusted = pooler.Upstream.from_url("postgres://postgres@127.0.0.1/remit")
-    assert "auth_type = trust" in pooler.ini_text(pooler.Config(trusted), auth_file)
+    assert "server_tls_sslmode" not in written
+    trusted = pooler.Upstream.from_url("postgres://postgres@127.0.0.1/remit?sslmode=require")
+    trusting = pooler.ini_text(pooler.Config(trusted), auth_file).splitlines()
+    assert {"auth_type = trust", "server_tls_sslmode = require"} <= set(trusting)
 
 
 # --- the stack through the pooler -----------------------------------------------------------
