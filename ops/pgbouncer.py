@@ -199,9 +199,12 @@ def prepare() -> list[str]:
     from ops import debian
 
     config = config_from_environment()
-    if not debian.ensure("pgbouncer"):
+    # Debian installs it in /usr/sbin, which a user's PATH may leave out.
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/sbin")
+    if binary is None and debian.ensure("pgbouncer"):
+        binary = shutil.which("pgbouncer")
+    if binary is None:
         die("pgbouncer is not installed: apt-get install pgbouncer (Debian's package)")
-    binary = shutil.which("pgbouncer") or "pgbouncer"
     # One folder per port, rewritten at each start: exec leaves nobody to remove it.
     folder = Path(tempfile.gettempdir()) / f"remit-pgbouncer-{config.port}"
     ini = write(config, folder, os_user())

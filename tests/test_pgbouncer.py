@@ -101,6 +101,31 @@ def test_the_written_configuration_pools_transactions(tmp_path: Path) -> None:
     assert {"auth_type = trust", "server_tls_sslmode = require"} <= set(trusting)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "complaint"),
+    [
+        ("PGBOUNCER_PORT", "many", "PGBOUNCER_PORT must be a number"),
+        ("PGBOUNCER_POOL_SIZE", "0", "PGBOUNCER_POOL_SIZE must be at least 1"),
+        ("DATABASE_URL", "redis://127.0.0.1/0", "DATABASE_URL must be a postgresql:// URL"),
+    ],
+)
+def test_a_bad_setting_stops_the_command_with_one_line(
+    variable: str, value: str, complaint: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ops", "pgbouncer"],
+        cwd=ROOT,
+        env=environment(**{variable: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"remit: {complaint}"), line
+
+
 # --- the stack through the pooler -----------------------------------------------------------
 
 
@@ -241,6 +266,12 @@ def pooled(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "worker",
             services.command("worker", hostname=f"pgbouncer-{secrets.token_hex(3)}@%h"),
             env("worker"),
+            logs,
+        )
+        processes["webhooks"] = _start(
+            "webhooks",
+            services.command("webhooks", hostname=f"pgbouncer-webhooks-{secrets.token_hex(3)}@%h"),
+            env("webhooks"),
             logs,
         )
         processes["beat"] = _start(
@@ -426,7 +457,7 @@ def test_transfers_refunds_and_holds_settle_once_through_the_pooler(pooled: Pool
 
     _wait_settled(pooled)
     _audit(pooled)
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "worker", "webhooks", "beat"):
         log = pooled.log(name)
         for failure in POOLER_FAILURES:
             assert failure not in log, f"{name}: {failure}\n{log[-3000:]}"
