@@ -156,10 +156,9 @@ def test_web_and_workers_reach_postgresql_through_pgbouncer() -> None:
         environment = SERVICES[name]["environment"]
         assert "@pgbouncer:6432/" in environment["DATABASE_URL"], name
         assert environment["DATABASE_POOLER"] == "pgbouncer", name
-        assert SERVICES[name]["depends_on"].get("pgbouncer", {}).get("condition") in (
-            None if name == "flower" else "service_healthy",  # Flower waits for a worker
-            "service_healthy",
-        )
+        # Flower starts after a healthy worker, which waits for PgBouncer.
+        waits_for = "worker" if name == "flower" else "pgbouncer"
+        assert SERVICES[name]["depends_on"][waits_for]["condition"] == "service_healthy"
     # Migrations and the pooler itself talk to PostgreSQL: no pooler in between.
     for name in ("migrate", "pgbouncer"):
         environment = SERVICES[name]["environment"]
@@ -236,9 +235,15 @@ def _compose_cpu(value: str | float) -> int:
     return round(float(value) * 1000)
 
 
+def _match(pattern: str, text: str) -> tuple[str, ...]:
+    match = re.fullmatch(pattern, text)
+    assert match is not None, (pattern, text)
+    return match.groups()
+
+
 def _compose_memory(value: str) -> int:
     # Docker's units are binary: 512M is 512 MiB.
-    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", str(value).lower()).groups()  # type: ignore[union-attr]
+    number, unit = _match(r"(\d+)([kmg]?)b?", str(value).lower())
     return int(number) * 1024 ** " kmg".index(unit or " ")
 
 
@@ -248,7 +253,7 @@ def _kubernetes_cpu(value: str | int) -> int:
 
 
 def _kubernetes_memory(value: str) -> int:
-    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", value).groups()  # type: ignore[union-attr]
+    number, unit = _match(r"(\d+)(Ki|Mi|Gi)", value)
     return int(number) * 1024 ** ("KiMiGi".index(unit) // 2 + 1)
 
 
@@ -411,7 +416,8 @@ def test_the_migration_job_runs_first_and_goes_direct() -> None:
     # The documented first step selects the Job and what it needs, and no process.
     operations = (ROOT / "docs" / "operations.md").read_text()
     assert BEFORE_ROLLOUT in operations
-    excluded = set(re.search(r"notin \((.*)\)", BEFORE_ROLLOUT).group(1).split(","))  # type: ignore[union-attr]
+    (names,) = _match(r".* notin \((.*)\)", BEFORE_ROLLOUT)
+    excluded = set(names.split(","))
     first = {
         (d["kind"], d["metadata"]["name"])
         for d in BASE_DOCUMENTS
