@@ -150,7 +150,8 @@ class Settings(BaseSettings):
 
     # Overload (docs/decisions/0038): a currency whose settlement lags this far behind
     # takes no new work; registrations per client address per window; argon2 hashes at
-    # once per process (0: the process's share of the cores, at least 1).
+    # once per process (0: the process's share of the cores, at most a quarter of
+    # WEB_THREADS, at least 1).
     max_pending_age_s: float = _env("MAX_PENDING_AGE", 60.0)
     max_pending: int = _env("MAX_PENDING", 1_000_000)
     registrations_per_address: int = _env("REGISTRATIONS_PER_ADDRESS", 20)
@@ -167,8 +168,10 @@ class Settings(BaseSettings):
     def hash_bound(self) -> int:
         """Password hashes (and verifications) one process runs at once. A hash is pure
         CPU: more at once than the process's share of the cores adds no throughput, only
-        waiting for every request of the host (docs/decisions/0038)."""
-        return self.hash_concurrency or max(1, _cores() // self.web_concurrency)
+        waiting for every request of the host (docs/decisions/0038). At most a quarter
+        of the threads: in a container the core count is the node's, not the limit's."""
+        share = min(_cores() // self.web_concurrency, self.web_threads // 4)
+        return self.hash_concurrency or max(1, share)
 
     @property
     def is_production(self) -> bool:

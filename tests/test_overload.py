@@ -272,6 +272,8 @@ def test_hash_bound_default_is_the_process_share_of_the_cores(settings, monkeypa
     assert settings.model_copy(update={"web_concurrency": 8}).hash_bound == 1
     assert settings.model_copy(update={"web_concurrency": 2}).hash_bound == 4
     assert settings.model_copy(update={"web_concurrency": 16}).hash_bound == 1
+    # At most a quarter of the threads, whatever the cores.
+    assert settings.model_copy(update={"web_concurrency": 1, "web_threads": 8}).hash_bound == 2
     assert settings.model_copy(update={"hash_concurrency": 7}).hash_bound == 7
 
 
