@@ -198,6 +198,7 @@ class Stack:
                 "LOGIN_FAILURES_PER_ADDRESS": "1000000",
                 "LOGIN_FAILURES_PER_USERNAME": "1000000",
                 "REGISTRATIONS_PER_ADDRESS": "1000000",
+                "HASH_CONCURRENCY": "64",
                 **self.settings,
             }
         )
