@@ -269,12 +269,16 @@ def _busy(response: Any) -> None:
 
 def test_hash_bound_default_is_the_process_share_of_the_cores(settings, monkeypatch) -> None:
     monkeypatch.setattr("common.settings._cores", lambda: 8)
-    assert settings.model_copy(update={"web_concurrency": 8}).hash_bound == 1
-    assert settings.model_copy(update={"web_concurrency": 2}).hash_bound == 4
-    assert settings.model_copy(update={"web_concurrency": 16}).hash_bound == 1
+
+    def bound(**values: int) -> int:
+        return int(settings.model_copy(update={"hash_concurrency": 0, **values}).hash_bound)
+
+    assert bound(web_concurrency=8, web_threads=16) == 1
+    assert bound(web_concurrency=2, web_threads=16) == 4
+    assert bound(web_concurrency=16, web_threads=16) == 1
     # At most a quarter of the threads, whatever the cores.
-    assert settings.model_copy(update={"web_concurrency": 1, "web_threads": 8}).hash_bound == 2
-    assert settings.model_copy(update={"hash_concurrency": 7}).hash_bound == 7
+    assert bound(web_concurrency=1, web_threads=8) == 2
+    assert bound(hash_concurrency=7) == 7
 
 
 def test_requests_needing_a_hash_are_refused_while_every_slot_is_taken(app, api: Api) -> None:
