@@ -97,9 +97,17 @@ def settlement_lag(db: Db, max_age_s: float, max_pending: int) -> list[Lag]:
     return [Lag(*row) for row in execute_direct(db, _LAG, params, _LAG_ROWS)]
 
 
-_ACCOUNT_CURRENCIES = text("SELECT id, currency FROM accounts WHERE id = ANY(:ids)")
-_TRANSFER_CURRENCY = text("SELECT currency FROM transfers WHERE id = :id")
-_HOLD_CURRENCY = text("SELECT currency FROM holds WHERE id = :id")
+# Only what `user` may see (any, for None): the bound must not tell which ids exist.
+_ACCOUNT_CURRENCIES = text(
+    "SELECT id, currency FROM accounts WHERE id = ANY(:ids)"
+    " AND (CAST(:user AS bigint) IS NULL OR user_id = :user)"
+)
+_TRANSFER_CURRENCY = text(
+    "SELECT currency FROM transfers WHERE id = :id AND :user IN (from_user_id, to_user_id)"
+)
+_HOLD_CURRENCY = text(
+    "SELECT currency FROM holds WHERE id = :id AND :user IN (from_user_id, to_user_id)"
+)
 
 
 class _AccountCurrency(NamedTuple):
@@ -107,17 +115,22 @@ class _AccountCurrency(NamedTuple):
     currency: str
 
 
-def account_currencies(db: Db, account_ids: list[int]) -> dict[int, str]:
-    """The currency of each of these accounts that exists."""
-    rows = execute_direct(db, _ACCOUNT_CURRENCIES, {"ids": account_ids}, args_row(_AccountCurrency))
+def account_currencies(db: Db, account_ids: list[int], user_id: int | None) -> dict[int, str]:
+    """The currency of each of these accounts that exists and is `user_id`'s (any
+    user's for None)."""
+    params = {"ids": account_ids, "user": user_id}
+    rows = execute_direct(db, _ACCOUNT_CURRENCIES, params, args_row(_AccountCurrency))
     return {row.id: row.currency for row in rows}
 
 
-def transfer_currency(db: Db, transfer_id: int) -> str | None:
-    row = execute_direct(db, _TRANSFER_CURRENCY, {"id": transfer_id}, tuple_row).fetchone()
+def transfer_currency(db: Db, transfer_id: int, user_id: int) -> str | None:
+    """The currency of a transfer `user_id` pays or receives."""
+    params = {"id": transfer_id, "user": user_id}
+    row = execute_direct(db, _TRANSFER_CURRENCY, params, tuple_row).fetchone()
     return row[0] if row else None
 
 
-def hold_currency(db: Db, hold_id: int) -> str | None:
-    row = execute_direct(db, _HOLD_CURRENCY, {"id": hold_id}, tuple_row).fetchone()
+def hold_currency(db: Db, hold_id: int, user_id: int) -> str | None:
+    """The currency of a hold `user_id` made or is the payee of."""
+    row = execute_direct(db, _HOLD_CURRENCY, {"id": hold_id, "user": user_id}, tuple_row).fetchone()
     return row[0] if row else None

@@ -147,10 +147,14 @@ def test_work_in_a_lagging_currency_is_refused_and_nothing_created(app, api: Api
     assert api.wait_final(alice, again.get_json()["id"])["status"] == "settled"
 
 
-def test_unknown_targets_still_answer_404_while_lagging(app, api: Api) -> None:
-    alice = api.funded("10.00", LAGGING)
+def test_unknown_and_others_targets_still_answer_404_while_lagging(app, api: Api) -> None:
+    alice, bob = api.funded("10.00", LAGGING), api.register()
     with lagging(app, api, alice):
         me = f"/users/{alice.id}"
+        # Another user's account of the lagging currency: as if it did not exist, as
+        # ever (the bound tells no one which ids exist).
+        theirs = api.transfer(bob, alice.accounts[LAGGING], bob.accounts[LAGGING], "1.00")
+        assert_problem(theirs, 404, "account_not_found")
         missing = api.client.post(f"{me}/holds/999999999/void", headers=alice.auth)
         assert_problem(missing, 404, "hold_not_found")
         response = api.client.post(

@@ -85,6 +85,6 @@ def list_postings(account_id: int) -> Response:
 def deposit(account_id: int) -> Response:
     require_superuser()
     fields = parse_body(DepositCreate)
-    overload.check_account(account_id)
+    overload.check_account(account_id, None)
     key = idempotency_key()
     return accept(lambda db: submit_deposit(db, account_id, fields.amount, key))

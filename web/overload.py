@@ -83,31 +83,34 @@ def _refuse(lookup: Callable[[Db], str | None]) -> None:
     lagging = current_backlog().lagging()
     if not lagging:
         return
-    # An unknown account, transfer or hold: the route answers its own 404.
+    # An unknown account, transfer or hold, or another user's: the route answers its
+    # own 404, as it would without a backlog.
     currency = request_statements(lookup)
     if currency in lagging:
         raise backlog_error(currency)
 
 
-def check_account(account_id: int) -> None:
-    """503 when the account's currency lags (new transfers, payouts, holds, deposits)."""
-    _refuse(lambda db: backlog.account_currencies(db, [account_id]).get(account_id))
+def check_account(account_id: int, user_id: int | None) -> None:
+    """503 when the currency of `user_id`'s account lags (new transfers, payouts,
+    holds); any user's account for None (deposits)."""
+    _refuse(lambda db: backlog.account_currencies(db, [account_id], user_id).get(account_id))
 
 
-def check_transfer(transfer_id: int) -> None:
-    """503 when the transfer's currency lags (refunds)."""
-    _refuse(lambda db: backlog.transfer_currency(db, transfer_id))
+def check_transfer(transfer_id: int, user_id: int) -> None:
+    """503 when the currency of a transfer `user_id` sees lags (refunds)."""
+    _refuse(lambda db: backlog.transfer_currency(db, transfer_id, user_id))
 
 
-def check_hold(hold_id: int) -> None:
-    """503 when the hold's currency lags (captures, voids)."""
-    _refuse(lambda db: backlog.hold_currency(db, hold_id))
+def check_hold(hold_id: int, user_id: int) -> None:
+    """503 when the currency of a hold `user_id` sees lags (captures, voids)."""
+    _refuse(lambda db: backlog.hold_currency(db, hold_id, user_id))
 
 
-def lagging_accounts(db: Db, account_ids: list[int]) -> dict[int, str]:
-    """Of these accounts, those whose currency lags, with it (a batch's items)."""
+def lagging_accounts(db: Db, account_ids: list[int], user_id: int) -> dict[int, str]:
+    """Of `user_id`'s accounts among these, those whose currency lags, with it (a
+    batch's items)."""
     lagging = current_backlog().lagging()
     if not lagging or not account_ids:
         return {}
-    currencies = backlog.account_currencies(db, account_ids)
+    currencies = backlog.account_currencies(db, account_ids, user_id)
     return {id_: code for id_, code in currencies.items() if code in lagging}

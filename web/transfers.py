@@ -77,7 +77,7 @@ def accept(
 def submit(user_id: int) -> Response:
     authorize_path_user(user_id, write=True)
     fields = parse_body(TransferCreate)
-    overload.check_account(fields.from_account)
+    overload.check_account(fields.from_account, user_id)
     request = transfers.TransferRequest(
         from_account_id=fields.from_account,
         to_account_id=fields.to_account,
@@ -94,7 +94,7 @@ def refund(user_id: int, transfer_id: int) -> Response:
     """Give back (part of) a settled payment the user received (docs/api.md "Refunds")."""
     authorize_path_user(user_id, write=True)
     fields = parse_body(RefundCreate)
-    overload.check_transfer(transfer_id)
+    overload.check_transfer(transfer_id, user_id)
     key = idempotency_key()
 
     def submit(db: Db) -> transfers.Accepted:
@@ -118,7 +118,7 @@ def payout(user_id: int) -> Response:
     """Money out to the currency's external account (docs/api.md "Payouts")."""
     authorize_path_user(user_id, write=True)
     fields = parse_body(PayoutCreate)
-    overload.check_account(fields.from_account)
+    overload.check_account(fields.from_account, user_id)
     key = idempotency_key()
     return accept(
         lambda db: transfers.submit_payout(
@@ -171,7 +171,7 @@ def _accept_items(
         )
         requests.append((index, request))
     # Items in a currency whose settlement lags are refused, each on its own.
-    lagging = overload.lagging_accounts(session, [r.from_account_id for _, r in requests])
+    lagging = overload.lagging_accounts(session, [r.from_account_id for _, r in requests], user_id)
     for index, request in requests:
         if request.from_account_id in lagging:
             results[index] = _item_error(overload.backlog_error(lagging[request.from_account_id]))
