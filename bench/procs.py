@@ -81,3 +81,14 @@ class CpuMeter:
         used |= {"irq": machine("irq", "softirq"), "steal": machine("steal")}
         used |= {"idle": machine("idle", "iowait"), "wall_s": round(max(t1 - t0, 1e-9), 2)}
         return used
+
+
+def rss_kib(root: int) -> int:
+    """RSS of `root` and its descendants, summed, in KiB (cheap: no PSS, any user's)."""
+    total = 0
+    for process in _processes(root):
+        try:
+            total += process.memory_info().rss
+        except GONE:
+            continue
+    return total // 1024
