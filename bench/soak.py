@@ -158,10 +158,12 @@ class Sampler(threading.Thread):
         memory = procs.memory_snapshot(self.roots)
         rss = {group: round(memory[group]["rss_kib"] / 1024, 1) for group in GROUPS}
         pss = {group: round(memory[group]["pss_kib"] / 1024, 1) for group in GROUPS}
+        processes = {group: len(memory[group]["processes"]) for group in GROUPS}
         return {
             "at_s": round(time.perf_counter() - self.start_at, 1), "decided_total": decided,
             "pending": pending, "oldest_pending_s": round(oldest, 2), "dead_tuples": dead,
             "live_tuples": live, "autovacuums": autovacuums, "rss_mib": rss, "pss_mib": pss,
+            "processes": processes,
         }  # fmt: skip
 
     def run(self) -> None:
@@ -337,6 +339,7 @@ def summarise(mix: Mix, samples: list[dict[str, Any]], bucket_s: float) -> list[
             "settled_per_s": round((after["decided_total"] - before["decided_total"]) / seconds, 1),
             "submit_to_settled_ms": latency,
             "rss_mib": after["rss_mib"], "pss_mib": after["pss_mib"],
+            "processes": after["processes"],
             "oldest_pending_s": after["oldest_pending_s"],
             "pending": after["pending"], "dead_tuples": after["dead_tuples"],
             "live_tuples": after["live_tuples"], "autovacuums": after["autovacuums"],
