@@ -48,6 +48,19 @@ TIMED = ("transfer", "refund", "payout")
 RSS_FLAT_PCT = 5.0
 P99_FLAT_PCT = 20.0
 GROUPS = ("web", "worker", "postgres")
+# What the verdict judges, and what it only records. PostgreSQL's RSS sums, per backend,
+# the shared buffers it has touched: it climbs while the cache fills. Its private memory
+# (USS) is what a leak would grow.
+JUDGED = {
+    "rss_web_mib": ("web RSS MiB", RSS_FLAT_PCT),
+    "rss_worker_mib": ("worker RSS MiB", RSS_FLAT_PCT),
+    "uss_postgres_mib": ("postgres private (USS) MiB", RSS_FLAT_PCT),
+    "p99_ms": ("p99 submit->settled ms", P99_FLAT_PCT),
+}
+RECORDED = {
+    "rss_postgres_mib": "postgres RSS MiB",
+    "pss_postgres_mib": "postgres PSS MiB",
+}
 FINAL_HOLD = ("rejected", "captured", "voided", "expired")
 
 
@@ -158,12 +171,13 @@ class Sampler(threading.Thread):
         memory = procs.memory_snapshot(self.roots)
         rss = {group: round(memory[group]["rss_kib"] / 1024, 1) for group in GROUPS}
         pss = {group: round(memory[group]["pss_kib"] / 1024, 1) for group in GROUPS}
+        uss = {group: round(memory[group]["uss_kib"] / 1024, 1) for group in GROUPS}
         processes = {group: len(memory[group]["processes"]) for group in GROUPS}
         return {
             "at_s": round(time.perf_counter() - self.start_at, 1), "decided_total": decided,
             "pending": pending, "oldest_pending_s": round(oldest, 2), "dead_tuples": dead,
             "live_tuples": live, "autovacuums": autovacuums, "rss_mib": rss, "pss_mib": pss,
-            "processes": processes,
+            "uss_mib": uss, "processes": processes,
         }  # fmt: skip
 
     def run(self) -> None:
@@ -339,7 +353,7 @@ def summarise(mix: Mix, samples: list[dict[str, Any]], bucket_s: float) -> list[
             "settled_per_s": round((after["decided_total"] - before["decided_total"]) / seconds, 1),
             "submit_to_settled_ms": latency,
             "rss_mib": after["rss_mib"], "pss_mib": after["pss_mib"],
-            "processes": after["processes"],
+            "uss_mib": after["uss_mib"], "processes": after["processes"],
             "oldest_pending_s": after["oldest_pending_s"],
             "pending": after["pending"], "dead_tuples": after["dead_tuples"],
             "live_tuples": after["live_tuples"], "autovacuums": after["autovacuums"],
@@ -354,9 +368,9 @@ def windows(buckets: int) -> tuple[int, int]:
 
 
 def verdicts(mix: Mix, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """First window after the warm-up against the last: flat when the RSS of each group
+    """First window after the warm-up against the last: flat when each JUDGED memory
     (means) grew by RSS_FLAT_PCT at most and the pooled p99 by P99_FLAT_PCT at most (a
-    fall is flat: what a soak hunts is growth). PSS is recorded, not judged."""
+    fall is flat: what a soak hunts is growth)."""
     warmup, width = windows(len(rows))
     first, last = rows[warmup : warmup + width], rows[-width:]
     result: dict[str, Any] = {
@@ -376,20 +390,20 @@ def verdicts(mix: Mix, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"first": round(before, 1), "last": round(after, 1),
                 "change_pct": round(change, 1), "flat": change <= limit}  # fmt: skip
 
-    for group in GROUPS:
-        means = [sum(row["rss_mib"][group] for row in part) / len(part) for part in (first, last)]
-        result[f"rss_{group}_mib"] = compare(*means, RSS_FLAT_PCT)
-        means = [sum(row["pss_mib"][group] for row in part) / len(part) for part in (first, last)]
-        result[f"pss_{group}_mib"] = compare(*means, RSS_FLAT_PCT) | {"judged": False}
+    for kind in ("rss", "pss", "uss"):
+        for group in GROUPS:
+            key = f"{kind}_{group}_mib"
+            means = [sum(row[f"{kind}_mib"][group] for row in part) / len(part)
+                     for part in (first, last)]  # fmt: skip
+            result[key] = compare(*means, RSS_FLAT_PCT) | {"judged": key in JUDGED}
     p99s = [
         load.summary_ms([t for row in part for t in mix.latency[row["bucket"] - 1]], ("p99",))
         for part in (first, last)
     ]
-    result["p99_ms"] = compare(p99s[0]["p99"], p99s[1]["p99"], P99_FLAT_PCT)
+    result["p99_ms"] = compare(p99s[0]["p99"], p99s[1]["p99"], P99_FLAT_PCT) | {"judged": True}
     if len(rows) < warmup + 2 * width:
         result["note"] = "the windows overlap: too short for a verdict that means much"
-    judged = [result[key]["flat"] for key in result if key.startswith(("rss_", "p99_ms"))
-              and isinstance(result[key], dict)]  # fmt: skip
+    judged = [result[key]["flat"] for key in JUDGED]
     result["flat"] = None if None in judged else all(judged)
     return result
 
@@ -416,16 +430,15 @@ def table(result: dict[str, Any]) -> str:
             f"verdicts: buckets {v['first_buckets']} (after {v['warmup_buckets']} of warm-up) "
             f"against {v['last_buckets']}"
         )
-        for key, label, limit in [
-            (f"rss_{g}_mib", f"{g} RSS MiB", RSS_FLAT_PCT) for g in GROUPS
-        ] + [("p99_ms", "p99 submit->settled ms", P99_FLAT_PCT)]:
+        for key, (label, limit) in JUDGED.items():
             c = v[key]
             word = "-" if c["flat"] is None else "flat" if c["flat"] else "NOT FLAT"
-            lines.append(f"  {label:<24} {c['first']} -> {c['last']} ({c['change_pct']} %, "
+            lines.append(f"  {label:<27} {c['first']} -> {c['last']} ({c['change_pct']} %, "
                          f"limit +{limit:g} %): {word}")  # fmt: skip
-        c = v["pss_postgres_mib"]
-        lines.append(f"  {'postgres PSS MiB':<24} {c['first']} -> {c['last']} ({c['change_pct']} %)"
-                     ": not judged (RSS counts each backend's touched shared buffers)")  # fmt: skip
+        for key, label in RECORDED.items():
+            c = v[key]
+            lines.append(f"  {label:<27} {c['first']} -> {c['last']} ({c['change_pct']} %): "
+                         "recorded, not judged (the shared buffers filling)")  # fmt: skip
         overall = "-" if v["flat"] is None else "flat" if v["flat"] else "NOT FLAT"
         lines.append(f"  overall: {overall}" + (f" ({v['note']})" if v.get("note") else ""))
     lines.append(f"outcomes: {json.dumps(result.get('outcomes', {}), sort_keys=True)}")
@@ -449,7 +462,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ("throughput (per second)", [("sent", "sent_per_s"), ("settled", "settled_per_s")]),
         ("submit → settled (ms)", [("p50", "submit_to_settled_ms.p50"),
                                    ("p99", "submit_to_settled_ms.p99")]),
-        ("RSS (MiB)", [(g, f"rss_mib.{g}") for g in GROUPS]),
+        ("memory (MiB)", [*((f"{g} RSS", f"rss_mib.{g}") for g in GROUPS),
+                          ("postgres USS", "uss_mib.postgres")]),
         ("oldest pending (s)", [("age", "oldest_pending_s")]),
         ("dead tuples in transfers", [("n_dead_tup", "dead_tuples")]),
         ("pending transfers at the sample", [("pending", "pending")]),
