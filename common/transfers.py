@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
 
-from psycopg.rows import args_row
+from psycopg.rows import args_row, tuple_row
 from sqlalchemy import (
     Select,
     Table,
@@ -25,17 +25,18 @@ from sqlalchemy import (
     literal_column,
     select,
     union,
+    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
 from common.currencies import CurrencyInfo, get_currency
 from common.db import Db, execute_direct
-from common.errors import Invalid, NotFound, RemitError
+from common.errors import Conflict, Invalid, NotFound, RemitError
 from common.limits import BIGINT_MAX
 from common.logs import request_id as current_request_id
 from common.models import SUPERUSER_ID, Account, AccountKind, Transfer, TransferStatus
-from common.money import InvalidAmount, commission_for, parse_amount
+from common.money import InvalidAmount, commission_for, format_amount, parse_amount
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,23 @@ class Accepted:
     created: bool
 
 
-def _fingerprint(kind: str, request: TransferRequest) -> str:
+def _fingerprint(kind: str, request: TransferRequest, *extra: str) -> str:
     # "10.5" and "10.50" are the same request; Decimal compares the exact value.
     amount = format(Decimal(request.amount).normalize(), "f")
-    text = "\x1f".join(
-        (kind, str(request.from_account_id), str(request.to_account_id), amount, request.comment)
+    # `extra` (a payout's destination) is appended only when given: the fingerprints
+    # already stored for transfers and deposits stay as they were.
+    return _hash(
+        kind,
+        str(request.from_account_id),
+        str(request.to_account_id),
+        amount,
+        request.comment,
+        *extra,
     )
-    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
 _BY_KEY = select(*_TRANSFER_COLUMNS).where(
@@ -186,8 +197,12 @@ def _row(
     source: AccountRef,
     target: AccountRef,
     request: TransferRequest,
+    refund_of: int | None = None,
+    destination: str | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The transfer's row, once every rule that needs no lock has passed."""
+    """The transfer's row, once every rule that needs no lock has passed.
+    `fingerprint`: the request's, when it is not `_fingerprint(kind, request)`."""
     if source.id == target.id:
         raise Invalid("same_account", "from and to are the same account")
     if source.currency != target.currency:
@@ -197,7 +212,8 @@ def _row(
         )
     currency = get_currency(db, source.currency)
     amount = _amount_in(currency, request.amount)
-    free = kind == "deposit" or source.user_id == target.user_id
+    # A refund gives back the amount only: the original's commission is kept.
+    free = kind in ("deposit", "refund") or source.user_id == target.user_id
     commission = 0 if free else commission_for(amount, currency.commission_rate)
     # The debit must fit the BIGINT columns it ends up in.
     if amount + commission > BIGINT_MAX:
@@ -214,8 +230,12 @@ def _row(
         "comment": request.comment,
         "requested_by": requested_by,
         "idempotency_key": request.idempotency_key,
-        "request_fingerprint": _fingerprint(kind, request) if request.idempotency_key else None,
+        "request_fingerprint": (
+            (fingerprint or _fingerprint(kind, request)) if request.idempotency_key else None
+        ),
         "request_id": current_request_id.get(),
+        "refund_of": refund_of,
+        "destination": destination,
     }
 
 
@@ -235,6 +255,8 @@ _ROW_COLUMNS = (
     "idempotency_key",
     "request_fingerprint",
     "request_id",
+    "refund_of",
+    "destination",
 )
 _INSERT_ONE = (
     insert(TRANSFERS)
@@ -366,6 +388,152 @@ def submit_deposit(db: Db, account_id: int, amount: str, idempotency_key: str | 
             source=source,
             target=target,
             request=request,
+        ),
+    )
+
+
+# --- refunds and payouts (docs/api.md "Refunds", "Payouts") -----------------------------
+
+REFUNDABLE_KINDS = ("transfer", "capture")
+
+# The original, locked for the rest of the refund's transaction: concurrent refunds of
+# one transfer (and replays of one key) take their turns here. NO KEY UPDATE: the
+# refund's own foreign key to it (KEY SHARE) does not conflict.
+_ORIGINAL = (
+    select(*_TRANSFER_COLUMNS)
+    .where(TRANSFERS.c.id == bindparam("id"))
+    .with_for_update(key_share=True)
+)
+# The room a refund takes on its original, in one statement that cannot overfill it
+# (the CHECK refunds_claimed <= amount is the database's backstop).
+_CLAIM = (
+    update(TRANSFERS)
+    .where(
+        TRANSFERS.c.id == bindparam("id"),
+        TRANSFERS.c.refunds_claimed + bindparam("claim") <= TRANSFERS.c.amount,
+    )
+    .values(refunds_claimed=TRANSFERS.c.refunds_claimed + bindparam("claim"))
+    .returning(TRANSFERS.c.id)
+)
+_UNCLAIM = (
+    update(TRANSFERS)
+    .where(TRANSFERS.c.id == bindparam("id"))
+    .values(refunds_claimed=TRANSFERS.c.refunds_claimed - bindparam("claim"))
+)
+
+
+def _refund_fingerprint(transfer_id: int, amount: str | None, comment: str) -> str:
+    # A defaulted amount is "" (not the amount it came to): a replay matches whatever
+    # was left to refund when the first request came.
+    given = "" if amount is None else format(Decimal(amount).normalize(), "f")
+    return _hash("refund", str(transfer_id), given, comment)
+
+
+def submit_refund(
+    session: Session,
+    user_id: int,
+    transfer_id: int,
+    *,
+    amount: str | None,
+    comment: str,
+    idempotency_key: str | None,
+) -> Accepted:
+    """Give back (part of) a settled payment `user_id` received: a `refund` transfer the
+    other way, its room claimed on the original. One transaction: the caller's."""
+    original = execute_direct(session, _ORIGINAL, {"id": transfer_id}, _TRANSFER_ROWS).fetchone()
+    if original is None or original.to_user_id != user_id:
+        raise NotFound("transfer_not_found", f"no transfer {transfer_id} paid to this user")
+    fingerprint = _refund_fingerprint(transfer_id, amount, comment)
+    # After the lock: an earlier request with this key has committed (or failed) by now.
+    if idempotency_key is not None:
+        existing = _replay(session, user_id, idempotency_key, fingerprint)
+        if existing is not None:
+            return Accepted(existing, created=False)
+    if original.kind not in REFUNDABLE_KINDS:
+        raise Conflict("not_refundable", f"a {original.kind} cannot be refunded")
+    if original.status != TransferStatus.SETTLED:
+        raise Conflict("transfer_not_settled", f"transfer {transfer_id} is {original.status}")
+    currency = get_currency(session, original.currency)
+    if amount is None:
+        left = original.amount - original.refunds_claimed
+        if left <= 0:
+            raise Conflict("refund_exceeds_transfer", "nothing is left to refund")
+        amount = format_amount(left, currency.decimals)
+    claim = _amount_in(currency, amount)
+    params = {"id": transfer_id, "claim": claim}
+    if execute_direct(session, _CLAIM, params, tuple_row).fetchone() is None:
+        room = format_amount(original.amount - original.refunds_claimed, currency.decimals)
+        raise Conflict(
+            "refund_exceeds_transfer", f"at most {room} {currency.code} is left to refund"
+        )
+    accounts = _accounts(session, original.to_account_id, original.from_account_id)
+    request = TransferRequest(
+        from_account_id=original.to_account_id,
+        to_account_id=original.from_account_id,
+        amount=amount,
+        comment=comment,
+        idempotency_key=idempotency_key,
+    )
+    accepted = _record(
+        session,
+        _row(
+            session,
+            kind="refund",
+            requested_by=user_id,
+            source=accounts[original.to_account_id],
+            target=accounts[original.from_account_id],
+            request=request,
+            refund_of=transfer_id,
+            fingerprint=fingerprint,
+        ),
+    )
+    if not accepted.created:
+        # The key's transfer was there after all: this request claimed nothing.
+        execute_direct(session, _UNCLAIM, params, tuple_row)
+    return accepted
+
+
+def submit_payout(
+    db: Db,
+    user_id: int,
+    *,
+    from_account_id: int,
+    amount: str,
+    destination: str,
+    comment: str,
+    idempotency_key: str | None,
+) -> Accepted:
+    """Money out of Remit: from one of `user_id`'s accounts to its currency's external
+    account, with the commission of a payment to another user (the superuser)."""
+    source = _accounts(db, from_account_id).get(from_account_id)
+    if source is None or source.user_id != user_id:
+        raise NotFound("account_not_found", f"you have no account {from_account_id}")
+    currency = get_currency(db, source.currency)
+    target = _accounts(db, currency.external_account_id).get(currency.external_account_id)
+    assert target is not None, "seed data is missing the external account"
+    request = TransferRequest(
+        from_account_id=source.id,
+        to_account_id=target.id,
+        amount=amount,
+        comment=comment,
+        idempotency_key=idempotency_key,
+    )
+    fingerprint = _fingerprint("payout", request, destination)
+    if idempotency_key is not None:
+        existing = _replay(db, user_id, idempotency_key, fingerprint)
+        if existing is not None:
+            return Accepted(existing, created=False)
+    return _record(
+        db,
+        _row(
+            db,
+            kind="payout",
+            requested_by=user_id,
+            source=source,
+            target=target,
+            request=request,
+            destination=destination,
+            fingerprint=fingerprint,
         ),
     )
 

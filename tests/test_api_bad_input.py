@@ -433,6 +433,8 @@ def _public_and_private_posts(people) -> list[tuple[str, dict[str, str]]]:
         (f"/users/{payer.id}/transfers", payer.auth),
         (f"/users/{payer.id}/transfers/batch", payer.auth),
         (f"/accounts/{payer.accounts['USD']}/deposits", SUPERUSER.auth),
+        (f"/users/{payer.id}/transfers/1/refunds", payer.auth),
+        (f"/users/{payer.id}/payouts", payer.auth),
     ]
 
 
@@ -556,6 +558,10 @@ def test_body_just_under_one_mebibyte_is_read(client, people) -> None:
         f"/users/1/webhooks/{BIGINT_MAX + 1}",
         "/users/1/transfers/abc",
         "/users/1/transfers/" + "9" * 5000,
+        f"/users/1/transfers/{BIGINT_MAX + 1}/refunds",
+        "/users/1/transfers/abc/refunds",
+        "/users/abc/payouts",
+        f"/users/{BIGINT_MAX + 1}/payouts",
         "/transfers",
     ],
 )
@@ -582,6 +588,10 @@ def test_unknown_path(client, path: str, authenticated: bool) -> None:
         ("PATCH", "/users/2/transfers/1"),
         ("DELETE", "/users/2/transfers/1"),
         ("GET", "/users/2/transfers/batch"),
+        ("GET", "/users/2/transfers/1/refunds"),
+        ("PUT", "/users/2/transfers/1/refunds"),
+        ("GET", "/users/2/payouts"),
+        ("DELETE", "/users/2/payouts"),
         ("POST", "/health"),
     ],
 )
@@ -817,3 +827,107 @@ def test_generated_raw_bodies(app, people, raw: bytes, content_type: str) -> Non
         environ = {"CONTENT_TYPE": content_type} if content_type else {}
         response = client.post(path, data=raw, headers=auth, environ_overrides=environ)
         assert_answer_is_well_formed(response)
+
+
+# --- refunds and payouts: generated bodies ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refundable(app, settlement_worker, people) -> tuple[Member, int]:
+    """The payee of `people` and a settled payment it received (so refunds may pass)."""
+    api = Api(app.test_client())
+    _, payee = people
+    payer = api.funded("100.00")
+    response = api.transfer(payer, payer.accounts["USD"], payee.accounts["USD"], "50.00")
+    assert api.wait_final(payer, response.get_json()["id"])["status"] == "settled"
+    return payee, response.get_json()["id"]
+
+
+def _optional_fields(data, fields: dict[str, Any], label: str) -> dict[str, Any]:
+    return data.draw(st.fixed_dictionaries({}, optional=fields), label=label)
+
+
+@GENERATED
+@given(data=st.data())
+def test_generated_refund_bodies(app, refundable, data) -> None:
+    payee, transfer_id = refundable
+    client = app.test_client()
+    as_json = data.draw(st.booleans(), label="as_json")
+    if as_json:
+        body = _optional_fields(
+            data,
+            {
+                "amount": st.one_of(amount_text, json_values),
+                "comment": st.one_of(st.text(max_size=300), json_values),
+            },
+            "json body",
+        )
+    else:
+        body = _optional_fields(
+            data,
+            {
+                "amount": amount_text,
+                "comment": st.text(st.characters(exclude_categories=["Cs"]), max_size=300),
+            },
+            "form body",
+        )
+    headers = dict(payee.auth)
+    key = data.draw(idempotency_keys, label="idempotency key")
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    target = data.draw(st.sampled_from([transfer_id, 0, BIGINT_MAX]), label="transfer")
+    path = f"/users/{payee.id}/transfers/{target}/refunds"
+    if as_json:
+        response = client.post(path, json=body, headers=headers)
+    else:
+        response = client.post(path, data=body, headers=headers)
+    assert_answer_is_well_formed(response)
+    if response.status_code == 202:
+        assert response.get_json()["refund_of"] == transfer_id
+
+
+@GENERATED
+@given(data=st.data())
+def test_generated_payout_bodies(app, people, data) -> None:
+    payer, payee = people
+    client = app.test_client()
+    ids = st.sampled_from([*payer.accounts.values(), *payee.accounts.values(), 0, BIGINT_MAX])
+    as_json = data.draw(st.booleans(), label="as_json")
+    if as_json:
+        body = _optional_fields(
+            data,
+            {
+                "from": st.one_of(ids, ids.map(str), json_values),
+                "amount": st.one_of(amount_text, json_values),
+                "destination": st.one_of(st.text(max_size=220), json_values),
+                "comment": st.one_of(st.text(max_size=300), json_values),
+            },
+            "json body",
+        )
+    else:
+        form = st.text(st.characters(exclude_categories=["Cs"]), max_size=220)
+        body = _optional_fields(
+            data,
+            {
+                "from": st.one_of(ids.map(str), form_text),
+                "amount": amount_text,
+                "destination": form,
+                "comment": form,
+            },
+            "form body",
+        )
+    headers = dict(payer.auth)
+    key = data.draw(idempotency_keys, label="idempotency key")
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    path = f"/users/{payer.id}/payouts"
+    if as_json:
+        response = client.post(path, json=body, headers=headers)
+    else:
+        response = client.post(path, data=body, headers=headers)
+    assert_answer_is_well_formed(response)
+    if response.status_code == 202:
+        payout = response.get_json()
+        assert payout["kind"] == "payout"
+        assert payout["destination"] == body["destination"]
+        assert payout["destination"].isprintable()

@@ -214,7 +214,8 @@ def test_links_are_followed_statefully(contract, world) -> None:
                 self.latest = _basic(case.body["username"], case.body["password"])
                 self.users[body["id"]] = self.latest
             for item in body if isinstance(body, list) else [body]:
-                if isinstance(item, dict) and "kind" in item:  # an account
+                # An account: transfers have a kind too, but no user_id.
+                if isinstance(item, dict) and "kind" in item and "user_id" in item:
                     self.owners[item["id"]] = item["user_id"]
 
         def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:

@@ -156,6 +156,34 @@ class DepositCreate(Schema):
     amount: Amount
 
 
+# --- refunds and payouts ----------------------------------------------------------------
+
+
+class RefundCreate(Schema):
+    # Absent (or null): all that is still refundable (docs/api.md "Refunds").
+    amount: Amount | None = None
+    comment: Text = Field("", max_length=COMMENT_MAX_LENGTH)
+
+
+DESTINATION_MAX_LENGTH = 200
+
+
+def _destination(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must be printable characters only (no control characters)")
+    return value
+
+
+class PayoutCreate(Schema):
+    from_account: Id = Field(alias="from")
+    amount: Amount
+    # Where the money goes outside Remit (a bank account reference, say): shown as given.
+    destination: Annotated[str, AfterValidator(_destination)] = Field(
+        min_length=1, max_length=DESTINATION_MAX_LENGTH, examples=["DE89 3704 0044 0532 0130 00"]
+    )
+    comment: Text = Field("", max_length=COMMENT_MAX_LENGTH)
+
+
 def _count(value: object) -> int:
     # Query strings are text: plain ASCII digits only, no "+5", " 5" or "1_0".
     if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,4}", value):

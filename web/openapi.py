@@ -390,6 +390,64 @@ OPERATIONS = (
         query=fields.TransferWaitQuery,
         errors=(*_AUTH, "forbidden", "user_not_found", "transfer_not_found", "invalid_query"),
     ),
+    # Refunds and payouts (docs/api.md "Refunds", "Payouts").
+    Operation(
+        "post",
+        "/users/{user_id}/transfers/{transfer_id}/refunds",
+        "Refund (part of) a settled transfer the user received (settled asynchronously)",
+        202,
+        Transfer,
+        body=fields.RefundCreate,
+        errors=(
+            *_AUTH,
+            *_BODY,
+            "forbidden",
+            "transfer_not_found",
+            "not_refundable",
+            "transfer_not_settled",
+            "invalid_amount",
+            "refund_exceeds_transfer",
+            "idempotency_key_mismatch",
+            "idempotency_key_in_use",
+        ),
+        headers={"Location": "/users/{user_id}/transfers/{id}"},
+        idempotent=True,
+        links={
+            "transfer": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {"user_id": "$request.path.user_id", "transfer_id": "$response.body#/id"},
+            ),
+            "original": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {"user_id": "$request.path.user_id", "transfer_id": "$response.body#/refund_of"},
+            ),
+        },
+    ),
+    Operation(
+        "post",
+        "/users/{user_id}/payouts",
+        "Pay money out to the currency's external account (settled asynchronously)",
+        202,
+        Transfer,
+        body=fields.PayoutCreate,
+        errors=(
+            *_AUTH,
+            *_BODY,
+            "forbidden",
+            "invalid_amount",
+            "account_not_found",
+            "idempotency_key_mismatch",
+            "idempotency_key_in_use",
+        ),
+        headers={"Location": "/users/{user_id}/transfers/{id}"},
+        idempotent=True,
+        links={
+            "transfer": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {"user_id": "$request.path.user_id", "transfer_id": "$response.body#/id"},
+            ),
+        },
+    ),
     Operation(
         "post",
         "/users/{user_id}/api-keys",
@@ -556,6 +614,8 @@ def _schemas() -> dict[str, Any]:
         fields.BatchItem,
         fields.BatchCreate,
         fields.WebhookCreate,
+        fields.RefundCreate,
+        fields.PayoutCreate,
     ]
     _, top = models_json_schema(
         [(model, "validation") for model in models],

@@ -45,6 +45,10 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "key_limit": (409, "API key limit reached"),
     "webhook_limit": (409, "Webhook limit reached"),
     "idempotency_key_in_use": (409, "Idempotency key in use"),
+    # Refunds (docs/api.md "Refunds").
+    "transfer_not_settled": (409, "Transfer not settled"),
+    "not_refundable": (409, "Not refundable"),
+    "refund_exceeds_transfer": (409, "Refund exceeds transfer"),
     "payload_too_large": (413, "Payload too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
     "idempotency_key_mismatch": (422, "Idempotency key mismatch"),

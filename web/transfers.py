@@ -11,7 +11,7 @@ from common import transfers
 from common.db import Db, request_session, request_statements, request_transaction
 from common.doorbells import Doorbells
 from common.errors import RemitError
-from common.models import SUPERUSER_ID, TransferStatus
+from common.models import TransferStatus
 from common.render import transfer_json
 from web import long_poll
 from web.access_log import log_on_access
@@ -19,6 +19,8 @@ from web.auth import authenticated, authorize_path_user
 from web.fields import (
     BatchCreate,
     BatchItem,
+    PayoutCreate,
+    RefundCreate,
     TransferCreate,
     TransferListQuery,
     TransferWaitQuery,
@@ -38,19 +40,26 @@ bp = Blueprint("transfers", __name__)
 doorbells = Doorbells()
 
 
-def accept(submit: Callable[[Db], transfers.Accepted]) -> Response:
-    """Run `submit` (a payment or a deposit) on the request's hot path and answer 202
-    with the transfer; ring the settlement doorbell for a new one (after commit)."""
+Submitted = tuple[transfers.Accepted, dict[str, Any]]
 
-    def submitted(db: Db) -> tuple[transfers.Accepted, dict[str, Any]]:
+
+def accept(
+    submit: Callable[[Db], transfers.Accepted],
+    unit: Callable[[Callable[[Db], Submitted]], Submitted] = request_statements,
+) -> Response:
+    """Run `submit` (a payment, deposit, refund or payout) on the request's hot path (or
+    in `unit`, e.g. a transaction) and answer 202 with the transfer; ring the settlement
+    doorbell for a new one (after commit)."""
+
+    def submitted(db: Db) -> Submitted:
         accepted = submit(db)
         # Rendered on the same connection: the currency is cached after the first time.
         return accepted, transfer_json(db, accepted.transfer)
 
-    accepted, body = request_statements(submitted)
+    accepted, body = unit(submitted)
     transfer = accepted.transfer
     if accepted.created:
-        kind = "deposit" if transfer.requested_by == SUPERUSER_ID else "transfer"
+        kind = transfer.kind
         TRANSFERS_ACCEPTED.labels(kind).inc()
         # Said by the request's access line, not a line of its own: a second log line
         # per payment is a measurable share of the API's CPU (see docs/decisions/).
@@ -76,6 +85,49 @@ def submit(user_id: int) -> Response:
         idempotency_key=idempotency_key(),
     )
     return accept(lambda db: transfers.submit_transfer(db, user_id, request))
+
+
+@bp.post("/users/<id:user_id>/transfers/<id:transfer_id>/refunds")
+@authenticated
+def refund(user_id: int, transfer_id: int) -> Response:
+    """Give back (part of) a settled payment the user received (docs/api.md "Refunds")."""
+    authorize_path_user(user_id, write=True)
+    fields = parse_body(RefundCreate)
+    key = idempotency_key()
+
+    def submit(db: Db) -> transfers.Accepted:
+        assert isinstance(db, Session)
+        return transfers.submit_refund(
+            db,
+            user_id,
+            transfer_id,
+            amount=fields.amount,
+            comment=fields.comment,
+            idempotency_key=key,
+        )
+
+    # A transaction: the room claimed on the original and the refund commit together.
+    return accept(submit, request_transaction)
+
+
+@bp.post("/users/<id:user_id>/payouts")
+@authenticated
+def payout(user_id: int) -> Response:
+    """Money out to the currency's external account (docs/api.md "Payouts")."""
+    authorize_path_user(user_id, write=True)
+    fields = parse_body(PayoutCreate)
+    key = idempotency_key()
+    return accept(
+        lambda db: transfers.submit_payout(
+            db,
+            user_id,
+            from_account_id=fields.from_account,
+            amount=fields.amount,
+            destination=fields.destination,
+            comment=fields.comment,
+            idempotency_key=key,
+        )
+    )
 
 
 @bp.post("/users/<id:user_id>/transfers/batch")

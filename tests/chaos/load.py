@@ -210,8 +210,9 @@ class Load:
 
     Each client owns a few users and sends from their accounts to random others, with an
     Idempotency-Key on every transfer; some requests are re-sent with the same key (the
-    same transfer must come back), some go through the batch route. One more client is
-    the superuser, topping accounts up by deposits now and then.
+    same transfer must come back), some go through the batch route. Some refund part of
+    a transfer they received, some pay out. One more client is the superuser, topping
+    accounts up by deposits now and then.
     """
 
     def __init__(
@@ -226,6 +227,8 @@ class Load:
         resend_share: float = 0.1,
         batch_share: float = 0.05,
         poll_share: float = 0.05,
+        refund_share: float = 0.06,
+        payout_share: float = 0.06,
         seed: int = 20261127,
     ) -> None:
         self.base_url = base_url
@@ -237,7 +240,11 @@ class Load:
         self.resend_share = resend_share
         self.batch_share = batch_share
         self.poll_share = poll_share
+        self.refund_share = refund_share
+        self.payout_share = payout_share
         self.seed = seed
+        # Answers a client expects now and then: a refund that no longer fits.
+        self.refused: Counter[str] = Counter()
         self.stop = threading.Event()
         self.submitted: list[Submitted] = []
         self.resends = 0
@@ -294,8 +301,15 @@ class Load:
                 payer = rng.choice(owned)
                 client.auth = payer.auth
                 currency = "USD" if rng.random() < 0.75 else "EUR"
-                if rng.random() < self.batch_share:
+                choice = rng.random()
+                if choice < self.batch_share:
                     sent += self._batch(rng, client, payer, currency)
+                elif choice < self.batch_share + self.refund_share:
+                    self._refund(rng, client, payer, currency)
+                    sent += 1
+                elif choice < self.batch_share + self.refund_share + self.payout_share:
+                    self._payout(rng, client, payer, currency)
+                    sent += 1
                 else:
                     self._single(rng, client, payer, currency)
                     sent += 1
@@ -350,6 +364,85 @@ class Load:
         if rng.random() < self.resend_share:
             again = client.request("POST", path, route="transfer", data=fields, headers=headers)
             self._check_resend(item, again.status_code, again.json())
+
+    def _send(
+        self,
+        rng: random.Random,
+        client: ApiClient,
+        path: str,
+        fields: dict[str, Any],
+        *,
+        route: str,
+        key: str,
+        expected: tuple[str, ...] = (),
+    ) -> dict[str, Any] | None:
+        """POST with an Idempotency-Key (re-sent now and then with the same key): the
+        accepted transfer's body, or None after an answer with an `expected` code."""
+        headers = {"Idempotency-Key": key}
+        response = client.request("POST", path, route=route, data=fields, headers=headers)
+        if response.status_code != 202:
+            code = response.json().get("code") if response.status_code < 500 else None
+            with self._lock:
+                if code in expected:
+                    self.refused[code] += 1
+                else:
+                    self.unexpected.append(f"POST {path} -> {response.status_code} {response.text}")
+            return None
+        body: dict[str, Any] = response.json()
+        if rng.random() < self.resend_share:
+            again = client.request("POST", path, route=route, data=fields, headers=headers)
+            self._check_resend(
+                Submitted(key, 0, 0, 0, "", body["id"], route), again.status_code, again.json()
+            )
+        return body
+
+    def _refund(self, rng: random.Random, client: ApiClient, payee: User, currency: str) -> None:
+        """Part of a transfer this user received, back to its payer."""
+        listed = client.request(
+            "GET",
+            f"/users/{payee.id}/transfers",
+            route="list",
+            params={"to": payee.id, "status": "settled", "sort": "dsc", "limit": 20},
+        )
+        received = [
+            t
+            for t in (listed.json() if listed.status_code == 200 else [])
+            if t["kind"] in ("transfer", "capture") and t["currency"] == currency
+            and t["from_user_id"] != payee.id
+        ]  # fmt: skip
+        if not received:
+            return
+        original = rng.choice(received)
+        cents = minor_units(original["amount"])
+        amount = rng.randint(1, cents)
+        fields = {"amount": f"{amount // 100}.{amount % 100:02d}"}
+        key = f"r-{payee.id}-{uuid.uuid4().hex}"
+        path = f"/users/{payee.id}/transfers/{original['id']}/refunds"
+        body = self._send(
+            rng, client, path, fields, route="refund", key=key,
+            expected=("refund_exceeds_transfer",),
+        )  # fmt: skip
+        if body is not None:
+            self._accepted(
+                Submitted(key, payee.id, original["to"], original["from"], fields["amount"],
+                          body["id"], "refund")
+            )  # fmt: skip
+
+    def _payout(self, rng: random.Random, client: ApiClient, payer: User, currency: str) -> None:
+        key = f"p-{payer.id}-{uuid.uuid4().hex}"
+        fields = {
+            "from": payer.accounts[currency],
+            "amount": self._amount(rng),
+            "destination": f"IBAN DE{rng.randrange(10**18):018d}",
+        }
+        body = self._send(
+            rng, client, f"/users/{payer.id}/payouts", fields, route="payout", key=key
+        )
+        if body is not None:
+            self._accepted(
+                Submitted(key, payer.id, fields["from"], body["to"], fields["amount"],
+                          body["id"], "payout")
+            )  # fmt: skip
 
     def _check_resend(self, item: Submitted, status: int, body: dict[str, Any]) -> None:
         with self._lock:

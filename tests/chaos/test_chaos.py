@@ -8,6 +8,9 @@ restarted, every database connection is terminated, PostgreSQL restarts, and doo
 are published twice. Then, once the system drains, the ledger must be exactly what the
 accepted transfers say.
 
+Beside plain transfers the clients refund part of what they received and pay out; the
+ledger must account for those too (refund totals within their transfers' amounts).
+
 Every user has a webhook (registered before any of their transfers) pointing at a real
 receiver in this process; the delivery worker runs beside the settlement nodes and is
 SIGKILLed mid-delivery, the receiver goes down for a while, and the Redis faults drop
@@ -328,10 +331,11 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     bad_5xx, no_answer = recorder.bad_5xx(), recorder.no_answer()
     summary = {
         "transfers accepted (202)": len({item.transfer_id for item in accepted}),
-        "of them via the batch route / deposits": (
-            f"{sum(1 for i in accepted if i.route == 'batch')} / "
-            f"{sum(1 for i in accepted if i.route == 'deposit')}"
+        "of them via the batch route / deposits / refunds / payouts": " / ".join(
+            str(sum(1 for i in accepted if i.route == route))
+            for route in ("batch", "deposit", "refund", "payout")
         ),
+        "refused as a client expects (a refund that no longer fits)": dict(load.refused),
         "funded users / clients": f"{len(users)} / {CLIENTS} (+1 depositor)",
         "idempotent re-sends (during / after)": f"{load.resends} / {final_resends}",
         "http answers": recorder.by_status(),
@@ -381,6 +385,9 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     assert audit_status == 0, audit_report
     assert not problems, problems[:30]
     assert len(accepted) >= 1000, f"only {len(accepted)} transfers were accepted"
+    routes = Counter(item.route for item in accepted)
+    assert routes["refund"] >= 20, routes
+    assert routes["payout"] >= 20, routes
     assert not deliveries_left, f"{deliveries_left} deliveries pending after the bound"
     # Every event of every user reached the receiver, signed; duplicates allowed.
     assert not webhook_problems, webhook_problems[:30]
