@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = "abcdefgh"
+# The order they run in: i, b's mix, right after b.
+PHASES = "abicdefgh"
 # Project knobs that change what is measured: recorded with every result.
 RECORDED_KNOBS = (
     "WEB_CONCURRENCY", "WORKER_CONCURRENCY", "SETTLE_BATCH_SIZE", "SETTLE_GATHER",
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(prog="./run.sh bench", description=about)
     option = parser.add_argument
     option("--quick", action="store_true", help="tiny sizes, short phases (a smoke run, ~1 min)")
-    option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abcdefgh)")
+    option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abicdefgh)")
     tools = ("auto", "wrk", "python")
     option("--load-tool", choices=tools, default="auto", help="phase c's load: wrk, else aiohttp")
     option("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")

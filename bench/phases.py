@@ -1,4 +1,4 @@
-"""The phases a-h; each returns its JSON section (bench.run times them)."""
+"""The phases a-i; each returns its JSON section (bench.run times them)."""
 
 from __future__ import annotations
 
@@ -154,12 +154,7 @@ def settlement(bench: Bench) -> dict[str, Any]:
     # Doorbells with nothing to settle warm every pool process up before the clock starts.
     drain(bench, rings=2 * config.worker_processes)
     ids = _insert(bench, config.backlog, config.seed)
-    series: list[list[float]] = []
-    say("  settling the backlog")
-    started = time.perf_counter()
-    _ring_all(bench)
-    wait_for_zero(lambda: data.pending_count(bench.conn), config.drain_timeout_s, series)
-    seconds = time.perf_counter() - started
+    seconds, series, cpu = _timed_drain(bench, lambda: data.pending_count(bench.conn))
     settled, rejected, failed, span = bench.conn.execute(
         "SELECT count(*) FILTER (WHERE status = 'settled'), "
         "count(*) FILTER (WHERE status = 'rejected'), count(*) FILTER (WHERE status = 'failed'), "
@@ -179,11 +174,88 @@ def settlement(bench: Bench) -> dict[str, Any]:
         "batch_size": int(bench.env.get("SETTLE_BATCH_SIZE") or DEFAULT_SETTLE_BATCH_SIZE),
         "pending_over_time": series,
     }
+    return _against_pgbench(bench, result, cpu, settled + rejected)
+
+
+Drain = tuple[float, list[list[float]], dict[str, float]]  # seconds, samples, CPU split
+
+
+def _timed_drain(bench: Bench, left: Callable[[], int]) -> Drain:
+    """Ring once and poll `left()` until 0: the seconds from the doorbell, the samples,
+    the CPU split of the drain alone."""
+    series: list[list[float]] = []
+    say("  settling the backlog")
+    before, started = bench.meter.sample(), time.perf_counter()
+    _ring_all(bench)
+    wait_for_zero(left, bench.config.drain_timeout_s, series)
+    seconds = time.perf_counter() - started
+    return seconds, series, bench.meter.between(before, bench.meter.sample())
+
+
+def _against_pgbench(
+    bench: Bench, result: dict[str, Any], cpu: dict[str, float], done: int
+) -> dict[str, Any]:
+    """settled/s as a ratio to a's tps, the drain's CPU per operation (steadier than
+    settled/s on a shared machine); then the queue drained and the ledger audited."""
     if reference := bench.results["phases"].get("a", {}).get("tps"):
         result["ratio_to_pgbench"] = round(result["settled_per_s"] / reference, 2)
+    result["drain_cpu_s"] = cpu
+    per_operation = 1000 * (cpu["worker"] + cpu["postgres"]) / max(done, 1)
+    result["worker_and_postgres_cpu_ms_per_operation"] = round(per_operation, 3)
     result["queue"] = drain(bench)
     result["audit"] = _audit(bench)
     return result
+
+
+# Phase i's work left: transfers of any kind pending, holds to reserve, voids to apply.
+_MIX_LEFT = (
+    "SELECT (SELECT count(*) FROM transfers WHERE status = 'pending') + (SELECT count(*)"
+    " FROM holds WHERE status = 'pending' OR (status = 'held' AND void_requested_at IS NOT NULL))"
+)
+_MIX_OUTCOMES = (
+    "SELECT kind, status, count(*) FROM transfers WHERE id BETWEEN %s AND %s GROUP BY 1, 2"
+    " UNION ALL SELECT 'hold', status, count(*) FROM holds WHERE id BETWEEN %s AND %s"
+    " GROUP BY 1, 2"
+)
+
+
+def mix(bench: Bench) -> dict[str, Any]:
+    """b with issue 16's mix: 70 % transfers, 10 % captures (full or part) or voids of held
+    holds, 10 % refunds (full or part) of settled transfers, 10 % payouts."""
+    config, conn = bench.config, bench.conn
+    users, count = [user.id for user in bench.users], config.backlog
+    share = count // 10 + 2  # holds to capture or void, transfers to refund
+    drain(bench, rings=2 * config.worker_processes)
+    originals = _insert(bench, share, config.seed + 9, at=datetime.now(UTC))
+    bench.loaded += share
+    say(f"  reserving {share:,} holds")
+    holds = data.insert_holds(conn, users, config.currencies, share, config.seed + 10)
+    left = lambda: data.scalar(conn, _MIX_LEFT)  # noqa: E731
+    _ring_all(bench)
+    wait_for_zero(left, config.drain_timeout_s)
+    say(f"  inserting a mix of {count:,} pending operations")
+    ids = data.insert_mix(conn, users, config.currencies, count, seed=config.seed + 11,
+                          holds=holds, originals=originals)  # fmt: skip
+    seconds, series, cpu = _timed_drain(bench, left)
+    outcomes: dict[str, dict[str, int]] = {}
+    for kind, status, n in conn.execute(_MIX_OUTCOMES, (*ids, *holds)).fetchall():
+        outcomes.setdefault(kind, {})[status] = n
+    # Each transfer row decided counts one (a capture too), and each void applied.
+    decided = sum(n for kind, by in outcomes.items() if kind != "hold"
+                  for status, n in by.items() if status in ("settled", "rejected"))  # fmt: skip
+    operations = decided + outcomes.get("hold", {}).get("voided", 0)
+    result: dict[str, Any] = {
+        "backlog": count,
+        "currencies": list(config.currencies),
+        "mix": "70 % transfers, 5 % captures, 5 % voids, 10 % refunds, 10 % payouts",
+        "outcomes": outcomes,
+        "operations": operations,
+        "failed": sum(by.get("failed", 0) for by in outcomes.values()),
+        "seconds": round(seconds, 2),
+        "settled_per_s": round(operations / seconds, 1),
+        "left_over_time": series,
+    }
+    return _against_pgbench(bench, result, cpu, operations)
 
 
 def ingest(bench: Bench) -> dict[str, Any]:
@@ -640,6 +712,7 @@ def fanout(bench: Bench) -> dict[str, Any]:
 ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "a": ("pgbench TPC-B-like, the reference", pgbench),
     "b": ("settlement throughput (backlog drained by the worker pool)", settlement),
+    "i": ("settlement of a mix: transfers, captures, voids, refunds, payouts", mix),
     "c": ("ingest through gunicorn (closed loop)", ingest),
     "d": ("end-to-end latency submit -> settled (open loop, ?wait=)", latency),
     "e": ("read latency with a big transfers table", reads),

@@ -38,8 +38,9 @@ def _audit(ok: bool | None) -> str:
 def table(results: dict[str, Any]) -> str:
     """One line per measured number, with the ratio or target the issue sets."""
     phases = results.get("phases", {})
-    a, b, c, d, e, f, cold_start, h = (phases.get(key, {}) for key in "abcdefgh")
+    a, b, c, d, e, f, cold_start, h, i = (phases.get(key, {}) for key in "abcdefghi")
     b_ratio, c_ratio = b.get("ratio_to_pgbench"), c.get("ratio_post_to_trivial")
+    i_ratio = i.get("ratio_to_pgbench")
     e2e = d.get("submit_to_settled_ms") or {}
     rows = [
         ("a", f"pgbench TPC-B-like tps (scale {a.get('scale', '-')}, {a.get('clients', '-')} "
@@ -49,6 +50,11 @@ def table(results: dict[str, Any]) -> str:
          _num(b.get("settled_per_s")),
          _target(b_ratio, (b_ratio or 0) >= 1.0, f"{_num(b_ratio, 2)} x a  (target >= 1.0)")),
         ("b", "ledger audit after the drain", _audit(_get(b, "audit", "ok")), ""),
+        ("i", f"settled/s, mix of {_num(i.get('backlog'))} "
+         f"({','.join(i.get('currencies', []))}; ops: 70 % transfers, 30 % holds/refunds/payouts)",
+         _num(i.get("settled_per_s")),
+         _target(i_ratio, (i_ratio or 0) >= 1.0, f"{_num(i_ratio, 2)} x a  (target >= 1.0)")),
+        ("i", "ledger audit after the drain", _audit(_get(i, "audit", "ok")), ""),
         ("c", f"GET /currencies req/s (trivial; {c.get('clients', '-')} clients, "
          f"{c.get('tool', '-')})", _num(_get(c, "trivial", "requests_per_s")), "reference of c"),
         ("c", "GET /health req/s (DB + Redis round trip)",
@@ -145,6 +151,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     bars = [
         ("a pgbench tps", ("a", "tps")),
         ("b settled/s", ("b", "settled_per_s")),
+        ("i mix settled/s", ("i", "settled_per_s")),
         ("c GET /currencies", ("c", "trivial", "requests_per_s")),
         ("c GET /health", ("c", "health", "requests_per_s")),
         ("c POST transfer", ("c", "post", "requests_per_s")),
@@ -177,9 +184,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
     latency.legend()
 
     series = _get(phases, "b", "pending_over_time") or []
-    drain.plot([t for t, _ in series], [n for _, n in series], color="#2a7")
-    drain.set(xlabel="seconds since the doorbell", ylabel="pending transfers")
-    drain.set_title("b: backlog drained by the worker pool")
+    drain.plot([t for t, _ in series], [n for _, n in series], color="#2a7", label="b")
+    series = _get(phases, "i", "left_over_time") or []
+    drain.plot([t for t, _ in series], [n for _, n in series], color="#a27", label="i (mix)")
+    drain.set(xlabel="seconds since the doorbell", ylabel="pending operations")
+    drain.set_title("b, i: backlog drained by the worker pool")
+    drain.legend()
 
     snapshots = results.get("memory", {})
     labels = [label for label in snapshots if isinstance(snapshots[label], dict)]

@@ -69,7 +69,7 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert result["ok"] is True
     assert result["mode"] == "quick"
     phases = result["phases"]
-    assert sorted(phases) == list("abcdefgh")
+    assert sorted(phases) == list("abcdefghi")
     for key, phase in phases.items():
         assert "error" not in phase, (key, phase)
         assert phase["cpu_s"]["wall_s"] >= 0
@@ -82,6 +82,16 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert b["settled_per_s"] > 0
     assert b["ratio_to_pgbench"] > 0
     assert b["audit"] == {**b["audit"], "ok": True, "violations": 0}
+
+    i = phases["i"]
+    kinds = {kind: sum(by.values()) for kind, by in i["outcomes"].items()}
+    assert set(kinds) == {"transfer", "capture", "refund", "payout", "hold"}, kinds
+    assert i["outcomes"]["hold"].get("voided", 0) > 0
+    assert i["outcomes"]["hold"]["captured"] == i["outcomes"]["capture"]["settled"]
+    assert i["operations"] == i["backlog"] == result["config"]["backlog"]
+    assert i["failed"] == 0
+    assert i["ratio_to_pgbench"] > 0
+    assert i["audit"] == {**i["audit"], "ok": True, "violations": 0}
 
     c = phases["c"]
     assert c["tool"] in {"wrk", "python"}
