@@ -41,15 +41,18 @@ from sqlalchemy import (
 from common import broker
 from common.db import Db, execute_direct
 from common.errors import Invalid
+from common.holds import HOLD_COLUMNS, HoldRow
 from common.models import (
     SETTLEMENT_ERROR,
     Event,
     EventType,
+    Hold,
+    HoldStatus,
     Transfer,
     TransferKind,
     TransferStatus,
 )
-from common.render import timestamp, transfer_json
+from common.render import hold_json, timestamp, transfer_json
 from common.transfers import TransferRow
 
 log = logging.getLogger(__name__)
@@ -133,18 +136,31 @@ def publish_deliveries(delivery_ids: Sequence[int]) -> None:
 # --- Reading ----------------------------------------------------------------------------
 
 TRANSFERS: Table = Transfer.__table__  # type: ignore[assignment]  # a mapped class's table
+HOLDS: Table = Hold.__table__  # type: ignore[assignment]
 _TRANSFER_COLUMNS = tuple(TRANSFERS.c[name] for name in TransferRow._fields)
+_TRANSFER_WIDTH = len(_TRANSFER_COLUMNS)
+# An event is of a transfer or of a hold (events.hold_id): both are joined (LEFT), and
+# the one it is of has its columns filled.
+_OBJECT_COLUMNS = (*_TRANSFER_COLUMNS, *HOLD_COLUMNS)
 
 
 class EventRow(NamedTuple):
     id: int
     type: str
     created_at: datetime
-    transfer: TransferRow
+    transfer: TransferRow | None
+    hold: HoldRow | None = None
 
 
-def _event_row(event_id: int, event_type: str, created_at: datetime, *transfer: Any) -> EventRow:
-    return EventRow(event_id, event_type, created_at, TransferRow(*transfer))
+def _event_row(event_id: int, event_type: str, created_at: datetime, *columns: Any) -> EventRow:
+    transfer, hold = columns[:_TRANSFER_WIDTH], columns[_TRANSFER_WIDTH:]
+    return EventRow(
+        event_id,
+        event_type,
+        created_at,
+        None if transfer[0] is None else TransferRow(*transfer),
+        None if hold[0] is None else HoldRow(*hold),
+    )
 
 
 _EVENT_ROWS = args_row(_event_row)
@@ -165,19 +181,43 @@ def transfer_at(transfer: TransferRow, event_type: str) -> TransferRow:
     return transfer
 
 
+def hold_at(hold: HoldRow, event_type: str, created_at: datetime) -> HoldRow:
+    """The hold as it was when an event of `event_type` happened (at `created_at`).
+
+    rejected, captured, voided and expired are final: the row still shows them. A
+    `hold.held` event shows the hold as it was reserved, whatever came since: held,
+    not captured, no reason, last changed then."""
+    if event_type == EventType.HOLD_HELD:
+        return hold._replace(
+            status=HoldStatus.HELD.value,
+            captured_amount=None,
+            transfer_id=None,
+            reason=None,
+            void_requested_at=None,
+            updated_at=created_at,
+        )
+    return hold
+
+
 def render_event(db: Db, event: EventRow) -> dict[str, Any]:
     """The event object of the API and of webhook bodies."""
+    if event.hold is not None:
+        data = hold_json(db, hold_at(event.hold, event.type, event.created_at))
+    else:
+        assert event.transfer is not None, "an event is of a transfer or of a hold"
+        data = transfer_json(db, transfer_at(event.transfer, event.type))
     return {
         "id": str(event.id),
         "type": event.type,
         "created_at": timestamp(event.created_at),
-        "data": transfer_json(db, transfer_at(event.transfer, event.type)),
+        "data": data,
     }
 
 
 _BY_ID = (
-    select(Event.id, Event.type, Event.created_at, *_TRANSFER_COLUMNS)
-    .join(TRANSFERS, TRANSFERS.c.id == Event.transfer_id)
+    select(Event.id, Event.type, Event.created_at, *_OBJECT_COLUMNS)
+    .outerjoin(TRANSFERS, TRANSFERS.c.id == Event.transfer_id)
+    .outerjoin(HOLDS, HOLDS.c.id == Event.hold_id)
     .where(Event.id == bindparam("id"))
 )
 
@@ -200,7 +240,8 @@ _POSITION = select(Event.txid).where(
 
 def _page(*, after: bool, typed: bool) -> Select[Any]:
     """One page of a user's events in feed order: the ids from the index alone
-    (ix_events_user_id_txid_id includes the type), then their rows and transfers."""
+    (ix_events_user_id_txid_id includes the type), then their rows and their transfers
+    or holds."""
     conditions = [Event.user_id == bindparam("user_id"), Event.txid < _HORIZON]
     if after:
         conditions.append(
@@ -216,10 +257,11 @@ def _page(*, after: bool, typed: bool) -> Select[Any]:
         .subquery()
     )
     return (
-        select(Event.id, Event.type, Event.created_at, *_TRANSFER_COLUMNS)
+        select(Event.id, Event.type, Event.created_at, *_OBJECT_COLUMNS)
         .select_from(ids)
         .join(Event, Event.id == ids.c.id)
-        .join(TRANSFERS, TRANSFERS.c.id == Event.transfer_id)
+        .outerjoin(TRANSFERS, TRANSFERS.c.id == Event.transfer_id)
+        .outerjoin(HOLDS, HOLDS.c.id == Event.hold_id)
         .order_by(ids.c.txid, ids.c.id)
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from common.currencies import get_currency
 from common.db import Db
+from common.holds import HoldRow
 from common.money import format_amount
 from common.transfers import TransferRow
 
@@ -45,4 +46,28 @@ def transfer_json(db: Db, transfer: TransferRow) -> dict[str, Any]:
         "refunded": format_amount(transfer.refunded, decimals),
         "hold_id": transfer.hold_id,
         "destination": transfer.destination,
+    }
+
+
+def hold_json(db: Db, hold: HoldRow) -> dict[str, Any]:
+    """A hold's resource, from its row (docs/api.md "Holds")."""
+    decimals = get_currency(db, hold.currency).decimals
+    captured = hold.captured_amount
+    return {
+        "id": hold.id,
+        "status": hold.status,
+        "from": hold.from_account_id,
+        "to": hold.to_account_id,
+        "from_user_id": hold.from_user_id,
+        "to_user_id": hold.to_user_id,
+        "currency": hold.currency,
+        "amount": format_amount(hold.amount, decimals),
+        "commission": format_amount(hold.commission, decimals),
+        "captured_amount": None if captured is None else format_amount(captured, decimals),
+        "transfer_id": hold.transfer_id,
+        "reason": hold.reason,
+        "comment": hold.comment,
+        "created_at": timestamp(hold.created_at),
+        "expires_at": timestamp(hold.expires_at),
+        "updated_at": timestamp(hold.updated_at),
     }

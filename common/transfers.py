@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol
 
 from psycopg.rows import args_row, tuple_row
 from sqlalchemy import (
+    ColumnElement,
     Select,
     Table,
     and_,
@@ -236,6 +237,7 @@ def _row(
         "request_id": current_request_id.get(),
         "refund_of": refund_of,
         "destination": destination,
+        "hold_id": None,
     }
 
 
@@ -257,6 +259,7 @@ _ROW_COLUMNS = (
     "request_id",
     "refund_of",
     "destination",
+    "hold_id",
 )
 _INSERT_ONE = (
     insert(TRANSFERS)
@@ -281,13 +284,19 @@ _INSERT_MANY = (
 _BY_ID = select(*_TRANSFER_COLUMNS).where(TRANSFERS.c.id == bindparam("id"))
 
 
+def insert_transfer(db: Db, row: dict[str, Any]) -> TransferRow | None:
+    """Insert one transfer (a value for every column of _ROW_COLUMNS); None when its
+    Idempotency-Key is already taken."""
+    # Core, not ORM: the row comes back as a plain row, which is all the response needs.
+    return execute_direct(db, _INSERT_ONE, row, _TRANSFER_ROWS).fetchone()
+
+
 def _record(db: Db, row: dict[str, Any]) -> Accepted:
     """Insert one transfer's row, or return the earlier transfer of its Idempotency-Key."""
     # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
     # nothing: of twenty simultaneous requests with one key, one row wins and the
     # others read it back below.
-    # Core, not ORM: the row comes back as a plain row, which is all the response needs.
-    transfer = execute_direct(db, _INSERT_ONE, row, _TRANSFER_ROWS).fetchone()
+    transfer = insert_transfer(db, row)
     if transfer is not None:
         return Accepted(transfer, created=True)
     assert row["idempotency_key"] is not None
@@ -366,30 +375,54 @@ def submit_deposit(db: Db, account_id: int, amount: str, idempotency_key: str | 
     target = _accounts(db, account_id).get(account_id)
     if target is None:
         raise NotFound("account_not_found", f"no account {account_id}")
-    currency = get_currency(db, target.currency)
-    source = _accounts(db, currency.external_account_id).get(currency.external_account_id)
-    assert source is not None, "seed data is missing the external account"
+    source = _external_account(db, target.currency)
     request = TransferRequest(
         from_account_id=source.id,
         to_account_id=target.id,
         amount=amount,
         idempotency_key=idempotency_key,
     )
-    if idempotency_key is not None:
-        existing = _replay(db, SUPERUSER_ID, idempotency_key, _fingerprint("deposit", request))
+    return _accept(
+        db, kind="deposit", requested_by=SUPERUSER_ID, source=source, target=target, request=request
+    )
+
+
+def _external_account(db: Db, currency_code: str) -> AccountRef:
+    """The currency's external account: where deposits come from and payouts go."""
+    account_id = get_currency(db, currency_code).external_account_id
+    account = _accounts(db, account_id).get(account_id)
+    assert account is not None, "seed data is missing the external account"
+    return account
+
+
+def _accept(
+    db: Db,
+    *,
+    kind: str,
+    requested_by: int,
+    source: AccountRef,
+    target: AccountRef,
+    request: TransferRequest,
+    fingerprint: str | None = None,
+    **extra: Any,
+) -> Accepted:
+    """The earlier transfer of the request's Idempotency-Key, or a new one of `kind`."""
+    fingerprint = fingerprint or _fingerprint(kind, request)
+    if request.idempotency_key is not None:
+        existing = _replay(db, requested_by, request.idempotency_key, fingerprint)
         if existing is not None:
             return Accepted(existing, created=False)
-    return _record(
+    row = _row(
         db,
-        _row(
-            db,
-            kind="deposit",
-            requested_by=SUPERUSER_ID,
-            source=source,
-            target=target,
-            request=request,
-        ),
+        kind=kind,
+        requested_by=requested_by,
+        source=source,
+        target=target,
+        request=request,
+        fingerprint=fingerprint,
+        **extra,
     )
+    return _record(db, row)
 
 
 # --- refunds and payouts (docs/api.md "Refunds", "Payouts") -----------------------------
@@ -508,9 +541,7 @@ def submit_payout(
     source = _accounts(db, from_account_id).get(from_account_id)
     if source is None or source.user_id != user_id:
         raise NotFound("account_not_found", f"you have no account {from_account_id}")
-    currency = get_currency(db, source.currency)
-    target = _accounts(db, currency.external_account_id).get(currency.external_account_id)
-    assert target is not None, "seed data is missing the external account"
+    target = _external_account(db, source.currency)
     request = TransferRequest(
         from_account_id=source.id,
         to_account_id=target.id,
@@ -518,23 +549,15 @@ def submit_payout(
         comment=comment,
         idempotency_key=idempotency_key,
     )
-    fingerprint = _fingerprint("payout", request, destination)
-    if idempotency_key is not None:
-        existing = _replay(db, user_id, idempotency_key, fingerprint)
-        if existing is not None:
-            return Accepted(existing, created=False)
-    return _record(
+    return _accept(
         db,
-        _row(
-            db,
-            kind="payout",
-            requested_by=user_id,
-            source=source,
-            target=target,
-            request=request,
-            destination=destination,
-            fingerprint=fingerprint,
-        ),
+        kind="payout",
+        requested_by=user_id,
+        source=source,
+        target=target,
+        request=request,
+        fingerprint=_fingerprint("payout", request, destination),
+        destination=destination,
     )
 
 
@@ -583,20 +606,41 @@ def transfers_page(
     records its EXPLAIN ANALYZE at a million rows)."""
     conditions = []
     if filters.payer_id is not None:
-        conditions.append(Transfer.from_user_id == filters.payer_id)
+        conditions.append(TRANSFERS.c.from_user_id == filters.payer_id)
     if filters.payee_id is not None:
-        conditions.append(Transfer.to_user_id == filters.payee_id)
+        conditions.append(TRANSFERS.c.to_user_id == filters.payee_id)
     if filters.status is not None:
-        conditions.append(Transfer.status == filters.status.value)
+        conditions.append(TRANSFERS.c.status == filters.status.value)
+    sides = (TRANSFERS.c.from_user_id, TRANSFERS.c.to_user_id)
+    return both_sides_page(
+        TRANSFERS, _TRANSFER_COLUMNS, user_id, sides, conditions,
+        descending=descending, after_id=after_id, limit=limit,
+    )  # fmt: skip
+
+
+def both_sides_page(
+    table: Table,
+    columns: Sequence[ColumnElement[Any]],
+    user_id: int,
+    sides: tuple[ColumnElement[Any], ColumnElement[Any]],
+    conditions: Sequence[ColumnElement[bool]],
+    *,
+    descending: bool,
+    after_id: int | None,
+    limit: int,
+) -> Select[Any]:
+    """One page in id order of the rows where `user_id` is on either side (payer or
+    payee, maker or payee): each side's index range scanned for ids, merged by UNION,
+    then the rows; O(page) however many the user has."""
+    id_ = table.c.id
     if after_id is not None:
-        conditions.append(Transfer.id < after_id if descending else Transfer.id > after_id)
-    order = Transfer.id.desc() if descending else Transfer.id.asc()
-    sides = [
-        select(Transfer.id).where(and_(side == user_id, *conditions)).order_by(order).limit(limit)
-        for side in (Transfer.from_user_id, Transfer.to_user_id)
+        conditions = [*conditions, id_ < after_id if descending else id_ > after_id]
+    order = id_.desc() if descending else id_.asc()
+    scans = [
+        select(id_).where(and_(side == user_id, *conditions)).order_by(order).limit(limit)
+        for side in sides
     ]
-    page = union(*sides).subquery()
-    ids = select(page.c.id)
     # Rows, not ORM objects: a page is read, never changed, and building a hundred
     # mapped objects cost ten times the query.
-    return select(*_TRANSFER_COLUMNS).where(Transfer.id.in_(ids)).order_by(order).limit(limit)
+    ids = select(union(*scans).subquery().c.id)
+    return select(*columns).where(id_.in_(ids)).order_by(order).limit(limit)

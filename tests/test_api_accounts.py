@@ -12,7 +12,8 @@ from common.accounts import MAX_ACCOUNTS_PER_USER
 from tests.conftest import SUPERUSER, assert_problem, next_page, read_all_pages
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
-ACCOUNT_FIELDS = {"id", "user_id", "currency", "kind", "balance", "created_at"}
+# held and available: docs/api.md "Holds".
+ACCOUNT_FIELDS = {"id", "user_id", "currency", "kind", "balance", "held", "available", "created_at"}
 POSTING_FIELDS = {"id", "transfer_id", "amount", "balance_after", "created_at"}
 MISSING_ID = 2**62
 

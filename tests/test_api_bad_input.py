@@ -829,6 +829,68 @@ def test_generated_raw_bodies(app, people, raw: bytes, content_type: str) -> Non
         assert_answer_is_well_formed(response)
 
 
+# --- holds (docs/api.md "Holds") ----------------------------------------------------------
+
+
+def _hold_posts(client, people) -> list[str]:
+    payer, payee = people
+    fields = {"from": payer.accounts["USD"], "to": payee.accounts["USD"], "amount": "1"}
+    hold = client.post(f"/users/{payer.id}/holds", json=fields, headers=payer.auth)
+    assert hold.status_code == 202, hold.get_json()
+    hold_id = hold.get_json()["id"]
+    return [
+        f"/users/{payer.id}/holds",
+        f"/users/{payer.id}/holds/{hold_id}/capture",
+        f"/users/{payer.id}/holds/{hold_id}/void",
+        f"/users/{payer.id}/holds/{MISSING_HOLD}/capture",
+    ]
+
+
+MISSING_HOLD = 2**62
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["form", "json"])
+@pytest.mark.parametrize("amount", BAD_AMOUNT_TEXT, ids=repr)
+def test_bad_amount_in_a_hold(client, people, amount: str, as_json: bool) -> None:
+    payer, payee = people
+    fields = {"from": payer.accounts["USD"], "to": payee.accounts["USD"], "amount": amount}
+    path = f"/users/{payer.id}/holds"
+    if as_json:
+        response = client.post(path, json=fields, headers=payer.auth)
+    else:
+        response = client.post(path, data=fields, headers=payer.auth)
+    assert_problem(response, 400, "invalid_amount")
+
+
+@pytest.mark.parametrize("amount", [*BAD_AMOUNT_TEXT, None, True, [], {}], ids=repr)
+def test_bad_amount_in_a_capture(client, people, amount: Any) -> None:
+    payer, _ = people
+    for path in _hold_posts(client, people)[1:4:2]:
+        body = assert_client_error(client.post(path, json={"amount": amount}, headers=payer.auth))
+        assert body["code"] in ("invalid_amount", "hold_not_active", "hold_not_found")
+
+
+@pytest.mark.parametrize("raw", [*NOT_AN_OBJECT, *NOT_JSON, *DEEP], ids=repr)
+def test_hold_bodies_that_are_not_a_json_object(client, people, raw: bytes | str) -> None:
+    payer, _ = people
+    for path in _hold_posts(client, people):
+        response = send_raw(client, path, raw, "application/json", payer.auth)
+        if path.endswith("/void"):
+            # A void reads no body: whatever comes with it is ignored.
+            assert response.status_code in (202, 409), response.get_json()
+        else:
+            assert_problem(response, 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "query", ["wait=-1", "wait=31", "wait=1e1", "wait=%00", "wait=" + "9" * 5000]
+)
+def test_bad_hold_wait(client, people, query: str) -> None:
+    payer, _ = people
+    response = client.get(f"/users/{payer.id}/holds/{MISSING_HOLD}?{query}", headers=payer.auth)
+    assert_problem(response, 400, "invalid_query")
+
+
 # --- refunds and payouts: generated bodies ------------------------------------------------------
 
 

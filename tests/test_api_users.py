@@ -12,7 +12,8 @@ from tests.conftest import SUPERUSER, assert_problem, basic_auth
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 USER_FIELDS = {"id", "username", "full_name", "created_at"}
-ACCOUNT_FIELDS = {"id", "user_id", "currency", "kind", "balance", "created_at"}
+# held and available: docs/api.md "Holds".
+ACCOUNT_FIELDS = {"id", "user_id", "currency", "kind", "balance", "held", "available", "created_at"}
 # Far above any id a test run creates.
 MISSING_ID = 2**62
 

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from common.audit import audit
 from common.db import script_session
 from common.doorbells import ring
-from tests.conftest import SUPERUSER, Api, Member, settlement_held
+from tests.conftest import SUPERUSER, Api, Member, settlement_held, sweep_until
 from worker.tasks import settle
 
 pytestmark = pytest.mark.slow
@@ -208,3 +208,84 @@ def test_duplicate_doorbells_under_load_settle_each_transfer_once(api: Api) -> N
     assert api.balance(alice, alice.accounts["USD"]) == "79.80"
     with script_session() as session, session.begin():
         assert audit(session) == []
+
+
+def test_holds_captures_voids_and_transfers_at_once_on_one_account(app: Any, api: Api) -> None:
+    """One payer's account under holds, captures, voids and transfers from 16 threads:
+    never overdrawn, each reservation released once, the audit clean."""
+    payer, payee = api.funded("50.00"), api.register()
+    source, target = payer.accounts["USD"], payee.accounts["USD"]
+    rng = random.Random(1616)
+
+    def place(client: Any, cents: int) -> dict:
+        amount = f"{cents // 100}.{cents % 100:02d}"
+        response = client.post(
+            f"/users/{payer.id}/holds",
+            data={"from": source, "to": target, "amount": amount},
+            headers=payer.auth,
+        )
+        assert response.status_code == 202, response.get_json()
+        return response.get_json()
+
+    holds = _in_parallel(app, [rng.randint(100, 900) for _ in range(40)], place)
+
+    def act(client: Any, job: tuple[str, int]) -> tuple[str, int, str | None]:
+        action, hold_id = job
+        if action == "transfer":
+            response = client.post(
+                f"/users/{payer.id}/transfers",
+                data={"from": source, "to": target, "amount": "1.50"},
+                headers=payer.auth,
+            )
+        else:
+            body = {"amount": "2.00"} if action == "capture" and hold_id % 2 else {}
+            response = client.post(
+                f"/users/{payer.id}/holds/{hold_id}/{action}", json=body, headers=payer.auth
+            )
+        return action, response.status_code, (response.get_json() or {}).get("code")
+
+    jobs = [
+        (rng.choice(("capture", "void", "capture", "transfer")), rng.choice(holds)["id"])
+        for _ in range(160)
+    ]
+    outcomes = _in_parallel(app, jobs, act)
+    # Every answer is an acceptance or a hold that is no longer active; never a 5xx.
+    assert {(status, code) for _, status, code in outcomes} <= {
+        (202, None),
+        (409, "hold_not_active"),
+    }, Counter(outcomes)
+    ring("USD")
+    sweep_until(lambda: _holds_settled([h["id"] for h in holds]) and _nothing_pending(payer.id))
+    with script_session() as session, session.begin():
+        assert audit(session) == []
+        balance, held = session.execute(
+            text("SELECT balance, held FROM accounts WHERE id = :id"), {"id": source}
+        ).one()
+        statuses = Counter(
+            session.scalars(
+                text("SELECT status FROM holds WHERE id = ANY(:ids)"),
+                {"ids": [h["id"] for h in holds]},
+            )
+        )
+    assert 0 <= held <= balance
+    assert statuses["captured"] > 0, statuses
+    assert statuses["voided"] > 0, statuses
+
+
+def _holds_settled(hold_ids: list[int]) -> bool:
+    with script_session() as session, session.begin():
+        return not session.scalar(
+            text(
+                "SELECT count(*) FROM holds WHERE id = ANY(:ids) AND (status = 'pending' OR"
+                " (status = 'held' AND (void_requested_at IS NOT NULL OR transfer_id IS NOT NULL)))"
+            ),
+            {"ids": hold_ids},
+        )
+
+
+def _nothing_pending(user_id: int) -> bool:
+    with script_session() as session, session.begin():
+        return not session.scalar(
+            text("SELECT count(*) FROM transfers WHERE status = 'pending' AND from_user_id = :u"),
+            {"u": user_id},
+        )

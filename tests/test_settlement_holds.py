@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from sqlalchemy import text
 
 from common.audit import audit
 from common.db import script_session
+from common.ledger import settle_batch
 from tests.conftest import Api, Member, sweep_until
 from worker.tasks import settle, sweep
 
@@ -268,20 +270,30 @@ def test_holds_captures_voids_and_transfers_at_once_never_overdraw(api: Api) -> 
 
         return run
 
+    holds_made = threading.Event()
+
     def make_holds() -> None:
         for _ in range(40):
             hold_ids.append(make_hold(alice, bob, rng.randint(50, 400)))
+        holds_made.set()
 
     def transfers() -> None:
         for _ in range(30):
             api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "0.75")
 
     def settler() -> None:
-        for _ in range(40):
+        while not holds_made.is_set():
+            settle_usd()
+        for _ in range(20):
             settle_usd()
 
     def capture_and_void() -> None:
-        for _ in range(200):
+        # While holds are being made, and as long again after: captures and voids meet
+        # pending holds, held ones, and the settler applying earlier requests.
+        done = 0
+        while done < 150:
+            done += holds_made.is_set()
+            time.sleep(0.001)
             if hold_ids:
                 hold_id = rng.choice(hold_ids)
                 if rng.random() < 0.5:
@@ -320,3 +332,71 @@ def test_holds_captures_voids_and_transfers_at_once_never_overdraw(api: Api) -> 
     statuses = {hold_row(i).status for i in hold_ids}
     assert statuses <= {"held", "rejected", "captured", "voided"}
     assert {"captured", "voided"} <= statuses
+
+
+def test_an_expiry_rolled_back_mid_batch_is_made_once_by_the_next_beat(api: Api) -> None:
+    """A settler that dies between expiring holds and its COMMIT leaves them held, and
+    the next beat expires each of them once."""
+    alice, bob = api.funded("10.00"), api.register()
+    hold_ids = [make_hold(alice, bob, 200) for _ in range(3)]
+    settle_usd()
+    execute(
+        "UPDATE holds SET expires_at = now() - interval '1 second' WHERE id = ANY(:ids)",
+        ids=hold_ids,
+    )
+    usd = fetch_one("SELECT commission_account_id FROM currencies WHERE code = 'USD'")
+    with script_session() as session:
+        result = settle_batch(session, "USD", 100, usd.commission_account_id)
+        assert {d.hold_id for d in result.hold_decisions} == set(hold_ids)
+        session.rollback()  # the crash: nothing of the batch commits
+    assert [hold_row(i).status for i in hold_ids] == ["held"] * 3
+    assert account(alice) == (1000, 600)
+    sweep_until(lambda: all(hold_row(i).status == "expired" for i in hold_ids))
+    sweep.apply()
+    assert account(alice) == (1000, 0)
+    for hold_id in hold_ids:
+        assert hold_events(hold_id) == ["hold.held", "hold.expired"]
+    assert_audit_clean()
+
+
+def events_of(user: Member, *, transfer: int | None = None, hold: int | None = None) -> list[str]:
+    """The user's events of one transfer or one hold (their ids are of two sequences)."""
+    with script_session() as session, session.begin():
+        return list(
+            session.scalars(
+                text(
+                    "SELECT type FROM events WHERE user_id = :user"
+                    " AND transfer_id IS NOT DISTINCT FROM :transfer"
+                    " AND hold_id IS NOT DISTINCT FROM :hold ORDER BY id"
+                ),
+                {"user": user.id, "transfer": transfer, "hold": hold},
+            )
+        )
+
+
+def test_refunds_and_captures_tell_payer_and_payee_in_their_transaction(api: Api) -> None:
+    alice, bob = api.funded("10.00"), api.register()
+    original = api.wait_final(
+        alice,
+        api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "5.00").get_json()["id"],
+    )
+    response = api.client.post(
+        f"/users/{bob.id}/transfers/{original['id']}/refunds",
+        data={"amount": "2.00"},
+        headers=bob.auth,
+    )
+    assert response.status_code == 202, response.get_json()
+    refund = api.wait_final(bob, response.get_json()["id"])
+    assert refund["status"] == "settled"
+    assert events_of(bob, transfer=refund["id"]) == ["transfer.settled"]
+    assert events_of(alice, transfer=refund["id"]) == ["transfer.received"]
+
+    hold_id = make_hold(alice, bob, 100)
+    settle_usd()
+    capture_id = request_capture(hold_id, 100, 0)
+    assert capture_id is not None
+    settle_usd()
+    assert events_of(alice, transfer=capture_id) == ["transfer.settled"]
+    assert events_of(bob, transfer=capture_id) == ["transfer.received"]
+    assert events_of(alice, hold=hold_id) == ["hold.held", "hold.captured"]
+    assert events_of(bob, hold=hold_id) == []

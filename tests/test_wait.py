@@ -267,7 +267,7 @@ def _signed(payload: str, signature: str | None = None) -> bytes:
 def test_announcements_are_parsed_both_ways() -> None:
     at = datetime(2026, 11, 27, 9, 30, 1, 123456, tzinfo=UTC)
     assert announcements.parse_announcement(b"7,8,x") == {7: None, 8: None}
-    waiters = long_poll.SettlementWaiters()
+    waiters = long_poll.Waiters(announcements.parse_announcement)
     settled, rejected, other = waiters.register(1), waiters.register(2), waiters.register(3)
     payload = json.dumps(
         {
@@ -296,7 +296,7 @@ def test_an_announcement_that_does_not_verify_only_wakes() -> None:
         _signed(payload, "0" * 64),
         _signed(payload.replace("5", "6"), None)[:64] + payload.encode(),
     ):
-        waiters = long_poll.SettlementWaiters()
+        waiters = long_poll.Waiters(announcements.parse_announcement)
         waiter = waiters.register(5)
         waiters.wake(forged)
         assert waiter.wait(0)
@@ -307,7 +307,7 @@ def test_an_announcement_that_does_not_verify_only_wakes() -> None:
     "garbage", ["0" * 64 + "{not json", "0" * 64 + '{"final": 3}', "0" * 64 + "{}", ""]
 )
 def test_an_unreadable_announcement_wakes_nobody_and_breaks_nothing(garbage: str) -> None:
-    waiters = long_poll.SettlementWaiters()
+    waiters = long_poll.Waiters(announcements.parse_announcement)
     waiter = waiters.register(5)
     waiters.wake(garbage.encode())
     assert not waiter.wait(0)

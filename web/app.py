@@ -13,6 +13,7 @@ from web import (
     currencies,
     events,
     health,
+    holds,
     long_poll,
     metrics,
     transfers,
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         health.bp,
         metrics.bp,
         webhooks.bp,
+        holds.bp,
     ):
         app.register_blueprint(blueprint)
     install_docs(app)

@@ -387,3 +387,34 @@ def idempotency_key() -> str | None:
     if not is_idempotency_key(key):
         raise ApiError("invalid_request", f"Idempotency-Key must be {IDEMPOTENCY_KEY_RULE}")
     return key
+
+
+# --- Holds (docs/api.md "Holds") ----------------------------------------------------------
+
+
+def _whole_seconds(value: object) -> int:
+    # An integer, or a form's digits; not 60.5, not true.
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,7}", value):
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)
+    raise ValueError("must be a whole number of seconds")
+
+
+class HoldCreate(TransferCreate):
+    expires_in: Annotated[
+        int,
+        BeforeValidator(_whole_seconds),
+        WithJsonSchema({"type": "integer", "minimum": 60, "maximum": 604800, "default": 604800}),
+    ] = Field(604800, ge=60, le=604800)
+
+
+class HoldCapture(Schema):
+    # All of the held amount unless less is asked for.
+    amount: Amount | None = None
+
+
+class HoldListQuery(PageQuery):
+    status: Literal["pending", "held", "rejected", "captured", "voided", "expired"] | None = None

@@ -11,14 +11,15 @@ may wait a moment on a grace slot, else is answered at once (see docs/decisions/
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from flask import Flask, current_app
 
-from common.announcements import CHANNEL, Final, parse_announcement
+from common.announcements import CHANNEL, HOLDS_CHANNEL, Final, parse_announcement
 from common.models import TransferStatus
-from common.pubsub import Subscription, subscribe, subscriber
+from common.pubsub import Subscription, subscribe, subscriber, text_of
 from common.render import timestamp
 
 Body = dict[str, Any]
@@ -63,22 +64,25 @@ def _slots() -> Slots:
 def held(transfer_id: int, read: Callable[[], Body], wait_s: float) -> Body | None:
     """`read()` once the transfer is final, or as it is after `wait_s`, on a long-poll
     slot; None when every slot is taken."""
-    return _on(_slots().held, transfer_id, read, wait_s)
+    return _on(_slots().held, lambda: _wait_final(transfer_id, read, wait_s))
 
 
 def grace(transfer_id: int, read: Callable[[], Body], wait_s: float) -> Body | None:
     """The same for a long poll that found no slot free, on a grace slot and for at
     most UNHELD_GRACE_S; None when every grace slot is taken too."""
-    return _on(_slots().grace, transfer_id, read, min(wait_s, UNHELD_GRACE_S))
+    wait_s = min(wait_s, UNHELD_GRACE_S)
+    return _on(_slots().grace, lambda: _wait_final(transfer_id, read, wait_s))
 
 
-def _on(
-    slots: threading.BoundedSemaphore, transfer_id: int, read: Callable[[], Body], wait_s: float
-) -> Body | None:
+Answer = TypeVar("Answer")
+
+
+def _on(slots: threading.BoundedSemaphore, wait: Callable[[], Answer]) -> Answer | None:
+    """`wait()` on one of `slots`; None when none is free."""
     if not slots.acquire(blocking=False):
         return None
     try:
-        return _wait_final(transfer_id, read, wait_s)
+        return wait()
     finally:
         slots.release()
 
@@ -122,47 +126,94 @@ class Waiter:
         self._event.set()
 
 
-class SettlementWaiters:
-    """The requests waiting for transfers to become final, woken by announcements."""
+class Waiters:
+    """The requests waiting on ids (transfers, or holds) of one channel's messages;
+    `parse` reads a message as id -> the final state it carries, or None (read again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, parse: Callable[[bytes], Mapping[int, Final | None]]) -> None:
+        self._parse = parse
         self._lock = threading.Lock()
         self._waiters: dict[int, list[Waiter]] = {}
 
     def wake(self, data: bytes) -> None:
-        announced = parse_announcement(data)
+        announced = self._parse(data)
         with self._lock:
             woken = [
-                (waiter, announced[transfer_id])
-                for transfer_id in announced.keys() & self._waiters.keys()
-                for waiter in self._waiters.pop(transfer_id)
+                (waiter, announced[object_id])
+                for object_id in announced.keys() & self._waiters.keys()
+                for waiter in self._waiters.pop(object_id)
             ]
         for waiter, final in woken:
             waiter.wake(final)
 
-    def register(self, transfer_id: int) -> Waiter:
-        """Start listening for `transfer_id`; read the transfer again after this."""
+    def register(self, object_id: int) -> Waiter:
+        """Start listening for `object_id`; read it again after this."""
         # Subscribing takes a round trip; a waiter registered before it would miss
         # announcements, so wait briefly for the first subscription.
         subscriber().wait_subscribed(timeout_s=1)
         waiter = Waiter()
         with self._lock:
-            self._waiters.setdefault(transfer_id, []).append(waiter)
+            self._waiters.setdefault(object_id, []).append(waiter)
         return waiter
 
-    def unregister(self, transfer_id: int, waiter: Waiter) -> None:
+    def unregister(self, object_id: int, waiter: Waiter) -> None:
         with self._lock:
-            waiters = self._waiters.get(transfer_id)
+            waiters = self._waiters.get(object_id)
             if waiters and waiter in waiters:
                 waiters.remove(waiter)
                 if not waiters:
-                    del self._waiters[transfer_id]
+                    del self._waiters[object_id]
 
 
-_waiters = SettlementWaiters()
+_waiters = Waiters(parse_announcement)
 subscribe(CHANNEL, Subscription(_waiters.wake))
 
 
-def listener() -> SettlementWaiters:
+def listener() -> Waiters:
     """The process's waiters for settlement announcements."""
     return _waiters
+
+
+# --- Holds ------------------------------------------------------------------------------
+# A hold waits for settlement to have nothing left to do with it (reserve it, apply a
+# void, settle its capture). The settler names the holds it changed on HOLDS_CHANNEL;
+# a waiter then reads the hold again, and waits again while work is still outstanding.
+
+# The hold's body, and whether settlement still has work on it.
+HoldRead = tuple[Body, bool]
+
+
+def held_hold(hold_id: int, read: Callable[[], HoldRead], wait_s: float) -> HoldRead | None:
+    """`read()` once settlement has no work left on the hold, or as it is after
+    `wait_s`, on a long-poll slot; None when every slot is taken."""
+    return _on(_slots().held, lambda: _wait_hold(hold_id, read, wait_s))
+
+
+def grace_hold(hold_id: int, read: Callable[[], HoldRead], wait_s: float) -> HoldRead | None:
+    """The same on a grace slot, for at most UNHELD_GRACE_S; None when none is free."""
+    wait_s = min(wait_s, UNHELD_GRACE_S)
+    return _on(_slots().grace, lambda: _wait_hold(hold_id, read, wait_s))
+
+
+def _wait_hold(hold_id: int, read: Callable[[], HoldRead], wait_s: float) -> HoldRead:
+    # Listen first, then read (as _wait_final): a change announced in between is not
+    # missed. One hold may change more than once (held, then a void applied).
+    deadline = time.monotonic() + wait_s
+    while True:
+        waiter = _hold_waiters.register(hold_id)
+        try:
+            answer = read()
+            remaining = deadline - time.monotonic()
+            if not answer[1] or remaining <= 0 or not waiter.wait(remaining):
+                return answer
+        finally:
+            _hold_waiters.unregister(hold_id, waiter)
+
+
+def _hold_ids(data: bytes) -> dict[int, Final | None]:
+    """A hold announcement names ids only: its waiters read the hold again."""
+    return {int(part): None for part in text_of(data).split(",") if part.isdigit()}
+
+
+_hold_waiters = Waiters(_hold_ids)
+subscribe(HOLDS_CHANNEL, Subscription(_hold_waiters.wake))

@@ -53,6 +53,19 @@ class Account(BaseModel):
     currency: str
     kind: Literal["user", "commission", "external"]
     balance: str = Money
+    # Absent with ?at= (never null): not required, and no "default": null.
+    held: str | None = Field(
+        None,
+        description="Reserved by active holds (not with ?at=)",
+        examples=["0.00"],
+        json_schema_extra=_only_a_string,
+    )
+    available: str | None = Field(
+        None,
+        description="balance - held: what a payment may still spend (not with ?at=)",
+        examples=["10.50"],
+        json_schema_extra=_only_a_string,
+    )
     created_at: str = Timestamp
     # Present only with ?at= (never null): not required, and no "default": null.
     as_of: str | None = Field(
@@ -87,6 +100,25 @@ class Transfer(BaseModel):
     destination: str | None = Field(description="A payout's destination outside Remit")
 
 
+class Hold(BaseModel):
+    id: int
+    status: Literal["pending", "held", "rejected", "captured", "voided", "expired"]
+    from_: int = Field(alias="from")
+    to: int
+    from_user_id: int
+    to_user_id: int
+    currency: str
+    amount: str = Money
+    commission: str = Money
+    captured_amount: str | None = Field(description="Once captured: how much", examples=[None])
+    transfer_id: int | None = Field(description="The capture transfer, once asked for")
+    reason: str | None = Field(examples=[None, "insufficient_funds"])
+    comment: str
+    created_at: str = Timestamp
+    expires_at: str = Timestamp
+    updated_at: str = Timestamp
+
+
 class Event(BaseModel):
     id: str = Field(description="Event ids are strings; order by the feed, not by id")
     type: Literal[
@@ -101,7 +133,10 @@ class Event(BaseModel):
         "hold.expired",
     ]
     created_at: str = Timestamp
-    data: Transfer = Field(description="The transfer as it was when the event happened")
+    data: Transfer | Hold = Field(
+        description="The transfer (transfer.*) or the hold (hold.*) as it was when the "
+        "event happened"
+    )
 
 
 class Posting(BaseModel):
@@ -576,6 +611,95 @@ OPERATIONS = (
         # A failing dependency is named in a Health body, not in a problem.
         json_errors={503: Health},
     ),
+    # --- Holds (docs/api.md "Holds") ---
+    Operation(
+        "post",
+        "/users/{user_id}/holds",
+        "Place a hold (reserved asynchronously)",
+        202,
+        Hold,
+        body=fields.HoldCreate,
+        errors=(
+            *_AUTH,
+            *_BODY,
+            "forbidden",
+            "invalid_amount",
+            "account_not_found",
+            "same_account",
+            "currency_mismatch",
+            "idempotency_key_mismatch",
+            "idempotency_key_in_use",
+        ),
+        headers={"Location": "/users/{user_id}/holds/{id}"},
+        idempotent=True,
+        links={
+            "hold": (
+                "GET /users/{user_id}/holds/{hold_id}",
+                {"user_id": "$request.path.user_id", "hold_id": "$response.body#/id"},
+            ),
+            "capture": (
+                "POST /users/{user_id}/holds/{hold_id}/capture",
+                {"user_id": "$request.path.user_id", "hold_id": "$response.body#/id"},
+            ),
+            "void": (
+                "POST /users/{user_id}/holds/{hold_id}/void",
+                {"user_id": "$request.path.user_id", "hold_id": "$response.body#/id"},
+            ),
+        },
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/holds",
+        "List holds (made or received)",
+        200,
+        Hold,
+        many=True,
+        query=fields.HoldListQuery,
+        errors=(*_AUTH, "forbidden", "user_not_found", "invalid_query"),
+        headers={"Link": "next page"},
+    ),
+    Operation(
+        "get",
+        "/users/{user_id}/holds/{hold_id}",
+        "Read (or long-poll) a hold",
+        200,
+        Hold,
+        query=fields.TransferWaitQuery,
+        errors=(*_AUTH, "forbidden", "user_not_found", "hold_not_found", "invalid_query"),
+    ),
+    Operation(
+        "post",
+        "/users/{user_id}/holds/{hold_id}/capture",
+        "Capture a held hold, all or part (by its maker)",
+        202,
+        Hold,
+        body=fields.HoldCapture,
+        errors=(
+            *_AUTH,
+            *_BODY,
+            "forbidden",
+            "invalid_amount",
+            "hold_not_found",
+            "hold_not_active",
+            "idempotency_key_mismatch",
+            "idempotency_key_in_use",
+        ),
+        idempotent=True,
+        links={
+            "capture_transfer": (
+                "GET /users/{user_id}/transfers/{transfer_id}",
+                {"user_id": "$request.path.user_id", "transfer_id": "$response.body#/transfer_id"},
+            ),
+        },
+    ),
+    Operation(
+        "post",
+        "/users/{user_id}/holds/{hold_id}/void",
+        "Void a hold (by its maker or its payee)",
+        202,
+        Hold,
+        errors=(*_AUTH, "forbidden", "hold_not_found", "hold_not_active"),
+    ),
 )
 
 # Every response may also be one of these.
@@ -587,6 +711,7 @@ _PATH_PARAMETERS = {
     "transfer_id": {"type": "integer", "minimum": 0},
     "key_id": {"type": "integer", "minimum": 0},
     "webhook_id": {"type": "integer", "minimum": 0},
+    "hold_id": {"type": "integer", "minimum": 0},
     "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
 }
 
@@ -598,6 +723,7 @@ def _schemas() -> dict[str, Any]:
         Account,
         Transfer,
         Event,
+        Hold,
         Posting,
         Problem,
         BatchResponse,
@@ -614,6 +740,8 @@ def _schemas() -> dict[str, Any]:
         fields.BatchItem,
         fields.BatchCreate,
         fields.WebhookCreate,
+        fields.HoldCreate,
+        fields.HoldCapture,
         fields.RefundCreate,
         fields.PayoutCreate,
     ]

@@ -54,6 +54,9 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "idempotency_key_mismatch": (422, "Idempotency key mismatch"),
     "too_many_requests": (429, "Too many requests"),
     "internal_error": (500, "Internal error"),
+    # Holds (docs/api.md "Holds").
+    "hold_not_found": (404, "Hold not found"),
+    "hold_not_active": (409, "Hold not active"),
     "service_unavailable": (503, "Service unavailable"),
 }
 

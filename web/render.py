@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
 from flask import Response, json, request
 from sqlalchemy.orm import Session
 
 from common.currencies import get_currency
-from common.db import Db
+from common.db import Db, request_session
 from common.limits import BIGINT_MAX
 from common.models import Account, Posting
 from common.money import format_amount
@@ -35,12 +35,16 @@ def _decimals(db: Db, currency: str) -> int:
 
 
 def account_json(session: Session, account: Account) -> dict[str, Any]:
+    decimals = _decimals(session, account.currency)
     return {
         "id": account.id,
         "user_id": account.user_id,
         "currency": account.currency,
         "kind": account.kind,
-        "balance": format_amount(account.balance, _decimals(session, account.currency)),
+        "balance": format_amount(account.balance, decimals),
+        # Reserved by holds, and what a payment may still spend (docs/api.md "Holds").
+        "held": format_amount(account.held, decimals),
+        "available": format_amount(account.balance - account.held, decimals),
         "created_at": timestamp(account.created_at),
     }
 
@@ -51,6 +55,8 @@ def account_at_json(
     """The account as GET /accounts/{id}?at= shows it: its balance at `at`, and `as_of`."""
     body = account_json(session, account)
     body["balance"] = format_amount(balance, _decimals(session, account.currency))
+    # What was held then is not recorded: only the balance has a history.
+    del body["held"], body["available"]
     body["as_of"] = timestamp(at)
     return body
 
@@ -88,6 +94,32 @@ def decode_cursor(cursor: str | None, sort: str) -> int | None:
 class _Listed(Protocol):
     @property
     def id(self) -> int: ...
+
+
+class _Page(Protocol):
+    @property
+    def sort(self) -> str: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def cursor(self) -> str | None: ...
+
+
+Row = TypeVar("Row", bound=_Listed)
+
+
+def listed_page(
+    query: _Page,
+    fetch: Callable[[Session, bool, int | None, int], Sequence[Row]],
+    render: Callable[[Session, Row], dict[str, Any]],
+) -> Response:
+    """One page of a listing in id order: `fetch(session, descending, after_id, limit)`
+    reads limit + 1 rows after the query's cursor, `render` shows each."""
+    after_id = decode_cursor(query.cursor, query.sort)
+    with request_session() as session:
+        rows = fetch(session, query.sort == "dsc", after_id, query.limit + 1)
+        items = [render(session, row) for row in rows]
+    return page_response(items, rows, query.limit, query.sort)
 
 
 def page_response(

@@ -8,7 +8,7 @@ from flask import Blueprint, Response
 from sqlalchemy.orm import Session
 
 from common import transfers
-from common.db import Db, request_session, request_statements, request_transaction
+from common.db import Db, request_statements, request_transaction
 from common.doorbells import Doorbells
 from common.errors import RemitError
 from common.models import TransferStatus
@@ -31,7 +31,7 @@ from web.fields import (
 )
 from web.metrics import LONG_POLLS_UNHELD, TRANSFERS_ACCEPTED
 from web.problems import ApiError, problem_body
-from web.render import decode_cursor, json_response, page_response
+from web.render import json_response, listed_page
 
 bp = Blueprint("transfers", __name__)
 
@@ -222,20 +222,15 @@ def _read_visible(transfer_id: int, user_id: int) -> dict[str, Any]:
 def list_(user_id: int) -> Response:
     authorize_path_user(user_id, write=False)
     query = parse_query(TransferListQuery)
-    after_id = decode_cursor(query.cursor, query.sort)
     filters = transfers.TransferFilter(
         payer_id=query.payer,
         payee_id=query.payee,
         status=TransferStatus(query.status) if query.status else None,
     )
-    with request_session() as session:
-        rows = transfers.list_transfers(
-            session,
-            user_id,
-            filters,
-            descending=query.sort == "dsc",
-            after_id=after_id,
-            limit=query.limit + 1,
+
+    def fetch(session: Session, descending: bool, after_id: int | None, limit: int) -> Any:
+        return transfers.list_transfers(
+            session, user_id, filters, descending=descending, after_id=after_id, limit=limit
         )
-        items = [transfer_json(session, transfer) for transfer in rows]
-    return page_response(items, rows, query.limit, query.sort)
+
+    return listed_page(query, fetch, transfer_json)

@@ -211,8 +211,9 @@ class Load:
     Each client owns a few users and sends from their accounts to random others, with an
     Idempotency-Key on every transfer; some requests are re-sent with the same key (the
     same transfer must come back), some go through the batch route. Some refund part of
-    a transfer they received, some pay out. One more client is the superuser, topping
-    accounts up by deposits now and then.
+    a transfer they received, some pay out, some place holds (expiring after a minute)
+    and later capture part of them or void them. One more client is the superuser,
+    topping accounts up by deposits now and then.
     """
 
     def __init__(
@@ -229,6 +230,7 @@ class Load:
         poll_share: float = 0.05,
         refund_share: float = 0.06,
         payout_share: float = 0.06,
+        hold_share: float = 0.1,
         seed: int = 20261127,
     ) -> None:
         self.base_url = base_url
@@ -242,7 +244,10 @@ class Load:
         self.poll_share = poll_share
         self.refund_share = refund_share
         self.payout_share = payout_share
+        self.hold_share = hold_share
         self.seed = seed
+        # Holds the API accepted: (maker, Idempotency-Key, hold id).
+        self.holds: list[tuple[int, str, int]] = []
         # Answers a client expects now and then: a refund that no longer fits.
         self.refused: Counter[str] = Counter()
         self.stop = threading.Event()
@@ -295,6 +300,8 @@ class Load:
         rng = random.Random(self.seed + index)
         # One keep-alive session per client, shared by the users it plays.
         client = ApiClient(self.base_url, self.recorder, owned[0].auth)
+        # This client's holds not yet captured or voided: (maker, hold id, amount).
+        holds: list[tuple[User, int, int]] = []
         try:
             sent = 0
             while not self.stop.is_set() and sent < self.max_per_client:
@@ -309,6 +316,11 @@ class Load:
                     sent += 1
                 elif choice < self.batch_share + self.refund_share + self.payout_share:
                     self._payout(rng, client, payer, currency)
+                    sent += 1
+                elif choice < (
+                    self.batch_share + self.refund_share + self.payout_share + self.hold_share
+                ):
+                    self._hold_work(rng, client, payer, currency, holds)
                     sent += 1
                 else:
                     self._single(rng, client, payer, currency)
@@ -375,9 +387,10 @@ class Load:
         route: str,
         key: str,
         expected: tuple[str, ...] = (),
+        resend: bool = True,
     ) -> dict[str, Any] | None:
-        """POST with an Idempotency-Key (re-sent now and then with the same key): the
-        accepted transfer's body, or None after an answer with an `expected` code."""
+        """POST with an Idempotency-Key (re-sent now and then with the same key, if
+        `resend`): the accepted body, or None after an answer with an `expected` code."""
         headers = {"Idempotency-Key": key}
         response = client.request("POST", path, route=route, data=fields, headers=headers)
         if response.status_code != 202:
@@ -389,7 +402,7 @@ class Load:
                     self.unexpected.append(f"POST {path} -> {response.status_code} {response.text}")
             return None
         body: dict[str, Any] = response.json()
-        if rng.random() < self.resend_share:
+        if resend and rng.random() < self.resend_share:
             again = client.request("POST", path, route=route, data=fields, headers=headers)
             self._check_resend(
                 Submitted(key, 0, 0, 0, "", body["id"], route), again.status_code, again.json()
@@ -442,6 +455,55 @@ class Load:
             self._accepted(
                 Submitted(key, payer.id, fields["from"], body["to"], fields["amount"],
                           body["id"], "payout")
+            )  # fmt: skip
+
+    def _hold_work(
+        self,
+        rng: random.Random,
+        client: ApiClient,
+        payer: User,
+        currency: str,
+        holds: list[tuple[User, int, int]],
+    ) -> None:
+        """Place a hold, or capture part of one placed earlier, or void it."""
+        if not holds or rng.random() < 0.4:
+            key = f"h-{payer.id}-{uuid.uuid4().hex}"
+            fields = {
+                "from": payer.accounts[currency],
+                "to": self._target(rng, payer, currency),
+                "amount": self._amount(rng),
+                "expires_in": 60,
+            }
+            path = f"/users/{payer.id}/holds"
+            body = self._send(rng, client, path, fields, route="hold", key=key)
+            if body is not None:
+                holds.append((payer, body["id"], minor_units(fields["amount"])))
+                with self._lock:
+                    self.holds.append((payer.id, key, body["id"]))
+            return
+        maker, hold_id, held = holds.pop(rng.randrange(len(holds)))
+        client.auth = maker.auth
+        path = f"/users/{maker.id}/holds/{hold_id}"
+        if rng.random() < 0.3:
+            # 409 when the hold was refused, or has expired meanwhile. A void is idempotent
+            # by itself, until the settler applied it: not re-sent here.
+            self._send(
+                rng, client, f"{path}/void", {}, route="void", key=f"v-{uuid.uuid4().hex}",
+                expected=("hold_not_active",), resend=False,
+            )  # fmt: skip
+            return
+        key = f"c-{maker.id}-{uuid.uuid4().hex}"
+        part = rng.randint(1, held)
+        fields = {"amount": f"{part // 100}.{part % 100:02d}"} if rng.random() < 0.5 else {}
+        body = self._send(
+            rng, client, f"{path}/capture", fields, route="capture", key=key,
+            expected=("hold_not_active",),
+        )  # fmt: skip
+        if body is not None:
+            amount = fields.get("amount", body["amount"])
+            self._accepted(
+                Submitted(key, maker.id, body["from"], body["to"], amount, body["transfer_id"],
+                          "capture")
             )  # fmt: skip
 
     def _check_resend(self, item: Submitted, status: int, body: dict[str, Any]) -> None:

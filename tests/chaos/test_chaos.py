@@ -8,8 +8,10 @@ restarted, every database connection is terminated, PostgreSQL restarts, and doo
 are published twice. Then, once the system drains, the ledger must be exactly what the
 accepted transfers say.
 
-Beside plain transfers the clients refund part of what they received and pay out; the
-ledger must account for those too (refund totals within their transfers' amounts).
+Beside plain transfers the clients refund part of what they received, pay out, and place
+holds that they capture (in part or whole) or void, or that expire after a minute, in the
+middle of the faults; the ledger must account for all of it (held amounts equal to the
+live reservations, refund totals within their transfers' amounts, one capture per hold).
 
 Every user has a webhook (registered before any of their transfers) pointing at a real
 receiver in this process; the delivery worker runs beside the settlement nodes and is
@@ -130,15 +132,46 @@ def ensure_workers(stack: Stack) -> None:
             process.start()
 
 
+# Holds the settler still has work on: a reservation to make or a void to apply.
+HOLDS_OUTSTANDING = (
+    "SELECT count(*) FROM holds WHERE status = 'pending'"
+    " OR (status = 'held' AND void_requested_at IS NOT NULL)"
+)
+
+
 def drain(stack: Stack, bound_s: float) -> tuple[float, dict[str, int]]:
-    """Wait until nothing is pending or failed (bounded): the seconds it took."""
+    """Wait until nothing is pending or failed and no hold has work left (bounded): the
+    seconds it took."""
     started = time.monotonic()
     while time.monotonic() - started < bound_s:
         counts = stack.status_counts()
         if not counts.get("pending") and not counts.get("failed"):
-            break
+            with stack.pg.connect(stack.database) as connection:
+                if not connection.execute(HOLDS_OUTSTANDING).fetchone()[0]:
+                    break
         time.sleep(0.25)
     return time.monotonic() - started, stack.status_counts()
+
+
+def check_holds(
+    holds: dict[int, tuple[Any, ...]], accepted: list[tuple[int, str, int]]
+) -> list[str]:
+    """Every accepted hold exists as asked, with no work left; no hold no client was given."""
+    problems = []
+    for maker, key, hold_id in accepted:
+        row = holds.get(hold_id)
+        if row is None:
+            problems.append(f"accepted hold {hold_id} ({key}) does not exist")
+            continue
+        _, status, requested_by, idempotency_key, void_requested = row
+        if (requested_by, idempotency_key) != (maker, key):
+            problems.append(f"hold {hold_id} differs from its request: {row}")
+        if status == "pending" or (status == "held" and void_requested):
+            problems.append(f"hold {hold_id} still has work: {row}")
+    unexplained = sorted(set(holds) - {hold_id for _, _, hold_id in accepted})
+    if unexplained:
+        problems.append(f"holds no client was given: {unexplained[:20]}")
+    return problems
 
 
 def check_transfers(
@@ -314,6 +347,13 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
             connection.execute("SELECT code, commission_account_id FROM currencies").fetchall()
         )
         balances = dict(connection.execute("SELECT id, balance FROM accounts").fetchall())
+        holds = {
+            row[0]: row
+            for row in connection.execute(
+                "SELECT id, status, requested_by, idempotency_key, void_requested_at IS NOT NULL"
+                " FROM holds ORDER BY id"
+            )
+        }
         stuck = connection.execute(
             "SELECT id, status, attempts, next_attempt_at, last_error FROM transfers "
             "WHERE status IN ('pending', 'failed') ORDER BY id LIMIT 10"
@@ -321,6 +361,7 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     accepted = load.submitted
     problems = check_transfers(transfers, accepted, funding_ids)
     problems += check_replay(transfers, commission_accounts, balances)
+    problems += check_holds(holds, load.holds)
     audit_status, audit_report = stack.audit()
     violations = [line for line in audit_report.splitlines() if not line.startswith("audit:")]
     final_resends, resend_problems = late_resends(stack, users, accepted, recorder)
@@ -331,11 +372,12 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     bad_5xx, no_answer = recorder.bad_5xx(), recorder.no_answer()
     summary = {
         "transfers accepted (202)": len({item.transfer_id for item in accepted}),
-        "of them via the batch route / deposits / refunds / payouts": " / ".join(
+        "of them via the batch route / deposits / refunds / payouts / captures": " / ".join(
             str(sum(1 for i in accepted if i.route == route))
-            for route in ("batch", "deposit", "refund", "payout")
+            for route in ("batch", "deposit", "refund", "payout", "capture")
         ),
-        "refused as a client expects (a refund that no longer fits)": dict(load.refused),
+        "holds accepted, by final status": dict(Counter(row[1] for row in holds.values())),
+        "refused as a client expects (refund too big, hold not active)": dict(load.refused),
         "funded users / clients": f"{len(users)} / {CLIENTS} (+1 depositor)",
         "idempotent re-sends (during / after)": f"{load.resends} / {final_resends}",
         "http answers": recorder.by_status(),
@@ -388,6 +430,8 @@ def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:
     routes = Counter(item.route for item in accepted)
     assert routes["refund"] >= 20, routes
     assert routes["payout"] >= 20, routes
+    assert routes["capture"] >= 20, routes
+    assert {"captured", "voided", "expired"} <= {row[1] for row in holds.values()}, holds
     assert not deliveries_left, f"{deliveries_left} deliveries pending after the bound"
     # Every event of every user reached the receiver, signed; duplicates allowed.
     assert not webhook_problems, webhook_problems[:30]
