@@ -39,7 +39,7 @@ from worker.tasks import sweep
 # off here (and said so in the issue note), never skipped silently.
 REFUNDS = True
 PAYOUTS = True
-HOLDS = False
+HOLDS = True
 
 CURRENCIES = ("USD", "EUR")
 REFUNDABLE = ("transfer", "capture")
