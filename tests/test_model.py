@@ -23,7 +23,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -41,6 +40,24 @@ REFUNDS = True
 PAYOUTS = True
 HOLDS = True
 
+# One rule draws each step with these weights. Rules of their own drew too few captures,
+# voids and expiries: hypothesis picks evenly among rules, and its swarm testing turns
+# whole rules off per example, so few examples had both holds and something to do with
+# them. Captures come first (the first choice is the one hypothesis leans to): each one
+# ends a hold, so they cannot crowd the rest out.
+STEPS = {
+    "capture": 3,
+    "hold": 3,
+    "transfer": 3,
+    "refund": 3,
+    "void": 2,
+    "expire": 2,
+    "payout": 2,
+    "refund_refused": 2,
+    "capture_refused": 1,
+    "void_refused": 1,
+    "deposit": 2,
+}
 CURRENCIES = ("USD", "EUR")
 REFUNDABLE = ("transfer", "capture")
 WAIT_S = 30
@@ -337,14 +354,34 @@ class MoneyMachine(RuleBasedStateMachine):
         )
         self.outcome(transfer, account.owner)
 
-    # --- rules ----------------------------------------------------------------------
+    # --- steps ----------------------------------------------------------------------
+
+    def steps(self) -> list[str]:
+        """The steps that can be taken now, each as often as STEPS weighs it."""
+        possible = {
+            "deposit": True,
+            "transfer": True,
+            "payout": PAYOUTS,
+            "refund": REFUNDS and bool(self.refundable()),
+            "refund_refused": REFUNDS and bool(self.transfers),
+            "hold": HOLDS,
+            "capture": HOLDS and bool(self.held()),
+            "capture_refused": HOLDS and bool(self.holds),
+            "void": HOLDS and bool(self.held()),
+            "void_refused": HOLDS and bool(self.ended()),
+            "expire": HOLDS and bool(self.held()),
+        }
+        return [name for name, weight in STEPS.items() if possible[name] for _ in range(weight)]
 
     @rule(data=st.data())
+    def step(self, data: st.DataObject) -> None:
+        """One money movement, waited for: the model stays sequential."""
+        getattr(self, data.draw(st.sampled_from(self.steps()), label="step"))(data)
+
     def deposit(self, data: st.DataObject) -> None:
         account = self.draw_account(data, "to")
         self.make_deposit(account, data.draw(st.integers(1, 40_000), label="amount"))
 
-    @rule(data=st.data())
     def transfer(self, data: st.DataObject) -> None:
         source, target = self.draw_pair(data)
         amount = self.draw_amount(data, source, target)
@@ -365,9 +402,9 @@ class MoneyMachine(RuleBasedStateMachine):
         )
         self.outcome(transfer, source.owner)
 
-    @precondition(lambda self: PAYOUTS)
-    @rule(data=st.data(), destination=st.sampled_from(["DE89 3704 0044 0532 0130 00", "acct 7"]))
-    def payout(self, data: st.DataObject, destination: str) -> None:
+    def payout(self, data: st.DataObject) -> None:
+        destinations = st.sampled_from(["DE89 3704 0044 0532 0130 00", "acct 7"])
+        destination = data.draw(destinations, label="destination")
         source = self.draw_account(data, "from")
         external = self.accounts[self.currencies[source.currency].external_account]
         amount = self.draw_amount(data, source, external)
@@ -401,10 +438,9 @@ class MoneyMachine(RuleBasedStateMachine):
             if t.kind in REFUNDABLE and t.status == "settled" and t.refunded < t.amount
         )
 
-    @precondition(lambda self: REFUNDS and self.refundable())
-    @rule(data=st.data(), part=st.booleans())
-    def refund(self, data: st.DataObject, part: bool) -> None:
+    def refund(self, data: st.DataObject) -> None:
         """The payee gives back all that is still refundable (no amount), or a part."""
+        part = data.draw(st.booleans(), label="part")
         original = self.transfers[data.draw(st.sampled_from(self.refundable()), label="of")]
         room = original.amount - original.refunded
         fields: dict[str, Any] = {}
@@ -434,11 +470,11 @@ class MoneyMachine(RuleBasedStateMachine):
         )
         self.outcome(transfer, original.payee)
 
-    @precondition(lambda self: REFUNDS and self.transfers)
-    @rule(data=st.data(), how=st.sampled_from(["too_much", "nothing_left", "stranger", "any"]))
-    def refund_refused(self, data: st.DataObject, how: str) -> None:
-        """Refunds that must be refused: more than is left, by someone not the payee, of
-        what was not settled or is not a payment."""
+    def refund_refused(self, data: st.DataObject) -> None:
+        """More than is left, by someone not the payee, of what was not settled or is not
+        a payment: refused."""
+        hows = ["too_much", "nothing_left", "stranger", "any"]
+        how = data.draw(st.sampled_from(hows), label="how")
         pool = sorted(self.transfers)
         if how == "too_much":
             pool = self.refundable() or pool
@@ -472,9 +508,8 @@ class MoneyMachine(RuleBasedStateMachine):
             # More than is left; or, without an amount, all that is left when nothing is.
             assert_problem(response, 409, "refund_exceeds_transfer")
 
-    @precondition(lambda self: HOLDS)
-    @rule(data=st.data(), expires_in=st.one_of(st.none(), st.integers(60, 604_800)))
-    def hold(self, data: st.DataObject, expires_in: int | None) -> None:
+    def hold(self, data: st.DataObject) -> None:
+        expires_in = data.draw(st.none() | st.integers(60, 604_800), label="expires_in")
         source, target = self.draw_pair(data)
         # Mostly holds that are reserved: captures, voids and expiries need them.
         amount = self.draw_amount(data, source, target, fitting=4)
@@ -510,17 +545,35 @@ class MoneyMachine(RuleBasedStateMachine):
     def ended(self) -> list[int]:
         return sorted(hold_id for hold_id, hold in self.holds.items() if hold.status != "held")
 
-    @precondition(lambda self: HOLDS and self.held())
-    @rule(data=st.data(), part=st.booleans())
-    def capture(self, data: st.DataObject, part: bool) -> None:
+    def capture_refused(self, data: st.DataObject) -> None:
+        """A capture of more than is held, or of a hold that is not held: refused."""
+        held, ended = self.held(), self.ended()
+        if held and (not ended or data.draw(st.booleans(), label="too_much")):
+            hold = self.holds[data.draw(st.sampled_from(held), label="hold")]
+            beyond = hold.amount + data.draw(st.integers(1, 1_000), label="beyond")
+            response = self.post_capture(hold, {"amount": self.money(hold.currency, beyond)})
+            # API-2.md: "amount ≤ the held amount"; more is a bad amount (it names no code).
+            assert_problem(response, 400, "invalid_amount")
+            return
+        hold = self.holds[data.draw(st.sampled_from(ended), label="hold")]
+        fields: dict[str, Any] = {}
+        if data.draw(st.booleans(), label="with_amount"):
+            fields["amount"] = self.money(hold.currency, hold.amount)
+        assert_problem(self.post_capture(hold, fields), 409, "hold_not_active")
+
+    def post_capture(self, hold: Hold, fields: dict[str, Any]) -> Any:
+        return self.post(hold.maker, f"/users/{hold.maker.id}/holds/{hold.id}/capture", fields)
+
+    def capture(self, data: st.DataObject) -> None:
         """The maker captures all of a held hold (no amount), or a part of it."""
+        part = data.draw(st.booleans(), label="part")
         hold = self.holds[data.draw(st.sampled_from(self.held()), label="hold")]
         fields: dict[str, Any] = {}
         captured = hold.amount
         if part:
             captured = data.draw(st.integers(1, hold.amount), label="amount")
             fields["amount"] = self.money(hold.currency, captured)
-        response = self.post(hold.maker, f"/users/{hold.maker.id}/holds/{hold.id}/capture", fields)
+        response = self.post_capture(hold, fields)
         assert response.status_code == 202, response.get_json()
         transfer_id = response.get_json()["transfer_id"]
         assert transfer_id is not None
@@ -546,44 +599,23 @@ class MoneyMachine(RuleBasedStateMachine):
         body = self.wait_hold(hold.maker, hold.id, lambda h: h["status"] != "held")
         assert body["status"] == "captured", body
 
-    @precondition(lambda self: HOLDS and self.holds)
-    @rule(data=st.data(), part=st.booleans())
-    def capture_refused(self, data: st.DataObject, part: bool) -> None:
-        """A capture of more than is held, or of a hold that is not held."""
-        hold = self.holds[data.draw(st.sampled_from(sorted(self.holds)), label="hold")]
-        fields: dict[str, Any] = {}
-        if part or hold.status == "held":
-            beyond = hold.amount + data.draw(st.integers(1, 1_000), label="beyond")
-            fields["amount"] = self.money(hold.currency, beyond)
-        response = self.post(hold.maker, f"/users/{hold.maker.id}/holds/{hold.id}/capture", fields)
-        if hold.status != "held":
-            assert_problem(response, 409, "hold_not_active")
-        else:
-            # API-2.md: "amount ≤ the held amount"; more is a bad amount (it names no code).
-            assert_problem(response, 400, "invalid_amount")
-
-    @precondition(lambda self: HOLDS and self.held())
-    @rule(data=st.data(), by_payee=st.booleans())
-    def void(self, data: st.DataObject, by_payee: bool) -> None:
+    def void(self, data: st.DataObject) -> None:
+        """The maker or the payee voids a held hold."""
         hold = self.holds[data.draw(st.sampled_from(self.held()), label="hold")]
-        actor = hold.payee if by_payee else hold.maker
+        actor = hold.payee if data.draw(st.booleans(), label="by_payee") else hold.maker
         response = self.post(actor, f"/users/{actor.id}/holds/{hold.id}/void", {})
         assert response.status_code == 202, response.get_json()
         self.release(hold, "voided")
         body = self.wait_hold(actor, hold.id, lambda h: h["status"] != "held")
         assert body["status"] == "voided", body
 
-    @precondition(lambda self: HOLDS and self.ended())
-    @rule(data=st.data(), by_payee=st.booleans())
-    def void_refused(self, data: st.DataObject, by_payee: bool) -> None:
-        """A hold that is final (rejected, captured, voided, expired) cannot be voided."""
+    def void_refused(self, data: st.DataObject) -> None:
+        """A final hold (rejected, captured, voided, expired) cannot be voided."""
         hold = self.holds[data.draw(st.sampled_from(self.ended()), label="hold")]
-        actor = hold.payee if by_payee else hold.maker
+        actor = hold.payee if data.draw(st.booleans(), label="by_payee") else hold.maker
         response = self.post(actor, f"/users/{actor.id}/holds/{hold.id}/void", {})
         assert_problem(response, 409, "hold_not_active")
 
-    @precondition(lambda self: HOLDS and self.held())
-    @rule(data=st.data())
     def expire(self, data: st.DataObject) -> None:
         """Time passes: the hold's expiry is moved into the past, beat's sweep runs."""
         hold = self.holds[data.draw(st.sampled_from(self.held()), label="hold")]
