@@ -34,12 +34,6 @@ from tests.conftest import SUPERUSER, Api, Member, assert_problem
 from tests.properties import examples
 from worker.tasks import sweep
 
-# The rules of each route family; one whose routes are not on this branch yet is turned
-# off here (and said so in the issue note), never skipped silently.
-REFUNDS = True
-PAYOUTS = True
-HOLDS = True
-
 # One rule draws each step with these weights. Rules of their own drew too few captures,
 # voids and expiries: hypothesis picks evenly among rules, and its swarm testing turns
 # whole rules off per example, so few examples had both holds and something to do with
@@ -361,15 +355,15 @@ class MoneyMachine(RuleBasedStateMachine):
         possible = {
             "deposit": True,
             "transfer": True,
-            "payout": PAYOUTS,
-            "refund": REFUNDS and bool(self.refundable()),
-            "refund_refused": REFUNDS and bool(self.transfers),
-            "hold": HOLDS,
-            "capture": HOLDS and bool(self.held()),
-            "capture_refused": HOLDS and bool(self.holds),
-            "void": HOLDS and bool(self.held()),
-            "void_refused": HOLDS and bool(self.ended()),
-            "expire": HOLDS and bool(self.held()),
+            "payout": True,
+            "refund": bool(self.refundable()),
+            "refund_refused": bool(self.transfers),
+            "hold": True,
+            "capture": bool(self.held()),
+            "capture_refused": bool(self.holds),
+            "void": bool(self.held()),
+            "void_refused": bool(self.ended()),
+            "expire": bool(self.held()),
         }
         return [name for name, weight in STEPS.items() if possible[name] for _ in range(weight)]
 
@@ -673,11 +667,10 @@ class MoneyMachine(RuleBasedStateMachine):
             money = partial(self.money, account.currency)
             balance = account.balance + foreign.get(account.id, 0)
             assert body["balance"] == money(balance), (account.id, account.balance, body)
-            if HOLDS:
-                assert (body["held"], body["available"]) == (
-                    money(account.held),
-                    money(balance - account.held),
-                ), (account.id, account.held, body)
+            assert (body["held"], body["available"]) == (
+                money(account.held),
+                money(balance - account.held),
+            ), (account.id, account.held, body)
             if account.kind != "external":
                 assert 0 <= account.held <= account.balance, account
             shown = minor_of(body["balance"], self.currencies[account.currency].decimals)
@@ -717,8 +710,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @invariant()
     def holds_agree(self) -> None:
-        if not HOLDS:
-            return
         seen: dict[int, dict[str, Any]] = {}
         for user in self.users:
             seen.update((h["id"], h) for h in self.get(user, f"/users/{user.id}/holds?limit=500"))
