@@ -141,8 +141,8 @@ def capacity(bench: Bench, seconds: float, clients: int) -> dict[str, Any]:
 
 
 class Sampler(threading.Thread):
-    """At the end of each bucket: RSS of the groups, transfers decided so far, the oldest
-    pending age, dead tuples of `transfers` (its own connection, off the event loop)."""
+    """At the end of each bucket: memory of the groups, transfers decided so far, the
+    oldest pending age, dead tuples of `transfers` (its own connection, off the loop)."""
 
     def __init__(self, bench: Bench, start: float, bucket_s: float, buckets: int) -> None:
         super().__init__(name="sampler", daemon=True)
@@ -410,11 +410,12 @@ def verdicts(mix: Mix, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     minutes = result["config"]["bucket_seconds"] / 60
-    header = ("min", "sent/s", "settled/s", "p50 ms", "p99 ms", "web MiB", "worker MiB",
-              "pg MiB", "oldest pending s", "dead tuples")  # fmt: skip
+    header = ("min", "sent/s", "settled/s", "p50 ms", "p99 ms", "web RSS", "worker RSS",
+              "pg RSS", "pg USS", "oldest pending s", "dead tuples")  # fmt: skip
     lines = [
         f"Remit soak — {result['started_at']}, {result['rate_per_s']:.1f} operations/s "
-        f"({result['rate_source']}), {result['machine']['cores']} cores, shared machine",
+        f"({result['rate_source']}), {result['machine']['cores']} cores, shared machine; "
+        "memory in MiB",
         f"mix: {MIX_TEXT}",
         "  ".join(f"{h:>10}" for h in header),
     ]
@@ -422,7 +423,8 @@ def table(result: dict[str, Any]) -> str:
         latency, rss = row["submit_to_settled_ms"], row["rss_mib"]
         cells = (f"{row['bucket'] * minutes:.4g}", row["sent_per_s"], row["settled_per_s"],
                  latency["p50"], latency["p99"], rss["web"], rss["worker"], rss["postgres"],
-                 row["oldest_pending_s"], row["dead_tuples"])  # fmt: skip
+                 row["uss_mib"]["postgres"], row["oldest_pending_s"],
+                 row["dead_tuples"])  # fmt: skip
         lines.append("  ".join(f"{'-' if c is None else c:>10}" for c in cells))
     v = result.get("verdicts") or {}
     if v.get("first_buckets"):
