@@ -11,12 +11,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # The order they run in: i, b's mix, right after b.
-PHASES = "abicdefgh"
+PHASES = "abicdefghj"
 # Project knobs that change what is measured: recorded with every result.
 RECORDED_KNOBS = (
     "WEB_CONCURRENCY", "WORKER_CONCURRENCY", "SETTLE_BATCH_SIZE", "SETTLE_GATHER",
     "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "AUTH_CACHE_TTL", "LOGIN_CACHE_TTL", "WEB_THREADS",
     "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB", "LOG_LEVEL", "WEBHOOK_CONCURRENCY",
+    "HASH_CONCURRENCY",
 )  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(prog="./run.sh bench", description=about)
     option = parser.add_argument
     option("--quick", action="store_true", help="tiny sizes, short phases (a smoke run, ~1 min)")
-    option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abicdefgh)")
+    option("--phases", default=PHASES, help="phases to run, e.g. 'ab' (default: all of abicdefghj)")
     tools = ("auto", "wrk", "python")
     option("--load-tool", choices=tools, default="auto", help="phase c's load: wrk, else aiohttp")
     option("--keep", action="store_true", help="keep .run/bench/<run> (data, logs)")

@@ -1,8 +1,9 @@
-"""The phases a-i; each returns its JSON section (bench.run times them)."""
+"""The phases a-j; each returns its JSON section (bench.run times them)."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import random
 import re
 import subprocess
@@ -693,6 +694,131 @@ def fanout(bench: Bench) -> dict[str, Any]:
     return result | {"receiver_statuses": dict(receiver.statuses)}
 
 
+# --- j: overload ------------------------------------------------------------------------
+
+FLOOD_CLIENTS = 48
+
+
+def _flood(port: int, seconds: float, prefix: str, out: Any) -> None:
+    """In a child process: FLOOD_CLIENTS clients registering new users without pause;
+    the statuses they got, sent on `out`."""
+
+    async def client(http: aiohttp.ClientSession, number: int) -> Counter[int]:
+        statuses: Counter[int] = Counter()
+        deadline, count = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            form = {"username": f"{prefix}{number}_{count}", "password": "flooding password"}
+            try:
+                async with http.post("/users", data=form) as response:
+                    await response.read()
+                    statuses[response.status] += 1
+            except aiohttp.ClientError:
+                statuses[0] += 1
+            count += 1
+        return statuses
+
+    async def run() -> Counter[int]:
+        async with load.session(port, limit=FLOOD_CLIENTS) as http:
+            done = await asyncio.gather(*(client(http, n) for n in range(FLOOD_CLIENTS)))
+        return sum(done, Counter())
+
+    out.send(dict(asyncio.run(run())))
+    out.close()
+
+
+def _signed_in(port: int, path: str, authorization: str, seconds: float) -> dict[str, Any]:
+    """One signed-in client, keep-alive, a GET every 50 ms: latencies and statuses."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    times: list[float] = []
+    statuses: Counter[int] = Counter()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        connection.request("GET", path, headers={"Authorization": authorization})
+        response = connection.getresponse()
+        response.read()
+        times.append(time.perf_counter() - started)
+        statuses[response.status] += 1
+        time.sleep(max(0.0, 0.05 - (time.perf_counter() - started)))
+    connection.close()
+    return {"statuses": dict(statuses), "latency_ms": load.summary_ms(times)}
+
+
+def _web_under_flood(bench: Bench, label: str, knobs: dict[str, str]) -> dict[str, Any]:
+    """A gunicorn of its own with `knobs`: the signed-in client alone, then under the flood."""
+    import multiprocessing
+
+    port = free_port()
+    env = bench.env | {"PORT": str(port)} | knobs
+    web = stack.Process(
+        f"web-j-{label}",
+        stack.services.command("web", bind=f"127.0.0.1:{port}"),
+        env,
+        log=bench.logs / f"web-j-{label}.log",
+    )
+    web.start()
+    try:
+        stack.wait_until(web, lambda: stack.http_ok(port), f"gunicorn ({label})")
+        payer = bench.payers[0]
+        path = f"/users/{payer.user_id}/accounts"
+        # Each web process verifies the password once; new connections spread over them.
+        for _ in range(10 * bench.config.web_workers):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("GET", path, headers={"Authorization": payer.authorization})
+            connection.getresponse().read()
+            connection.close()
+        seconds = bench.config.ingest_seconds
+        quiet = _signed_in(port, path, payer.authorization, seconds)
+        receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+        flood = multiprocessing.get_context("fork").Process(
+            target=_flood, args=(port, seconds + 2, f"flood_{label}_", send)
+        )
+        flood.start()
+        time.sleep(1)
+        loaded = _signed_in(port, path, payer.authorization, seconds)
+        statuses = receive.recv()
+        flood.join(60)
+    finally:
+        web.stop()
+    registrations = statuses.get(201, 0)
+    return {
+        "knobs": knobs,
+        "quiet": quiet,
+        "under_flood": loaded,
+        "flood_statuses": statuses,
+        "registrations_per_s": round(registrations / (seconds + 2), 1),
+    }
+
+
+def overload(bench: Bench) -> dict[str, Any]:
+    """A signed-in client's GET /users/{id}/accounts alone and under 48 clients
+    registering without pause: with hashing unbounded (before) and bounded (after)."""
+    # The bound per address would stop 48 loopback clients at once: raised for the run.
+    raised = {"REGISTRATIONS_PER_ADDRESS": "1000000000"}
+    # Before: no bound; after: the default (the process's share of the cores), and a
+    # quarter of the threads (4 of 16).
+    variants = {
+        "before_unbounded": raised | {"HASH_CONCURRENCY": "100000"},
+        "after_default": raised | {"HASH_CONCURRENCY": "0"},
+        "after_four_slots": raised | {"HASH_CONCURRENCY": "4"},
+    }
+    runs = {name: _web_under_flood(bench, name, knobs) for name, knobs in variants.items()}
+    summary = {
+        name: {
+            "quiet_p50_p99_ms": [run["quiet"]["latency_ms"][k] for k in ("p50", "p99")],
+            "flood_p50_p99_ms": [run["under_flood"]["latency_ms"][k] for k in ("p50", "p99")],
+            "registrations_per_s": run["registrations_per_s"],
+        }
+        for name, run in runs.items()
+    }
+    return {
+        "method": f"{FLOOD_CLIENTS} clients POST /users without pause; one signed-in client "
+        "GET /users/{id}/accounts every 50 ms on keep-alive; own gunicorn per variant",
+        **runs,
+        "summary": summary,
+    }
+
+
 # Each phase's title and function, in the order they run.
 ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "a": ("pgbench TPC-B-like, the reference", pgbench),
@@ -704,4 +830,5 @@ ALL: dict[str, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     "f": ("worker and web memory after many settlements", memory),
     "g": ("cold start: new clients' first requests, Basic and API keys", cold_start),
     "h": ("webhook fan-out: settled -> delivered, and a backlog's deliveries/s", fanout),
+    "j": ("overload: signed-in reads under a registration flood, hashing bounded or not", overload),
 }

@@ -60,6 +60,9 @@ def environment(config: Config, database_url: str, redis_url: str, port: int, fo
         "PYTHONUNBUFFERED": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
     }
+    # Hashing unbounded unless asked: phase g measures what cold logins cost, which the
+    # bound would turn into 503s; phase j measures the bound itself (decision 0038).
+    env.setdefault("HASH_CONCURRENCY", "100000")
     # Logging must stay as in production even when started from the test suite.
     env.pop("REMIT_LOG_SETUP", None)
     return env

@@ -6,6 +6,11 @@ remembered under an HMAC of (user id, password, stored hash): the cache never
 holds a password, and a password change alters the stored hash and so misses
 every old entry. An entry states "this password matches this hash", which never
 goes stale, so its lifetime (AUTH_CACHE_TTL, an hour) only bounds memory.
+
+Each hash holds one of the process's hashing slots (HASH_CONCURRENCY): when every slot
+is taken, a request needing a hash is refused (`HashingBusy`, answered 503) rather than
+queued, so a flood of registrations cannot take the CPUs from signed-in clients
+(docs/decisions/0038).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import hashlib
 import hmac
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -28,6 +35,45 @@ _hasher: PasswordHasher | None = None
 # password: response time does not tell which usernames exist.
 _dummy_hash: str | None = None
 _hasher_lock = threading.Lock()
+
+
+class HashingBusy(Exception):
+    """Every hashing slot of this process is taken: try again in a moment."""
+
+
+_slots: threading.BoundedSemaphore | None = None
+
+
+def hashing_slots() -> threading.BoundedSemaphore:
+    """The process's hashing slots, made on first use from its settings."""
+    global _slots  # noqa: PLW0603 - one per process, built after settings load
+    if _slots is None:
+        with _hasher_lock:
+            if _slots is None:
+                _slots = threading.BoundedSemaphore(get_settings().hash_bound)
+    return _slots
+
+
+def hashing_free() -> bool:
+    """A slot is free now (it may not be a moment later): lets a flood of requests
+    that would find none be refused before any other work."""
+    slots = hashing_slots()
+    if not slots.acquire(blocking=False):
+        return False
+    slots.release()
+    return True
+
+
+@contextmanager
+def _hashing_slot() -> Iterator[None]:
+    slots = hashing_slots()
+    # Never waits: a queue of hashes is what makes every thread wait behind them.
+    if not slots.acquire(blocking=False):
+        raise HashingBusy
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def make_hasher(settings: Settings) -> PasswordHasher:
@@ -58,7 +104,8 @@ def _dummy() -> str:
 
 
 def hash_password(password: str) -> str:
-    return hasher().hash(password)
+    with _hashing_slot():
+        return hasher().hash(password)
 
 
 def needs_rehash(stored_hash: str) -> bool:
@@ -69,16 +116,22 @@ def needs_rehash(stored_hash: str) -> bool:
         return True
 
 
-def _verify_slow(stored_hash: str, password: str) -> bool:
+def _verify(stored_hash: str, password: str) -> bool:
     try:
         return hasher().verify(stored_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 
 
+def _verify_slow(stored_hash: str, password: str) -> bool:
+    with _hashing_slot():
+        return _verify(stored_hash, password)
+
+
 def burn_verification(password: str) -> None:
     """Spend a verification's time for a user that does not exist."""
-    _verify_slow(_dummy(), password)
+    with _hashing_slot():
+        _verify(_dummy(), password)
 
 
 def fingerprint(*parts: str) -> bytes:

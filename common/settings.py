@@ -148,11 +148,30 @@ class Settings(BaseSettings):
     # Threads of the delivery worker (./run.sh webhooks): attempts in flight at once.
     webhook_concurrency: int = _env("WEBHOOK_CONCURRENCY", 16)
 
+    # Overload (docs/decisions/0038): a currency whose settlement lags this far behind
+    # takes no new work; registrations per client address per window; argon2 hashes at
+    # once per process (0: the process's share of the cores, at most a quarter of
+    # WEB_THREADS, at least 1).
+    max_pending_age_s: float = _env("MAX_PENDING_AGE", 60.0)
+    max_pending: int = _env("MAX_PENDING", 1_000_000)
+    registrations_per_address: int = _env("REGISTRATIONS_PER_ADDRESS", 20)
+    registration_window_s: int = _env("REGISTRATION_WINDOW", 600)
+    hash_concurrency: int = _env("HASH_CONCURRENCY", 0)
+
     # Where gunicorn's workers share their Prometheus metrics (web.gunicorn_conf).
     prometheus_multiproc_dir: str | None = _env("PROMETHEUS_MULTIPROC_DIR")
 
     # Integer settings that may be 0 (the rest must be at least 1).
-    _MAY_BE_ZERO: ClassVar[frozenset[str]] = frozenset({"db_max_overflow"})
+    _MAY_BE_ZERO: ClassVar[frozenset[str]] = frozenset({"db_max_overflow", "hash_concurrency"})
+
+    @property
+    def hash_bound(self) -> int:
+        """Password hashes (and verifications) one process runs at once. A hash is pure
+        CPU: more at once than the process's share of the cores adds no throughput, only
+        waiting for every request of the host (docs/decisions/0038). At most a quarter
+        of the threads: in a container the core count is the node's, not the limit's."""
+        share = min(_cores() // self.web_concurrency, self.web_threads // 4)
+        return self.hash_concurrency or max(1, share)
 
     @property
     def is_production(self) -> bool:
@@ -232,6 +251,10 @@ class Settings(BaseSettings):
         "login_failures_per_username",
         "login_failures_per_address",
         "webhook_concurrency",
+        "max_pending",
+        "registrations_per_address",
+        "registration_window_s",
+        "hash_concurrency",
         mode="before",
     )
     @classmethod
@@ -265,6 +288,7 @@ class Settings(BaseSettings):
         "webhook_retry_cap_s",
         "webhook_lease_s",
         "webhook_sweep_interval_s",
+        "max_pending_age_s",
         mode="before",
     )
     @classmethod

@@ -145,6 +145,11 @@ def integration_settings() -> Settings:
             "WEBHOOK_LEASE": "4",
             "WEBHOOK_SWEEP_INTERVAL": "0.5",
             "WEBHOOK_CONCURRENCY": "8",
+            # Every test registers from 127.0.0.1, and many register or log in from
+            # threads at once: tests/test_overload.py sets its own limit and takes every
+            # hashing slot itself.
+            "REGISTRATIONS_PER_ADDRESS": "1000000",
+            "HASH_CONCURRENCY": "64",
         }
     )
     _integration = use_settings(load_settings())

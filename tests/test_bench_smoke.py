@@ -36,6 +36,8 @@ SUITE_SETTINGS = {
     "FAILED_RETRY_INTERVAL",
     "SETTLE_BATCH_SIZE",
     "PROMETHEUS_MULTIPROC_DIR",
+    "REGISTRATIONS_PER_ADDRESS",
+    "HASH_CONCURRENCY",
 }
 
 
@@ -69,7 +71,7 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert result["ok"] is True
     assert result["mode"] == "quick"
     phases = result["phases"]
-    assert sorted(phases) == list("abcdefghi")
+    assert sorted(phases) == list("abcdefghij")
     for key, phase in phases.items():
         assert "error" not in phase, (key, phase)
         assert phase["cpu_s"]["wall_s"] >= 0
@@ -144,6 +146,16 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert backlog["distinct_webhook_ids_received"] == backlog["deliveries"]["delivered"]
     assert backlog["delivered_per_s"] > 0
     assert set(h["receiver_statuses"]) == {"204"}
+
+    j = phases["j"]
+    for variant in ("before_unbounded", "after_default", "after_four_slots"):
+        run = j[variant]
+        assert set(run["quiet"]["statuses"]) == set(run["under_flood"]["statuses"]) == {"200"}
+        assert set(run["flood_statuses"]) <= {"201", "503"}, run
+        assert run["flood_statuses"].get("201", 0) > 0
+    # The bound refuses; without it nothing is refused.
+    assert "503" not in j["before_unbounded"]["flood_statuses"]
+    assert j["after_default"]["flood_statuses"].get("503", 0) > 0
 
     chart = result_path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,7 @@ from common import accounts
 from common.currencies import get_currency
 from common.db import request_session, request_transaction
 from common.transfers import submit_deposit
+from web import overload
 from web.auth import authenticated, authorize_path_user, current_user, require_superuser
 from web.fields import (
     AccountQuery,
@@ -84,5 +85,6 @@ def list_postings(account_id: int) -> Response:
 def deposit(account_id: int) -> Response:
     require_superuser()
     fields = parse_body(DepositCreate)
+    overload.check_account(account_id, None)
     key = idempotency_key()
     return accept(lambda db: submit_deposit(db, account_id, fields.amount, key))

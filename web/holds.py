@@ -17,7 +17,7 @@ from common import holds
 from common.db import Db, request_statements, request_transaction
 from common.models import HoldStatus
 from common.render import hold_json
-from web import long_poll
+from web import long_poll, overload
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
     HoldCapture,
@@ -61,6 +61,7 @@ def _rendered(
 def submit(user_id: int) -> Response:
     authorize_path_user(user_id, write=True)
     fields = parse_body(HoldCreate)
+    overload.check_account(fields.from_account, user_id)
     request = holds.HoldRequest(
         from_account_id=fields.from_account,
         to_account_id=fields.to_account,
@@ -81,6 +82,7 @@ def submit(user_id: int) -> Response:
 def capture(user_id: int, hold_id: int) -> Response:
     authorize_path_user(user_id, write=True)
     amount = parse_body(HoldCapture).amount
+    overload.check_hold(hold_id, user_id)
     key = idempotency_key()
     # The hold's lock, the capture transfer and the hold's transfer_id commit together.
     accepted, body = request_transaction(
@@ -93,6 +95,7 @@ def capture(user_id: int, hold_id: int) -> Response:
 @authenticated
 def void(user_id: int, hold_id: int) -> Response:
     authorize_path_user(user_id, write=True)
+    overload.check_hold(hold_id, user_id)
     accepted, body = request_statements(
         _rendered(lambda db: holds.request_void(db, user_id, hold_id))
     )

@@ -252,7 +252,14 @@ OPERATIONS = (
         User,
         auth=False,
         body=fields.UserCreate,
-        errors=(*_BODY, "invalid_username", "invalid_password", "username_taken"),
+        # too_many_requests: registrations per address (docs/api.md "Overload").
+        errors=(
+            *_BODY,
+            "invalid_username",
+            "invalid_password",
+            "username_taken",
+            "too_many_requests",
+        ),
         headers={"Location": "/users/{id}"},
         links={
             "accounts": ("GET /users/{user_id}/accounts", {"user_id": "$response.body#/id"}),

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from common.db import is_outage, is_retryable
 from common.errors import RemitError
+from common.passwords import HashingBusy
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,16 @@ def install_error_handlers(app: Flask) -> None:
             )
         log.exception("database error")
         return problem("internal_error", "an unexpected error occurred")
+
+    @app.errorhandler(HashingBusy)
+    def _hashing_busy(error: HashingBusy) -> Response:
+        # Every hashing slot of this process is taken (docs/decisions/0038): a slot
+        # frees in a fraction of a second, and waiting for one would hold a thread.
+        return problem(
+            "service_unavailable",
+            "too many password checks at once; try again in a moment",
+            {"Retry-After": "1"},
+        )
 
     @app.errorhandler(Exception)
     def _bug(error: Exception) -> Response:

@@ -120,6 +120,30 @@ def record_failure(username: str | None, address: str) -> None:
         view.forget(keys)
 
 
+# Registrations per client address (REGISTRATIONS_PER_ADDRESS per
+# REGISTRATION_WINDOW): every attempt counts, read and counted in one round trip; like
+# the login counters, the window starts at the first and fails open without Redis.
+REGISTRATIONS_PREFIX = "remit:registrations:"
+
+
+def registration_retry_after(address: str) -> int | None:
+    """Count a registration from `address`; seconds until another is allowed, or None."""
+    settings = current_settings()
+    key = REGISTRATIONS_PREFIX + address
+    try:
+        pipe = _redis().pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, settings.registration_window_s, nx=True)
+        pipe.ttl(key)
+        count, _, ttl = pipe.execute()
+    except redis.RedisError as error:
+        log.warning("registration throttle unavailable: %s", error)
+        return None
+    if int(count) <= settings.registrations_per_address:
+        return None
+    return max(int(ttl), 1)
+
+
 def ping() -> bool:
     try:
         return bool(_redis().ping())

@@ -13,7 +13,7 @@ from common.doorbells import Doorbells
 from common.errors import RemitError
 from common.models import TransferStatus
 from common.render import transfer_json
-from web import long_poll
+from web import long_poll, overload
 from web.access_log import log_on_access
 from web.auth import authenticated, authorize_path_user
 from web.fields import (
@@ -77,6 +77,7 @@ def accept(
 def submit(user_id: int) -> Response:
     authorize_path_user(user_id, write=True)
     fields = parse_body(TransferCreate)
+    overload.check_account(fields.from_account, user_id)
     request = transfers.TransferRequest(
         from_account_id=fields.from_account,
         to_account_id=fields.to_account,
@@ -93,6 +94,7 @@ def refund(user_id: int, transfer_id: int) -> Response:
     """Give back (part of) a settled payment the user received (docs/api.md "Refunds")."""
     authorize_path_user(user_id, write=True)
     fields = parse_body(RefundCreate)
+    overload.check_transfer(transfer_id, user_id)
     key = idempotency_key()
 
     def submit(db: Db) -> transfers.Accepted:
@@ -116,6 +118,7 @@ def payout(user_id: int) -> Response:
     """Money out to the currency's external account (docs/api.md "Payouts")."""
     authorize_path_user(user_id, write=True)
     fields = parse_body(PayoutCreate)
+    overload.check_account(fields.from_account, user_id)
     key = idempotency_key()
     return accept(
         lambda db: transfers.submit_payout(
@@ -167,6 +170,12 @@ def _accept_items(
             idempotency_key=fields.idempotency_key,
         )
         requests.append((index, request))
+    # Items in a currency whose settlement lags are refused, each on its own.
+    lagging = overload.lagging_accounts(session, [r.from_account_id for _, r in requests], user_id)
+    for index, request in requests:
+        if request.from_account_id in lagging:
+            results[index] = _item_error(overload.backlog_error(lagging[request.from_account_id]))
+    requests = [(i, r) for i, r in requests if r.from_account_id not in lagging]
     to_ring: dict[str, list[int]] = {}
     created: list[int] = []
     outcomes = transfers.submit_transfers(session, user_id, [r for _, r in requests])

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from common import users
 from common.db import request_transaction
+from common.passwords import HashingBusy, hashing_free
 from common.render import timestamp
+from web import throttle
 from web.fields import UserCreate, parse_body
+from web.problems import ApiError
 from web.render import json_response
 
 bp = Blueprint("users", __name__)
@@ -14,6 +17,17 @@ bp = Blueprint("users", __name__)
 @bp.post("/users")
 def register() -> Response:
     fields = parse_body(UserCreate)
+    if not hashing_free():
+        # The cheapest answer to a flood: no counting, no transaction (503, web.problems).
+        raise HashingBusy
+    # Before the hash: a script's registrations must not cost an argon2 hash each.
+    wait = throttle.registration_retry_after(request.remote_addr or "unknown")
+    if wait is not None:
+        raise ApiError(
+            "too_many_requests",
+            "too many registrations from this address; try again later",
+            {"Retry-After": str(wait)},
+        )
     user = request_transaction(
         lambda session: users.register(session, fields.username, fields.password, fields.full_name)
     )

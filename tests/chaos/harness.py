@@ -197,6 +197,8 @@ class Stack:
                 "ARGON2_MEMORY_KIB": "1024",
                 "LOGIN_FAILURES_PER_ADDRESS": "1000000",
                 "LOGIN_FAILURES_PER_USERNAME": "1000000",
+                "REGISTRATIONS_PER_ADDRESS": "1000000",
+                "HASH_CONCURRENCY": "64",
                 **self.settings,
             }
         )
