@@ -164,3 +164,12 @@ def read_ledger(
             "WHERE status IN ('pending', 'failed') ORDER BY id LIMIT 10"
         ).fetchall()
     return transfers, commission_accounts, balances, holds, stuck
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "-"
+    values = sorted(values)
+    return (
+        f"{values[len(values) // 2]:.3f} / {values[int(len(values) * 0.99)]:.3f} / {values[-1]:.3f}"
+    )

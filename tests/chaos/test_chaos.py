@@ -42,6 +42,7 @@ from tests.chaos.checks import (
     check_transfers,
     drain,
     fund,
+    percentiles,
     read_ledger,
 )
 from tests.chaos.deliveries import (
@@ -173,15 +174,6 @@ def doorbells_delivered_twice(stack: Stack) -> int:
         text = stack.processes[name].log_path.read_text(errors="replace")
         received.update(re.findall(r"Task remit\.settle\[([0-9a-f-]{36})\] received", text))
     return sum(1 for count in received.values() if count > 1)
-
-
-def percentiles(values: list[float]) -> str:
-    if not values:
-        return "-"
-    values = sorted(values)
-    return (
-        f"{values[len(values) // 2]:.3f} / {values[int(len(values) * 0.99)]:.3f} / {values[-1]:.3f}"
-    )
 
 
 def test_nothing_lost_nothing_twice(stack_factory, chaos_summary) -> None:

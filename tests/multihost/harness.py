@@ -20,7 +20,7 @@ import redis
 
 from ops.servers import Postgres, Redis, ServerError
 from tests.chaos.harness import CHAOS_PG_SETTINGS, ROOT, AppProcess, Stack
-from tests.multihost.net import SUBNET, Host, Network
+from tests.multihost.net import SUBNET, TEMP_PREFIX, Host, Network
 
 PG_PORT = 5432
 REDIS_PORT = 6379
@@ -31,7 +31,8 @@ class HostPostgres(Postgres):
     """A throwaway cluster whose server runs in `host`'s namespace, on its address."""
 
     def __init__(self, host: Host, settings: dict[str, str]) -> None:
-        super().__init__(settings=settings, port=PG_PORT)
+        folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "pg-"))
+        super().__init__(folder, settings, port=PG_PORT)
         self.host = host
 
     def _as_pg_user(self, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -80,7 +81,7 @@ class HostRedis(Redis):
     """A redis-server with nothing saved, in `host`'s namespace, on its address."""
 
     def __init__(self, host: Host) -> None:
-        super().__init__(Path(tempfile.mkdtemp(prefix="remit-multihost-redis-")), port=REDIS_PORT)
+        super().__init__(Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "redis-")), port=REDIS_PORT)
         self.host = host
 
     def start(self) -> None:
@@ -159,8 +160,14 @@ class MultiHostStack(Stack):
         return killed
 
 
+# The chaos suite's settings, but every COMMIT written before its answer: an immediate
+# shutdown loses what asynchronous commit had not yet written, 202s included. (fsync
+# may stay off: the machine itself does not crash.)
+MULTIHOST_PG_SETTINGS = {**CHAOS_PG_SETTINGS, "synchronous_commit": "on"}
+
+
 def start_servers(net: Network) -> tuple[HostPostgres, HostRedis]:
-    pg = HostPostgres(net["db"], CHAOS_PG_SETTINGS)
+    pg = HostPostgres(net["db"], MULTIHOST_PG_SETTINGS)
     redis_server = HostRedis(net["db"])
     try:
         pg.start()

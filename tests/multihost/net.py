@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,13 @@ def kill_namespace_processes(namespace: str, timeout: float = 10) -> int:
     return len(killed)
 
 
+# Folders of the servers on `db` (PostgreSQL's cluster, Redis's folder).
+TEMP_PREFIX = "remit-multihost-"
+
+
 def remove_leftovers() -> None:
-    """What a crashed earlier run left: its processes, namespaces, veths and bridge."""
+    """What a crashed earlier run left: its processes, namespaces, veths and bridge, and
+    its servers' temporary folders."""
     for namespace in namespaces():
         kill_namespace_processes(namespace)
         sh("ip", "netns", "del", namespace, check=False)
@@ -95,6 +101,8 @@ def remove_leftovers() -> None:
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(PREFIX) or name == BRIDGE:
             sh("ip", "link", "del", name, check=False)
+    for folder in Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -174,13 +182,14 @@ class Network:
         node.run(iptables, "-I", "INPUT", "-p", "tcp", "-s", other, "--sport", str(port),
                  "-j", "DROP")  # fmt: skip
 
-    def heal(self, host: str) -> None:
-        """Every rule and shaping of `host` removed."""
-        node = self[host]
-        if self.iptables is not None:
-            node.run(self.iptables, "-F", "OUTPUT")
-            node.run(self.iptables, "-F", "INPUT")
-        node.run("tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+    def heal(self, *hosts: str) -> None:
+        """Every filter rule and shaping of `hosts` removed."""
+        for host in hosts:
+            node = self[host]
+            if self.iptables is not None:
+                node.run(self.iptables, "-F", "OUTPUT")
+                node.run(self.iptables, "-F", "INPUT")
+            node.run("tc", "qdisc", "del", "dev", "eth0", "root", check=False)
 
     def unplug(self, host: str) -> None:
         """The whole host off the network (its cable pulled)."""
@@ -189,15 +198,27 @@ class Network:
     def plug(self, host: str) -> None:
         sh("ip", "link", "set", PREFIX + SHORT[host], "up")
 
-    def degrade(self, host: str, peer: str, rate: str = "1mbit", loss: float = 0.05) -> None:
-        """The link from `host` to `peer` made poor without netem (missing from this
-        kernel): tbf shapes the host's egress to `rate` (queueing delay under load) and
-        iptables' statistic match drops `loss` of its packets to `peer`."""
-        iptables, node = self._ensure_iptables(), self[host]
-        node.run("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate,
-                 "burst", "16kb", "latency", "200ms")  # fmt: skip
-        node.run(iptables, "-I", "OUTPUT", "-d", self[peer].address, "-m", "statistic",
-                 "--mode", "random", "--probability", str(loss), "-j", "DROP")  # fmt: skip
+    def degrade(self, host: str, peer: str, rate: str = "2mbit", loss: float = 0.05) -> None:
+        """The link between `host` and `peer` made poor without netem (missing from this
+        kernel): each side's egress towards the other goes through an htb class of
+        `rate` (queueing delay under load; other traffic is not shaped), and iptables'
+        statistic match drops `loss` of `host`'s packets to and from `peer`. Undone by
+        heal(host, peer)."""
+        iptables = self._ensure_iptables()
+        for side, other in ((host, peer), (peer, host)):
+            node, address = self[side], self[other].address
+            node.run("tc", "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb",
+                     "default", "20")  # fmt: skip
+            node.run("tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10",
+                     "htb", "rate", rate)  # fmt: skip
+            node.run("tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20",
+                     "htb", "rate", "10gbit")  # fmt: skip
+            node.run("tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip",
+                     "u32", "match", "ip", "dst", f"{address}/32", "flowid", "1:10")  # fmt: skip
+        node, address = self[host], self[peer].address
+        for chain, way in (("OUTPUT", "-d"), ("INPUT", "-s")):
+            node.run(iptables, "-I", chain, way, address, "-m", "statistic", "--mode",
+                     "random", "--probability", str(loss), "-j", "DROP")  # fmt: skip
 
     def kill_host(self, host: str) -> int:
         return kill_namespace_processes(self[host].namespace)

@@ -29,6 +29,7 @@ from tests.chaos.checks import (
     check_transfers,
     drain,
     fund,
+    percentiles,
     read_ledger,
 )
 from tests.chaos.harness import install_slow_batches, wait_until
@@ -47,6 +48,9 @@ DRAIN_BOUND_S = 90.0
 # A 503 is acceptable only while PostgreSQL is down, or this soon after it is back
 # (a pool reconnecting, a request that started during the outage).
 OUTAGE_SLACK_S = 10.0
+# The degraded link: what replaces netem's 200 ms + 5 % loss (decision 0041).
+DEGRADED_RATE = "2mbit"
+DEGRADED_LOSS = 0.05
 SETTINGS = {
     "WEB_CONCURRENCY": "2",
     "WORKER_CONCURRENCY": "2",
@@ -106,7 +110,9 @@ class Scenario:
     # --- the faults -----------------------------------------------------------------
 
     def kill_worker_host(self, event: Event, host: str = "worker-b", down_s: float = 3.0) -> None:
-        """Every process of the host SIGKILLed at once; the host boots again later."""
+        """Every process of the host SIGKILLed at once, mid-batch if one is caught within
+        a few seconds; the host boots again later."""
+        event.detail["mid_batch"] = self._catch_batch(host)
         event.detail["killed"] = self.stack.kill_host(host)
         time.sleep(down_s)
         self.stack.start_host(host)
@@ -114,18 +120,21 @@ class Scenario:
 
     def partition_from_pg(self, event: Event, host: str = "worker-a", cut_s: float = 12.0) -> None:
         """The host's PostgreSQL traffic dropped, mid-batch: its Redis connection stays."""
-        started = time.monotonic()
-        mid_batch = False
-        while time.monotonic() - started < 10:
-            if self._in_batch(host):
-                mid_batch = True
-                break
-            time.sleep(0.01)
+        mid_batch = self._catch_batch(host)
         self.net.cut(host, "db", PG_PORT)
         event.detail.update(mid_batch=mid_batch, cut_s=cut_s)
         time.sleep(cut_s)
         self.net.heal(host)
         event.healed = time.monotonic()
+
+    def _catch_batch(self, host: str, patience_s: float = 10.0) -> bool:
+        """Wait (a while) until `host` is inside a settlement batch."""
+        started = time.monotonic()
+        while time.monotonic() - started < patience_s:
+            if self._in_batch(host):
+                return True
+            time.sleep(0.01)
+        return False
 
     def _in_batch(self, host: str) -> bool:
         """A backend of `host` is inside a batch (the slow-batch trigger's sleep)."""
@@ -166,6 +175,25 @@ class Scenario:
         self.stack.wait_web()
         event.healed = time.monotonic()
         self.web_down.append((killed_at, event.healed))
+
+    def degraded_web_db(self, event: Event, recorder: Recorder, hold_s: float = 12.0) -> None:
+        """The web<->db link shaped and lossy (htb + iptables statistic: no netem here)."""
+        before = [a.elapsed for a in recorder.answers if a.status and a.status < 500][-200:]
+        started = time.monotonic()
+        self.net.degrade("web", "db", rate=DEGRADED_RATE, loss=DEGRADED_LOSS)
+        time.sleep(hold_s)
+        self.net.heal("web", "db")
+        event.healed = time.monotonic()
+        during = [
+            a.elapsed
+            for a in recorder.answers
+            if a.status and a.status < 500 and started <= a.at <= event.healed
+        ]
+        event.detail.update(
+            rate=DEGRADED_RATE,
+            loss=DEGRADED_LOSS,
+            **{"http p50/p99 s before": percentiles(before), "during": percentiles(during)},
+        )
 
     # --- what clients may see -------------------------------------------------------
 
@@ -228,6 +256,10 @@ def test_hosts_failing_apart(
             scenario.run("Redis restarted empty", scenario.redis_restart_empty)
             scenario.run("PostgreSQL immediate restart", scenario.pg_immediate_restart)
             scenario.run("web host killed, requests in flight", scenario.kill_web_host)
+            scenario.run(
+                "web<->db link degraded",
+                lambda event: scenario.degraded_web_db(event, recorder),
+            )
             time.sleep(2)
         finally:
             load.finish()
