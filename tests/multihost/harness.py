@@ -20,11 +20,14 @@ import redis
 
 from ops.servers import Postgres, Redis, ServerError
 from tests.chaos.harness import CHAOS_PG_SETTINGS, ROOT, AppProcess, Stack
-from tests.multihost.net import SUBNET, TEMP_PREFIX, Host, Network
+from tests.multihost.latency import LatencyRelay
+from tests.multihost.net import GATEWAY, SUBNET, TEMP_PREFIX, Host, Network
 
 PG_PORT = 5432
 REDIS_PORT = 6379
 WEB_PORT = 8000
+# The latency relay's port on the gateway (tests/multihost/latency.py).
+RELAY_PORT = 15432
 
 
 class HostPostgres(Postgres):
@@ -136,6 +139,21 @@ class MultiHostStack(Stack):
         super().__init__(pg, redis_server, database, log_dir, settings=settings)
         self.net = net
         self.web_port = WEB_PORT
+        # The web host's database path goes through this relay (latency on demand).
+        self.relay = LatencyRelay((GATEWAY, RELAY_PORT), (net["db"].address, PG_PORT))
+        self.relay.start()
+
+    def env(self, name: str, *, redis_url: str | None = None) -> dict[str, str]:
+        env = super().env(name, redis_url=redis_url)
+        if name == "web":
+            env["DATABASE_URL"] = (
+                f"postgresql+psycopg://postgres@{GATEWAY}:{RELAY_PORT}/{self.database}"
+            )
+        return env
+
+    def stop_all(self) -> None:
+        super().stop_all()
+        self.relay.stop()
 
     @property
     def base_url(self) -> str:

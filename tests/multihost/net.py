@@ -198,27 +198,27 @@ class Network:
     def plug(self, host: str) -> None:
         sh("ip", "link", "set", PREFIX + SHORT[host], "up")
 
-    def degrade(self, host: str, peer: str, rate: str = "2mbit", loss: float = 0.05) -> None:
-        """The link between `host` and `peer` made poor without netem (missing from this
-        kernel): each side's egress towards the other goes through an htb class of
-        `rate` (queueing delay under load; other traffic is not shaped), and iptables'
-        statistic match drops `loss` of `host`'s packets to and from `peer`. Undone by
-        heal(host, peer)."""
-        iptables = self._ensure_iptables()
-        for side, other in ((host, peer), (peer, host)):
-            node, address = self[side], self[other].address
-            node.run("tc", "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb",
-                     "default", "20")  # fmt: skip
-            node.run("tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10",
-                     "htb", "rate", rate)  # fmt: skip
-            node.run("tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20",
-                     "htb", "rate", "10gbit")  # fmt: skip
-            node.run("tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip",
-                     "u32", "match", "ip", "dst", f"{address}/32", "flowid", "1:10")  # fmt: skip
-        node, address = self[host], self[peer].address
-        for chain, way in (("OUTPUT", "-d"), ("INPUT", "-s")):
-            node.run(iptables, "-I", chain, way, address, "-m", "statistic", "--mode",
-                     "random", "--probability", str(loss), "-j", "DROP")  # fmt: skip
+    def shape(self, host: str, address: str, rate: str) -> None:
+        """`host`'s packets to `address` limited to `rate` (an htb class; its other
+        traffic is not shaped): queueing delay once the link is busy. Undone by heal."""
+        node = self[host]
+        node.run("tc", "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb",
+                 "default", "20")  # fmt: skip
+        node.run("tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10",
+                 "htb", "rate", rate)  # fmt: skip
+        node.run("tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20",
+                 "htb", "rate", "10gbit")  # fmt: skip
+        node.run("tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip",
+                 "u32", "match", "ip", "dst", f"{address}/32", "flowid", "1:10")  # fmt: skip
+
+    def lossy(self, host: str, address: str, port: int, loss: float) -> None:
+        """A random `loss` share of `host`'s TCP packets with `address`:`port`, both ways,
+        dropped (iptables' statistic match: netem's loss is missing here). Undone by heal."""
+        iptables, node = self._ensure_iptables(), self[host]
+        for chain, way, port_side in (("OUTPUT", "-d", "--dport"), ("INPUT", "-s", "--sport")):
+            node.run(iptables, "-I", chain, "-p", "tcp", way, address, port_side, str(port),
+                     "-m", "statistic", "--mode", "random", "--probability", str(loss),
+                     "-j", "DROP")  # fmt: skip
 
     def kill_host(self, host: str) -> int:
         return kill_namespace_processes(self[host].namespace)
