@@ -11,6 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# Debian's PgBouncer: the same image runs `./run.sh pgbouncer` (docs/operations.md, PgBouncer).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends pgbouncer \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first: this layer is rebuilt only when requirements.txt changes. The
 # runtime only: tests, the bench and linting (requirements-dev.txt) stay out of the image.
 COPY requirements.txt ./

@@ -24,6 +24,7 @@
 #: webhooks       run only the webhook delivery worker (Celery, threads) in the foreground
 #: beat           run only the scheduler (Celery beat) in the foreground
 #: flower         run only Flower in the foreground, behind FLOWER_BASIC_AUTH (Flower's FLOWER_* variables apply)
+#: pgbouncer      run only PgBouncer (transaction pooling) in front of DATABASE_URL's PostgreSQL, in the foreground
 #: bench [--quick]  benchmark the real stack on its own throwaway servers (bench/README.md; --help)
 #: docker ARGS   the stack under Docker Compose: docker compose up --build ARGS (needs a Docker engine and .env)
 #: cli ARGS       the operator CLI (python -m worker.cli): deposit, requeue, audit, sweep, stats, ...
@@ -90,7 +91,7 @@ main() {
             return 0
             ;;
         test | bench) needs=dev ;;
-        up | migrate | web | worker | webhooks | beat | flower | cli | audit | docker) ;;
+        up | migrate | web | worker | webhooks | beat | flower | pgbouncer | cli | audit | docker) ;;
         *)
             say "unknown command: $command"
             usage >&2

@@ -68,18 +68,32 @@ def make_engine(settings: Settings) -> Engine:
         # Errors and logs show statements, never their values: a failed INSERT INTO users
         # must not write a password hash (or anything a client sent) into the logs.
         hide_parameters=True,
-        connect_args={
-            "connect_timeout": 5,
-            "application_name": settings.db_application_name,
-            # A process frozen inside a transaction (SIGSTOP, a stuck thread) would hold
-            # its locks, the settlement lock of a whole currency included, for as long as
-            # it stays frozen; PostgreSQL ends such a session after this long instead.
-            "options": "-c idle_in_transaction_session_timeout="
-            + str(int(settings.db_idle_in_transaction_timeout_s * 1000)),
-        },
+        connect_args=connect_args(settings),
     )
     _ping_connections_that_sat_idle(engine)
     return engine
+
+
+def connect_args(settings: Settings) -> dict[str, Any]:
+    """psycopg's connection arguments, for PostgreSQL itself or through a pooler."""
+    args: dict[str, Any] = {
+        "connect_timeout": 5,
+        "application_name": settings.db_application_name,
+    }
+    if settings.database_pooler == "pgbouncer":
+        # Transaction pooling hands each transaction to any server connection: a statement
+        # psycopg prepared (after 5 runs) on one is unknown to the next, and PgBouncer 1.18
+        # refuses startup options. Its own idle_transaction_timeout ends a frozen client
+        # instead (ops/pgbouncer.py; docs/decisions/0039).
+        args["prepare_threshold"] = None
+        return args
+    # A process frozen inside a transaction (SIGSTOP, a stuck thread) would hold its
+    # locks, the settlement lock of a whole currency included, for as long as it stays
+    # frozen; PostgreSQL ends such a session after this long instead.
+    args["options"] = "-c idle_in_transaction_session_timeout=" + str(
+        int(settings.db_idle_in_transaction_timeout_s * 1000)
+    )
+    return args
 
 
 @cache

@@ -32,6 +32,8 @@ MIN_SECRET_KEY_LENGTH = 32
 ENVIRONMENTS = ("development", "production", "test")
 # docs/api.md: a webhook delivery succeeds with a 2xx within 10 s.
 MAX_WEBHOOK_TIMEOUT_S = 10.0
+# DATABASE_POOLER: what sits between the processes and PostgreSQL.
+POOLERS = ("none", "pgbouncer")
 
 
 class ConfigurationError(RuntimeError):
@@ -115,6 +117,9 @@ class Settings(BaseSettings):
     # PostgreSQL ends a session idle inside its transaction this long (a frozen process
     # would otherwise hold its locks, a currency's settlement lock included).
     db_idle_in_transaction_timeout_s: float = _env("DB_IDLE_IN_TRANSACTION_TIMEOUT", 30.0)
+    # What DATABASE_URL points at: "none" (PostgreSQL itself) or "pgbouncer" (transaction
+    # pooling: no server-side prepared statements, no startup options; docs/decisions/0039).
+    database_pooler: str = _env("DATABASE_POOLER", "none")
 
     # argon2id cost (docs/decisions/0006-argon2-cost.md). Tests lower it.
     argon2_time_cost: int = _env("ARGON2_TIME_COST", 1)
@@ -296,6 +301,14 @@ class Settings(BaseSettings):
         if info.field_name == "webhook_lease_s" and timeout is not None and value <= timeout:
             raise ValueError(f"{name} must be longer than WEBHOOK_TIMEOUT ({timeout:g} s)")
         return value
+
+    @field_validator("database_pooler", mode="before")
+    @classmethod
+    def _pooler(cls, value: Any) -> str:
+        pooler = str(value).strip().lower() or "none"
+        if pooler not in POOLERS:
+            raise ValueError(f"DATABASE_POOLER must be none or pgbouncer, got {pooler!r}")
+        return pooler
 
     @field_validator("log_setup", mode="before")
     @classmethod

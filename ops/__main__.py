@@ -131,6 +131,15 @@ for _name, _help in (
     main.command(name=_name, help=_help)(lambda _name=_name: _service(_name))
 
 
+@main.command()
+def pgbouncer() -> None:
+    """Run PgBouncer (transaction pooling) in front of DATABASE_URL's PostgreSQL, in the
+    foreground: what its compose service and Kubernetes Deployment run (ops/pgbouncer.py)."""
+    from ops import pgbouncer as pooler
+
+    _exec(pooler.prepare())
+
+
 @main.command(**PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
