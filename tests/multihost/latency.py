@@ -24,7 +24,9 @@ class LatencyRelay:
         self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="latency-relay")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="latency-relay", daemon=True
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
