@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
+from tests.chaos.harness import wait_until
 from tests.multihost.harness import PG_PORT, REDIS_PORT, HostPostgres, HostRedis
-from tests.multihost.net import Network
+from tests.multihost.net import Network, ns_pids
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +45,17 @@ def test_unplug_takes_the_whole_host_off(
         assert reaches(network, "worker-a", db, REDIS_PORT)
     finally:
         network.plug("worker-b")
-    assert reaches(network, "worker-b", db, REDIS_PORT)
+    # The link comes back up and the neighbour entry is learnt again: give it a moment.
+    wait_until(lambda: reaches(network, "worker-b", db, REDIS_PORT), 15, 0.2, "worker-b back")
 
 
 def test_kill_host_leaves_no_process(network: Network) -> None:
     host = network["beat"]
     sleeper = subprocess.Popen([*host.prefix(), "sleep", "600"])
     try:
+        wait_until(lambda: ns_pids(host.namespace), 10, 0.05, "the sleeper inside beat")
         assert network.kill_host("beat") >= 1
         assert sleeper.wait(5) == -9
     finally:
         sleeper.kill()
+        sleeper.wait()
