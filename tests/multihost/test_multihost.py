@@ -31,13 +31,14 @@ from tests.chaos.checks import (
     percentiles,
     read_ledger,
 )
-from tests.chaos.harness import install_slow_batches, wait_until
+from tests.chaos.harness import ROOT, install_slow_batches, wait_until
 from tests.chaos.load import Load, Recorder, register_users
 from tests.multihost.harness import PG_PORT, RELAY_PORT, HostPostgres, HostRedis, MultiHostStack
 from tests.multihost.net import GATEWAY, Network
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
+SUMMARY_FILE = ROOT / ".run" / "multihost-summary.txt"
 USERS = int(os.environ.get("MULTIHOST_USERS", "40"))
 CLIENTS = int(os.environ.get("MULTIHOST_CLIENTS", "16"))
 FUNDING = {"USD": "300.00", "EUR": "200.00"}
@@ -55,6 +56,13 @@ SETTINGS = {
     "WEB_CONCURRENCY": "2",
     "WORKER_CONCURRENCY": "2",
 }
+
+
+def answered_between(recorder: Recorder, start: float, end: float) -> list[float]:
+    """How long the answered, non-5xx requests sent between start and end took."""
+    return [
+        a.elapsed for a in recorder.answers if a.status and a.status < 500 and start <= a.at < end
+    ]
 
 
 SETTLE_DONE = re.compile(r"Task remit\.settle\[[0-9a-f-]{36}\] succeeded")
@@ -202,8 +210,11 @@ class Scenario:
     def degraded_web_db(self, event: Event, recorder: Recorder, hold_s: float = 8.0) -> None:
         """The web<->db path slow and lossy: 200 ms more per round trip (the relay), 5 %
         of packets dropped (iptables statistic), a rate limit (htb). No netem here."""
-        before = [a.elapsed for a in recorder.answers if a.status and a.status < 500][-200:]
-        started = time.monotonic()
+        # A steady stretch first, for the latency the clients see without the fault.
+        baseline = time.monotonic()
+        time.sleep(hold_s)
+        before = answered_between(recorder, baseline, time.monotonic())
+        started = event.started = time.monotonic()
         self.stack.relay.delay_s = DEGRADED_DELAY_S / 2
         self.net.lossy("web", GATEWAY, RELAY_PORT, DEGRADED_LOSS)
         self.net.shape("web", GATEWAY, DEGRADED_RATE)
@@ -211,11 +222,7 @@ class Scenario:
         self.net.heal("web")
         self.stack.relay.delay_s = 0.0
         event.healed = time.monotonic()
-        during = [
-            a.elapsed
-            for a in recorder.answers
-            if a.status and a.status < 500 and started <= a.at <= event.healed
-        ]
+        during = answered_between(recorder, started, event.healed)
         event.detail.update(
             added_round_trip_s=DEGRADED_DELAY_S,
             loss=DEGRADED_LOSS,
@@ -316,7 +323,12 @@ def test_hosts_failing_apart(
         "setup / load / drain s": f"{setup_s:.1f} / {load_s:.1f} / {drain_s:.1f}",
         "processes that crashed": crashes,
     }
-    print("\n".join(f"{key}: {value}" for key, value in summary.items()))
+    text = "\n".join(f"{key}: {value}" for key, value in summary.items())
+    SUMMARY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY_FILE.write_text(
+        f"multi-host suite run of {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n"
+    )
+    print(text)
 
     assert not load.unexpected, load.unexpected[:20]
     assert not load.gave_up, load.gave_up[:20]
