@@ -26,6 +26,7 @@
 #: flower         run only Flower in the foreground, behind FLOWER_BASIC_AUTH (Flower's FLOWER_* variables apply)
 #: pgbouncer      run only PgBouncer (transaction pooling) in front of DATABASE_URL's PostgreSQL, in the foreground
 #: bench [--quick]  benchmark the real stack on its own throwaway servers (bench/README.md; --help)
+#: soak [--minutes N]  run the real stack at half its capacity for N minutes (30); is memory and p99 flat? (bench/README.md)
 #: docker ARGS   the stack under Docker Compose: docker compose up --build ARGS (needs a Docker engine and .env)
 #: cli ARGS       the operator CLI (python -m worker.cli): deposit, requeue, audit, sweep, stats, ...
 #: audit          check every ledger invariant of the database; exit 1 on any violation
@@ -90,7 +91,7 @@ main() {
             usage
             return 0
             ;;
-        test | bench) needs=dev ;;
+        test | bench | soak) needs=dev ;;
         up | migrate | web | worker | webhooks | beat | flower | pgbouncer | cli | audit | docker) ;;
         *)
             say "unknown command: $command"

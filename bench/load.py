@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,64 @@ async def timed(http: aiohttp.ClientSession, **request: Any) -> tuple[int, float
 def get(url: str, payer: Payer) -> dict[str, Any]:
     """aiohttp request() keywords: `payer`'s GET of `url`."""
     return {"method": "GET", "url": url, "headers": {"Authorization": payer.authorization}}
+
+
+async def fetch(http: aiohttp.ClientSession, **request: Any) -> tuple[int, Any, str]:
+    """Status, JSON body (None unless 2xx) and Retry-After of one request."""
+    async with http.request(**request) as response:
+        body, retry_after = await response.read(), response.headers.get("Retry-After", "")
+    ok = 200 <= response.status < 300
+    return response.status, json.loads(body) if ok else None, retry_after
+
+
+def pending(body: dict[str, Any]) -> bool:
+    return bool(body["status"] == "pending")
+
+
+async def follow(
+    http: aiohttp.ClientSession,
+    url: str,
+    payer: Payer,
+    body: dict[str, Any],
+    *,
+    until: float,
+    wait: int,
+    busy: Callable[[dict[str, Any]], bool] = pending,
+) -> tuple[int, dict[str, Any], int]:
+    """Long-poll `url` (?wait=) while `busy(body)` and before `until` (perf_counter): the
+    last status (200 unless it failed), the last body, and how many answers came unheld
+    (every long-poll slot taken: asked again when Retry-After said, as a client would)."""
+    poll, status, unheld = get(f"{url}?wait={wait}", payer), 200, 0
+    while busy(body) and time.perf_counter() < until:
+        status, answer, retry_after = await fetch(http, **poll)
+        if status != 200:
+            return status, body, unheld
+        body = answer
+        if busy(body) and retry_after.isdigit():
+            unheld += 1
+            await asyncio.sleep(int(retry_after))
+    return status, body, unheld
+
+
+async def paced(
+    rate: float, count: int, operation: Callable[[int, float], Awaitable[None]]
+) -> set[asyncio.Task[None]]:
+    """Open loop: start `operation(n, due)` for n < count at `rate` per second, whatever
+    the answers (latency counts from `due`: no coordinated omission); those still running."""
+    running: set[asyncio.Task[None]] = set()
+
+    async def run(number: int, due: float) -> None:
+        await operation(number, due)
+
+    start = time.perf_counter() + 0.2
+    for number in range(count):
+        due = start + number / rate
+        if (delay := due - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(run(number, due))
+        running.add(task)  # only the running ones are kept (a soak starts many)
+        task.add_done_callback(running.discard)
+    return running
 
 
 async def run_sessions(

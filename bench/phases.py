@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import subprocess
@@ -326,28 +325,20 @@ async def open_loop(bench: Bench, follow: bool = True) -> dict[str, Any]:
     server: list[float] = []
     outcomes, counts = Counter[str](), Counter[str]()  # counts: connections opened, polls unheld
 
-    async def fetch(http: aiohttp.ClientSession, **request: Any) -> tuple[int, Any, str]:
-        """Status, JSON body (None unless 2xx) and Retry-After of one request."""
-        async with http.request(**request) as response:
-            body, retry_after = await response.read(), response.headers.get("Retry-After", "")
-        ok = 200 <= response.status < 300
-        return response.status, json.loads(body) if ok else None, retry_after
-
     async def operation(http: aiohttp.ClientSession, number: int, due: float) -> str:
         payer = payers[number % len(payers)]
-        status, transfer, _ = await fetch(http, **build(number))
+        status, transfer, _ = await load.fetch(http, **build(number))
         if status != 202:
             return f"post_{status}"
         submit.append(time.perf_counter() - due)
-        poll = load.get(f"/users/{payer.user_id}/transfers/{transfer['id']}?wait={WAIT_S}", payer)
-        while follow and transfer["status"] == "pending" and time.perf_counter() < due + DEADLINE_S:
-            status, transfer, retry_after = await fetch(http, **poll)
+        if follow:
+            url = f"/users/{payer.user_id}/transfers/{transfer['id']}"
+            until = due + DEADLINE_S
+            answer = await load.follow(http, url, payer, transfer, until=until, wait=WAIT_S)
+            status, transfer, unheld = answer
+            counts["unheld"] += unheld
             if status != 200:
                 return f"get_{status}"
-            if transfer["status"] == "pending" and retry_after.isdigit():
-                # Every long-poll slot was taken: ask again when told, as a client would.
-                counts["unheld"] += 1
-                await asyncio.sleep(int(retry_after))
         if transfer["status"] == "pending":
             return "still_pending" if follow else "accepted"
         e2e.append(time.perf_counter() - due)
@@ -368,13 +359,7 @@ async def open_loop(bench: Bench, follow: bool = True) -> dict[str, Any]:
     trace = aiohttp.TraceConfig()
     trace.on_connection_create_end.append(opened)
     async with load.session(bench.port, limit=CONNECTIONS, traces=[trace]) as http:
-        start = time.perf_counter() + 0.2
-        tasks = []
-        for number in range(count):
-            due = start + number / rate
-            if (delay := due - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(http, number, due)))
+        tasks = await load.paced(rate, count, lambda number, due: one(http, number, due))
         # Every operation ends by its deadline plus one long poll: a bound on a stuck server.
         await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S + WAIT_S + 60)
     return {

@@ -20,8 +20,9 @@ def _processes(root: int) -> list[psutil.Process]:
 
 
 def memory_snapshot(groups: dict[str, int]) -> dict[str, Any]:
-    """Per group (name -> root pid), per process and summed, in KiB: RSS, and PSS, which
-    shares copy-on-write pages fairly between a prefork parent and its children."""
+    """Per group (name -> root pid), per process and summed, in KiB: RSS; PSS, which
+    shares copy-on-write pages fairly between a prefork parent and its children; USS, the
+    pages of one process alone (PostgreSQL's backends without the shared buffers)."""
     snapshot: dict[str, Any] = {}
     for name, root in groups.items():
         processes = []
@@ -33,11 +34,12 @@ def memory_snapshot(groups: dict[str, int]) -> dict[str, Any]:
             processes.append({
                 "pid": process.pid, "role": "main" if process.pid == root else "child",
                 "rss_kib": info.rss // 1024, "pss_kib": getattr(info, "pss", info.rss) // 1024,
-                "cmd": cmd,
+                "uss_kib": getattr(info, "uss", info.rss) // 1024, "cmd": cmd,
             })  # fmt: skip
         snapshot[name] = {
             "rss_kib": sum(p["rss_kib"] for p in processes),
             "pss_kib": sum(p["pss_kib"] for p in processes),
+            "uss_kib": sum(p["uss_kib"] for p in processes),
             "processes": processes,
         }
     return snapshot
@@ -81,3 +83,14 @@ class CpuMeter:
         used |= {"irq": machine("irq", "softirq"), "steal": machine("steal")}
         used |= {"idle": machine("idle", "iowait"), "wall_s": round(max(t1 - t0, 1e-9), 2)}
         return used
+
+
+def rss_kib(root: int) -> int:
+    """RSS of `root` and its descendants, summed, in KiB (cheap: no PSS, any user's)."""
+    total = 0
+    for process in _processes(root):
+        try:
+            total += process.memory_info().rss
+        except GONE:
+            continue
+    return total // 1024

@@ -156,6 +156,17 @@ def bench(args: tuple[str, ...]) -> None:
 
 @main.command(**PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def soak(args: tuple[str, ...]) -> None:
+    """Run the real stack at half its capacity for --minutes (30) on throwaway servers."""
+    from ops import supervisor
+
+    # As the bench: its own servers, stopped on SIGINT (SIGTERM reaches it as SIGINT).
+    status, _ = supervisor.run_child([sys.executable, "-m", "bench.soak", *args])
+    raise SystemExit(status)
+
+
+@main.command(**PASS_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def docker(args: tuple[str, ...]) -> None:
     """The stack under Docker Compose: docker compose up --build ARGS."""
     if shutil.which("docker") is None:
