@@ -148,7 +148,7 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert set(h["receiver_statuses"]) == {"204"}
 
     j = phases["j"]
-    for variant in ("before_unbounded", "after_default", "after_four_slots"):
+    for variant in ("before_unbounded", "after_default"):
         run = j[variant]
         assert set(run["quiet"]["statuses"]) == set(run["under_flood"]["statuses"]) == {"200"}
         assert set(run["flood_statuses"]) <= {"201", "503"}, run

@@ -37,10 +37,12 @@ def fund(stack: Stack, users: list[User], recorder: Recorder, funding: dict[str,
         return [i for ids in pool.map(deposit, users) for i in ids]
 
 
-# Holds the settler still has work on: a reservation to make or a void to apply.
+# Holds the settler still has work on: a reservation to make, a void to apply, an expiry.
 HOLDS_OUTSTANDING = (
     "SELECT count(*) FROM holds WHERE status = 'pending'"
     " OR (status = 'held' AND void_requested_at IS NOT NULL)"
+    # Past its expiry with no capture asked: beat's sweep has it expired within seconds.
+    " OR (status = 'held' AND transfer_id IS NULL AND expires_at <= now())"
 )
 
 

@@ -99,10 +99,7 @@ PLAN: list[tuple[float, str, tuple[Any, ...]]] = [
     (39, "kill_node_mid_batch", ("w2",)),
     (47, "kill_webhooks_mid_delivery", ()),
     (52, "pg_restart", ()),
-    (60, "kill_node_mid_batch", ("w1",)),
-    (64, "duplicate_doorbell", ()),
-    (67, "sigterm_mid_batch", ("w2",)),
-    (72, "terminate_backends", ()),
+    (58, "sigterm_mid_batch", ("w2",)),
 ]
 
 
