@@ -82,8 +82,10 @@ _LAG = text(
     "   WHERE h.status = 'pending' AND h.currency = o.currency LIMIT :cap) AS q)"
     " END AS pending "
     "FROM (SELECT c.code AS currency, extract(epoch FROM clock_timestamp() - least("
-    " (SELECT t.created_at FROM transfers t"
-    "   WHERE t.status = 'pending' AND t.currency = c.code ORDER BY t.id LIMIT 1),"
+    # Never attempted: a transfer retried on its backoff schedule (or reopened by beat
+    # after it failed) is old by nature, and must not stop its currency's new work.
+    " (SELECT t.created_at FROM transfers t WHERE t.status = 'pending'"
+    "   AND t.currency = c.code AND t.next_attempt_at IS NULL ORDER BY t.id LIMIT 1),"
     " (SELECT h.created_at FROM holds h"
     "   WHERE h.status = 'pending' AND h.currency = c.code ORDER BY h.id LIMIT 1)"
     "))::float8 AS oldest_s FROM currencies c) AS o"

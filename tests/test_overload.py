@@ -147,6 +147,30 @@ def test_work_in_a_lagging_currency_is_refused_and_nothing_created(app, api: Api
     assert api.wait_final(alice, again.get_json()["id"])["status"] == "settled"
 
 
+def test_an_old_transfer_on_its_retry_schedule_does_not_make_its_currency_lag(
+    app, api: Api
+) -> None:
+    """A transfer that failed and waits for (or is due) its next attempt is old by nature,
+    like one beat reopened after it failed: new work in its currency is still taken."""
+    alice, bob = api.funded("10.00", LAGGING), api.register()
+    with settlement_held(LAGGING):
+        deposit = api.deposit(alice.accounts[LAGGING], "1.00")
+        with script_session() as session, session.begin():
+            session.execute(
+                text(
+                    "UPDATE transfers SET created_at = created_at - interval '2 minutes',"
+                    " attempts = 3, next_attempt_at = now() - interval '1 second' WHERE id = :id"
+                ),
+                {"id": deposit["id"]},
+            )
+        _fresh(app)
+        paid = api.transfer(alice, alice.accounts[LAGGING], bob.accounts[LAGGING], "1.00")
+        assert paid.status_code == 202, paid.get_json()
+    ring(LAGGING)
+    assert api.wait_final(SUPERUSER, deposit["id"])["status"] == "settled"
+    _fresh(app)
+
+
 def test_unknown_and_others_targets_still_answer_404_while_lagging(app, api: Api) -> None:
     alice, bob = api.funded("10.00", LAGGING), api.register()
     with lagging(app, api, alice):
