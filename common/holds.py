@@ -7,10 +7,8 @@ and expires under the account locks it takes (docs/decisions/0036). Nothing here
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, NamedTuple
 
 from psycopg.rows import args_row, tuple_row
@@ -33,7 +31,7 @@ from common.db import Db, execute_direct
 from common.errors import Conflict, Invalid, NotFound
 from common.logs import request_id as current_request_id
 from common.models import SUPERUSER_ID, Hold, HoldStatus, Transfer, TransferStatus
-from common.money import commission_for
+from common.money import amount_key, commission_for
 from common.transfers import (
     TransferRequest,
     _accounts,
@@ -41,6 +39,7 @@ from common.transfers import (
     _transfer_row,
     both_sides_page,
     insert_transfer,
+    request_fingerprint,
 )
 
 HOLDS: Table = Hold.__table__  # type: ignore[assignment]  # a mapped class's table
@@ -98,21 +97,12 @@ class AcceptedHold:
     created: bool
 
 
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256("\x1f".join(str(part) for part in parts).encode()).hexdigest()
-
-
-def _same_amount(amount: str) -> str:
-    # "10.5" and "10.50" are the same request.
-    return format(Decimal(amount).normalize(), "f")
-
-
 def _hold_fingerprint(request: HoldRequest) -> str:
-    return _fingerprint(
+    return request_fingerprint(
         "hold",
         request.from_account_id,
         request.to_account_id,
-        _same_amount(request.amount),
+        amount_key(request.amount),
         request.comment,
         request.expires_in,
     )
@@ -321,7 +311,7 @@ def request_capture(
         raise _not_found(hold_id)
     fingerprint = None
     if idempotency_key is not None:
-        fingerprint = _fingerprint("capture", hold_id, _same_amount(amount) if amount else "")
+        fingerprint = request_fingerprint("capture", hold_id, amount_key(amount) if amount else "")
         # Read under the hold's lock: a concurrent capture with this key has committed.
         earlier = execute_direct(
             session,

@@ -67,6 +67,14 @@ def _decimal_text(value: Decimal) -> str:
     return text
 
 
+def amount_key(amount: str) -> str:
+    """An amount as a request gave it, for telling requests apart: "10.5" and "10.50"
+    are the same value; exact however many digits it has (see _decimal_text)."""
+    value = Decimal(amount)
+    exact = Context(prec=max(len(value.as_tuple().digits), 1))
+    return format(value.normalize(exact), "f")
+
+
 def format_amount(minor: int, decimals: int) -> str:
     """Minor units to a string with exactly the currency's decimals: 1050 -> "10.50"."""
     sign = "-" if minor < 0 else ""

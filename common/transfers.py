@@ -10,7 +10,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
 
 from psycopg.rows import args_row, tuple_row
@@ -37,7 +36,7 @@ from common.errors import Conflict, Invalid, NotFound, RemitError
 from common.limits import BIGINT_MAX
 from common.logs import request_id as current_request_id
 from common.models import SUPERUSER_ID, Account, AccountKind, Transfer, TransferStatus
-from common.money import InvalidAmount, commission_for, format_amount, parse_amount
+from common.money import InvalidAmount, amount_key, commission_for, format_amount, parse_amount
 
 
 @dataclass(frozen=True)
@@ -98,22 +97,21 @@ class Accepted:
 
 
 def _fingerprint(kind: str, request: TransferRequest, *extra: str) -> str:
-    # "10.5" and "10.50" are the same request; Decimal compares the exact value.
-    amount = format(Decimal(request.amount).normalize(), "f")
     # `extra` (a payout's destination) is appended only when given: the fingerprints
     # already stored for transfers and deposits stay as they were.
-    return _hash(
+    return request_fingerprint(
         kind,
-        str(request.from_account_id),
-        str(request.to_account_id),
-        amount,
+        request.from_account_id,
+        request.to_account_id,
+        amount_key(request.amount),
         request.comment,
         *extra,
     )
 
 
-def _hash(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+def request_fingerprint(*parts: object) -> str:
+    """What an Idempotency-Key's request is compared by: a digest of its fields."""
+    return hashlib.sha256("\x1f".join(str(part) for part in parts).encode()).hexdigest()
 
 
 _BY_KEY = select(*_TRANSFER_COLUMNS).where(
@@ -458,8 +456,8 @@ _UNCLAIM = (
 def _refund_fingerprint(transfer_id: int, amount: str | None, comment: str) -> str:
     # A defaulted amount is "" (not the amount it came to): a replay matches whatever
     # was left to refund when the first request came.
-    given = "" if amount is None else format(Decimal(amount).normalize(), "f")
-    return _hash("refund", str(transfer_id), given, comment)
+    given = "" if amount is None else amount_key(amount)
+    return request_fingerprint("refund", transfer_id, given, comment)
 
 
 def submit_refund(

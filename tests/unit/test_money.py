@@ -20,6 +20,7 @@ from common.money import (
     MAX_DECIMALS,
     MAX_INTEGER_DIGITS,
     InvalidAmount,
+    amount_key,
     commission_for,
     format_amount,
     parse_amount,
@@ -542,3 +543,10 @@ def test_commission_is_monotonic_and_never_exceeds_the_amount(amount: int, rate:
     # rate < 1, so the commission never exceeds the amount; it is 0 only at rate 0.
     assert 0 <= commission <= amount
     assert (commission == 0) == (rate == 0)
+
+
+def test_an_amount_key_is_the_exact_value_as_given() -> None:
+    # One request whatever its trailing zeros; two, however far apart the digits are
+    # (the ambient 28-digit context would have rounded the second to 1).
+    assert amount_key("10.5") == amount_key("10.50") == "10.5"
+    assert amount_key("1.00000000000000000000000000001") != amount_key("1")
