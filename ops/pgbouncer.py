@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ops import die
+from ops.servers import unprivileged_user
 
 DEFAULT_PORT = 6432
 DEFAULT_POOL_SIZE = 20
@@ -147,19 +148,8 @@ def write(config: Config, folder: Path, owner: str | None = None) -> Path:
     return ini
 
 
-def os_user() -> str | None:
-    """pgbouncer refuses to run as root: as root, it runs as `postgres` (else `nobody`)."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        return "nobody"
-    return "postgres"
-
-
 def command(ini: Path, binary: str = "pgbouncer") -> list[str]:
-    user = os_user()
+    user = unprivileged_user()
     return [binary, *(["-u", user] if user else []), str(ini)]
 
 
@@ -207,5 +197,5 @@ def prepare() -> list[str]:
         die("pgbouncer is not installed: apt-get install pgbouncer (Debian's package)")
     # One folder per port, rewritten at each start: exec leaves nobody to remove it.
     folder = Path(tempfile.gettempdir()) / f"remit-pgbouncer-{config.port}"
-    ini = write(config, folder, os_user())
+    ini = write(config, folder, unprivileged_user())
     return command(ini, binary)

@@ -73,7 +73,9 @@ def find_pg_bin(version: str | None = None) -> Path:
     raise ServerError("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
 
 
-def _pg_os_user() -> str | None:
+def unprivileged_user() -> str | None:
+    """The user a PostgreSQL server (or pgbouncer) runs as when we are root, which both
+    refuse: `postgres`, else `nobody`; None when we are not root."""
     if os.geteuid() != 0:
         return None
     try:
@@ -106,7 +108,7 @@ class Postgres:
         self.port = port
         self.socket_dir = socket_dir
         self.movable = movable
-        self.os_user = _pg_os_user()
+        self.os_user = unprivileged_user()
         self.started = False
         self.bin = find_pg_bin(self._data_version())
 
