@@ -13,9 +13,6 @@ terminal summary (no -s needed) and written to .run/chaos-summary.txt.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +27,7 @@ from tests.chaos.harness import (
     RedisServer,
     Stack,
     install_slow_batches,
+    kept_logs,
     throwaway_servers,
 )
 
@@ -88,11 +86,7 @@ def chaos_servers() -> Iterator[tuple[PostgresServer, RedisServer]]:
 @pytest.fixture(scope="session")
 def chaos_logs() -> Iterator[Path]:
     """Process logs of the run, kept when a test fails (or with CHAOS_KEEP_LOGS=1)."""
-    path = ROOT / ".run" / "chaos" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    path.mkdir(parents=True, exist_ok=True)
-    yield path
-    if not _failed and not os.environ.get("CHAOS_KEEP_LOGS"):
-        shutil.rmtree(path, ignore_errors=True)
+    yield from kept_logs("chaos", _failed)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -396,3 +397,14 @@ def throwaway_servers() -> Iterator[tuple[PostgresServer, RedisServer]]:
     finally:
         redis_server.destroy()
         pg.destroy()
+
+
+def kept_logs(suite: str, failed: list[str]) -> Iterator[Path]:
+    """A fixture body: a fresh folder for the run's process logs under .run/`suite`,
+    removed afterwards unless a test of the suite failed (`failed`, filled by the
+    conftest's report hook) or CHAOS_KEEP_LOGS=1."""
+    path = ROOT / ".run" / suite / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    path.mkdir(parents=True, exist_ok=True)
+    yield path
+    if not failed and not os.environ.get("CHAOS_KEEP_LOGS"):
+        shutil.rmtree(path, ignore_errors=True)

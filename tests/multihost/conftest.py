@@ -8,10 +8,7 @@ when a test fails (or with CHAOS_KEEP_LOGS=1).
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from typing import Any
 import pytest
 
 from ops.servers import ServerError, find_pg_bin
-from tests.chaos.harness import ROOT
+from tests.chaos.harness import kept_logs
 from tests.multihost import net as netmod
 from tests.multihost.harness import HostPostgres, HostRedis, start_servers
 
@@ -57,11 +54,7 @@ def db_servers(network: netmod.Network) -> Iterator[tuple[HostPostgres, HostRedi
 
 @pytest.fixture(scope="session")
 def multihost_logs() -> Iterator[Path]:
-    path = ROOT / ".run" / "multihost" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    path.mkdir(parents=True, exist_ok=True)
-    yield path
-    if not _failed and not os.environ.get("CHAOS_KEEP_LOGS"):
-        shutil.rmtree(path, ignore_errors=True)
+    yield from kept_logs("multihost", _failed)
 
 
 @pytest.hookimpl(wrapper=True)
