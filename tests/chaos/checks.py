@@ -86,6 +86,17 @@ def check_transfers(
 ) -> list[str]:
     """Every 202 exists, is final (failed only with a reason) and is what was asked for;
     nothing exists that no client was given; one transfer per idempotency key."""
+    problems = check_accepted(transfers, accepted)
+    given = {item.transfer_id for item in accepted} | set(funding_ids)
+    unexplained = sorted(set(transfers) - given)
+    if unexplained:
+        problems.append(f"transfers no client was given: {unexplained[:20]}")
+    return problems + check_keys(transfers)
+
+
+def check_accepted(transfers: dict[int, tuple[Any, ...]], accepted: list[Submitted]) -> list[str]:
+    """Every 202 in `accepted` exists, is final (failed only with a reason) and is what
+    was asked for."""
     problems = []
     for item in accepted:
         row = transfers.get(item.transfer_id)
@@ -100,13 +111,13 @@ def check_transfers(
             item.route != "deposit" and source != item.from_account
         ):
             problems.append(f"transfer {item.transfer_id} differs from its request: {row} {item}")
-    given = {item.transfer_id for item in accepted} | set(funding_ids)
-    unexplained = sorted(set(transfers) - given)
-    if unexplained:
-        problems.append(f"transfers no client was given: {unexplained[:20]}")
-    keys = Counter((row[8], row[9]) for row in transfers.values() if row[9] is not None)
-    problems += [f"key {key} used by {n} transfers" for key, n in keys.items() if n > 1]
     return problems
+
+
+def check_keys(transfers: dict[int, tuple[Any, ...]]) -> list[str]:
+    """No idempotency key names two transfers of the same client."""
+    keys = Counter((row[8], row[9]) for row in transfers.values() if row[9] is not None)
+    return [f"key {key} used by {n} transfers" for key, n in keys.items() if n > 1]
 
 
 def check_replay(

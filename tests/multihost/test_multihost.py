@@ -4,10 +4,11 @@ Five network namespaces on one bridge (docs/decisions/0041): `db` runs PostgreSQ
 Redis, `web`, `worker-a`, `worker-b` and `beat` each run their compose service's own
 command (`./run.sh web`, ...). The chaos suite's clients submit from the root namespace,
 by address. One fault at a time, each healed, each followed by checks: settlement
-resumes within 30 s of the heal and the audit is clean; at the end, once drained, every
-accepted transfer is final exactly once, no idempotency key is doubled, the balances
-replay, and no client saw a 5xx other than a 503 with Retry-After while PostgreSQL was
-down.
+resumes within 30 s of the heal, every transfer accepted before the heal is final (settled
+or rejected) exactly as asked, no idempotency key is doubled, and the audit is clean
+(each settled transfer has exactly its legs). At the end, once drained, the same for
+every accepted transfer, the balances replay, and no client saw a 5xx other than a 503
+with Retry-After while PostgreSQL was down.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import pytest
 
 from common.audit import CHECKS as AUDIT_CHECKS
 from tests.chaos.checks import (
+    check_accepted,
     check_holds,
+    check_keys,
     check_replay,
     check_transfers,
     drain,
@@ -33,7 +36,7 @@ from tests.chaos.checks import (
     read_ledger,
 )
 from tests.chaos.harness import ROOT, install_slow_batches, wait_until
-from tests.chaos.load import Load, Recorder, register_users
+from tests.chaos.load import Load, Recorder, Submitted, register_users
 from tests.multihost.harness import PG_PORT, RELAY_PORT, HostPostgres, HostRedis, MultiHostStack
 from tests.multihost.net import GATEWAY, Network
 
@@ -45,6 +48,9 @@ CLIENTS = int(os.environ.get("MULTIHOST_CLIENTS", "16"))
 FUNDING = {"USD": "300.00", "EUR": "200.00"}
 # The issue's bound: after each heal, a transfer settles within this.
 RESUME_BOUND_S = 30.0
+# After each heal, everything accepted before it is final within this (a transfer whose
+# attempt failed in the fault waits for beat's retry).
+FINAL_BOUND_S = 60.0
 DRAIN_BOUND_S = 90.0
 # A 503 is acceptable only while PostgreSQL is down, or this soon after it is back
 # (a pool reconnecting, a request that started during the outage).
@@ -76,15 +82,18 @@ class Event:
     healed: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
     resumed_s: float | None = None
+    final_s: float | None = None
+    unfinished: list[str] = field(default_factory=list)
     audit: str = ""
 
 
 class Scenario:
     """The faults, one after another, each healed and checked before the next."""
 
-    def __init__(self, stack: MultiHostStack, net: Network) -> None:
+    def __init__(self, stack: MultiHostStack, net: Network, load: Load) -> None:
         self.stack = stack
         self.net = net
+        self.load = load
         self.events: list[Event] = []
         self.pg_down: list[tuple[float, float]] = []
         self.web_down: list[tuple[float, float]] = []
@@ -94,13 +103,33 @@ class Scenario:
         self.events.append(event)
         fault(event)
         event.healed = event.healed or time.monotonic()
+        accepted = list(self.load.submitted)
+        event.detail["accepted before the heal"] = len(accepted)
         event.resumed_s = self._resumed(event.healed)
         host = event.detail.get("host")
         if host:
             event.detail["host settles again after s"] = self._host_settles(host, event)
+        event.unfinished, event.final_s = self._final_once(event, accepted)
         violations = self._audit()
         event.audit = "clean" if not violations else "; ".join(violations)[-2000:]
         return event
+
+    def _final_once(self, event: Event, accepted: list[Submitted]) -> tuple[list[str], float]:
+        """Wait (bounded) until every transfer in `accepted` is settled or rejected as
+        asked, with no idempotency key doubled: what is still wrong, and the seconds from
+        the heal."""
+        while True:
+            transfers = read_ledger(self.stack)[0]
+            problems = check_accepted(transfers, accepted) + check_keys(transfers)
+            problems += [
+                f"transfer {item.transfer_id} failed, not yet retried"
+                for item in accepted
+                if item.transfer_id in transfers and transfers[item.transfer_id][1] == "failed"
+            ]
+            waited = round(time.monotonic() - event.healed, 2)
+            if not problems or waited >= FINAL_BOUND_S:
+                return problems[:20], waited
+            time.sleep(0.5)
 
     def _audit(self) -> list[str]:
         """The audit's own checks (common/audit.py), in this process: the CLI's start
@@ -291,7 +320,7 @@ def test_hosts_failing_apart(
         setup_s = time.monotonic() - started
 
         load = Load(stack.base_url, users, recorder, clients=CLIENTS, max_per_client=10_000)
-        scenario = Scenario(stack, network)
+        scenario = Scenario(stack, network, load)
         stack.watch()
         load.start()
         load_started = time.monotonic()
@@ -327,7 +356,8 @@ def test_hosts_failing_apart(
         "http answers": recorder.by_status(),
         "faults": [
             f"{e.name}: {e.detail} healed {e.healed - e.started:.1f}s, "
-            f"settled again {e.resumed_s}s after, audit {e.audit}"
+            f"settled again {e.resumed_s}s after, all accepted final {e.final_s}s after, "
+            f"audit {e.audit}"
             for e in scenario.events
         ],
         "final statuses": counts,
@@ -349,6 +379,7 @@ def test_hosts_failing_apart(
     assert not scenario.unexplained_silence(recorder), scenario.unexplained_silence(recorder)[:20]
     for event in scenario.events:
         assert event.resumed_s is not None, f"no settlement within 30 s after: {event}"
+        assert not event.unfinished, event
         if "host" in event.detail:
             assert event.detail["host settles again after s"] is not None, event
         assert event.audit == "clean", event
