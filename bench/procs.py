@@ -1,4 +1,4 @@
-"""Memory (RSS, PSS) and CPU time of the stack's process groups, with psutil."""
+"""Memory (RSS, PSS, USS, private heap) and CPU time of the stack's process groups, with psutil."""
 
 from __future__ import annotations
 
@@ -19,10 +19,25 @@ def _processes(root: int) -> list[psutil.Process]:
         return []
 
 
+def _anon_pss_kib(pid: int) -> int | None:
+    """The kernel's Pss_Anon (Linux 5.13+): the process's heap, stacks and copy-on-write
+    pages, shared fairly with its prefork parent; no shared memory, no mapped files."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss_Anon:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def memory_snapshot(groups: dict[str, int]) -> dict[str, Any]:
     """Per group (name -> root pid), per process and summed, in KiB: RSS; PSS, which
     shares copy-on-write pages fairly between a prefork parent and its children; USS, the
-    pages of one process alone (PostgreSQL's backends without the shared buffers)."""
+    pages mapped by one process alone (which, for PostgreSQL, counts the shared buffers
+    only one process has touched: the checkpointer's grow as it writes the cache); and
+    the private heap, Pss_Anon (USS where the kernel has no smaps_rollup)."""
     snapshot: dict[str, Any] = {}
     for name, root in groups.items():
         processes = []
@@ -36,10 +51,13 @@ def memory_snapshot(groups: dict[str, int]) -> dict[str, Any]:
                 "rss_kib": info.rss // 1024, "pss_kib": getattr(info, "pss", info.rss) // 1024,
                 "uss_kib": getattr(info, "uss", info.rss) // 1024, "cmd": cmd,
             })  # fmt: skip
+            anon = _anon_pss_kib(process.pid)
+            processes[-1]["anon_kib"] = processes[-1]["uss_kib"] if anon is None else anon
         snapshot[name] = {
             "rss_kib": sum(p["rss_kib"] for p in processes),
             "pss_kib": sum(p["pss_kib"] for p in processes),
             "uss_kib": sum(p["uss_kib"] for p in processes),
+            "anon_kib": sum(p["anon_kib"] for p in processes),
             "processes": processes,
         }
     return snapshot

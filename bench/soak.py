@@ -48,18 +48,19 @@ TIMED = ("transfer", "refund", "payout")
 RSS_FLAT_PCT = 5.0
 P99_FLAT_PCT = 20.0
 GROUPS = ("web", "worker", "postgres")
-# What the verdict judges, and what it only records. PostgreSQL's RSS sums, per backend,
-# the shared buffers it has touched: it climbs while the cache fills. Its private memory
-# (USS) is what a leak would grow.
+# What the verdict judges, and what it only records. PostgreSQL's RSS, PSS and USS all
+# count shared buffers (USS those one process alone touched): they climb while the cache
+# fills. Its private heap (Pss_Anon) is what a leak would grow (docs/decisions/0042).
 JUDGED = {
     "rss_web_mib": ("web RSS MiB", RSS_FLAT_PCT),
     "rss_worker_mib": ("worker RSS MiB", RSS_FLAT_PCT),
-    "uss_postgres_mib": ("postgres private (USS) MiB", RSS_FLAT_PCT),
+    "anon_postgres_mib": ("postgres heap (Pss_Anon) MiB", RSS_FLAT_PCT),
     "p99_ms": ("p99 submit->settled ms", P99_FLAT_PCT),
 }
 RECORDED = {
     "rss_postgres_mib": "postgres RSS MiB",
     "pss_postgres_mib": "postgres PSS MiB",
+    "uss_postgres_mib": "postgres USS MiB",
 }
 FINAL_HOLD = ("rejected", "captured", "voided", "expired")
 
@@ -172,12 +173,13 @@ class Sampler(threading.Thread):
         rss = {group: round(memory[group]["rss_kib"] / 1024, 1) for group in GROUPS}
         pss = {group: round(memory[group]["pss_kib"] / 1024, 1) for group in GROUPS}
         uss = {group: round(memory[group]["uss_kib"] / 1024, 1) for group in GROUPS}
+        anon = {group: round(memory[group]["anon_kib"] / 1024, 1) for group in GROUPS}
         processes = {group: len(memory[group]["processes"]) for group in GROUPS}
         return {
             "at_s": round(time.perf_counter() - self.start_at, 1), "decided_total": decided,
             "pending": pending, "oldest_pending_s": round(oldest, 2), "dead_tuples": dead,
             "live_tuples": live, "autovacuums": autovacuums, "rss_mib": rss, "pss_mib": pss,
-            "uss_mib": uss, "processes": processes,
+            "uss_mib": uss, "anon_mib": anon, "processes": processes,
         }  # fmt: skip
 
     def run(self) -> None:
@@ -353,7 +355,8 @@ def summarise(mix: Mix, samples: list[dict[str, Any]], bucket_s: float) -> list[
             "settled_per_s": round((after["decided_total"] - before["decided_total"]) / seconds, 1),
             "submit_to_settled_ms": latency,
             "rss_mib": after["rss_mib"], "pss_mib": after["pss_mib"],
-            "uss_mib": after["uss_mib"], "processes": after["processes"],
+            "uss_mib": after["uss_mib"], "anon_mib": after["anon_mib"],
+            "processes": after["processes"],
             "oldest_pending_s": after["oldest_pending_s"],
             "pending": after["pending"], "dead_tuples": after["dead_tuples"],
             "live_tuples": after["live_tuples"], "autovacuums": after["autovacuums"],
@@ -390,7 +393,7 @@ def verdicts(mix: Mix, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"first": round(before, 1), "last": round(after, 1),
                 "change_pct": round(change, 1), "flat": change <= limit}  # fmt: skip
 
-    for kind in ("rss", "pss", "uss"):
+    for kind in ("rss", "pss", "uss", "anon"):
         for group in GROUPS:
             key = f"{kind}_{group}_mib"
             means = [sum(row[f"{kind}_mib"][group] for row in part) / len(part)
@@ -411,7 +414,7 @@ def verdicts(mix: Mix, rows: list[dict[str, Any]]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     minutes = result["config"]["bucket_seconds"] / 60
     header = ("min", "sent/s", "settled/s", "p50 ms", "p99 ms", "web RSS", "worker RSS",
-              "pg RSS", "pg USS", "oldest pending s", "dead tuples")  # fmt: skip
+              "pg RSS", "pg USS", "pg heap", "oldest pending s", "dead tuples")  # fmt: skip
     lines = [
         f"Remit soak — {result['started_at']}, {result['rate_per_s']:.1f} operations/s "
         f"({result['rate_source']}), {result['machine']['cores']} cores, shared machine; "
@@ -423,7 +426,7 @@ def table(result: dict[str, Any]) -> str:
         latency, rss = row["submit_to_settled_ms"], row["rss_mib"]
         cells = (f"{row['bucket'] * minutes:.4g}", row["sent_per_s"], row["settled_per_s"],
                  latency["p50"], latency["p99"], rss["web"], rss["worker"], rss["postgres"],
-                 row["uss_mib"]["postgres"], row["oldest_pending_s"],
+                 row["uss_mib"]["postgres"], row["anon_mib"]["postgres"], row["oldest_pending_s"],
                  row["dead_tuples"])  # fmt: skip
         lines.append("  ".join(f"{'-' if c is None else c:>10}" for c in cells))
     v = result.get("verdicts") or {}
@@ -440,7 +443,7 @@ def table(result: dict[str, Any]) -> str:
         for key, label in RECORDED.items():
             c = v[key]
             lines.append(f"  {label:<27} {c['first']} -> {c['last']} ({c['change_pct']} %): "
-                         "recorded, not judged (the shared buffers filling)")  # fmt: skip
+                         "recorded, not judged (counts shared buffers)")  # fmt: skip
         overall = "-" if v["flat"] is None else "flat" if v["flat"] else "NOT FLAT"
         lines.append(f"  overall: {overall}" + (f" ({v['note']})" if v.get("note") else ""))
     lines.append(f"outcomes: {json.dumps(result.get('outcomes', {}), sort_keys=True)}")
@@ -465,7 +468,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ("submit → settled (ms)", [("p50", "submit_to_settled_ms.p50"),
                                    ("p99", "submit_to_settled_ms.p99")]),
         ("memory (MiB)", [*((f"{g} RSS", f"rss_mib.{g}") for g in GROUPS),
-                          ("postgres USS", "uss_mib.postgres")]),
+                          ("postgres USS", "uss_mib.postgres"),
+                          ("postgres heap", "anon_mib.postgres")]),
         ("oldest pending (s)", [("age", "oldest_pending_s")]),
         ("dead tuples in transfers", [("n_dead_tup", "dead_tuples")]),
         ("pending transfers at the sample", [("pending", "pending")]),

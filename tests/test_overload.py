@@ -327,6 +327,22 @@ def test_hashes_run_on_threads_of_their_own_at_a_lower_cpu_priority(settings) ->
     assert passwords.hashing_free()
 
 
+def test_registrations_are_refused_before_flask_while_every_slot_is_taken(client) -> None:
+    form = {"username": "gate_" + secrets.token_hex(4), "password": "long enough"}
+    with slots_taken():
+        for path in ("/users", "/users/"):
+            refused = client.post(path, data=form, headers={"X-Request-ID": "gate-test-1"})
+            _busy(refused)
+            assert refused.headers["X-Request-ID"] == "gate-test-1"
+            assert refused.headers["X-Content-Type-Options"] == "nosniff"
+            assert int(refused.headers["Content-Length"]) == len(refused.data)
+        # Refused before the body is looked at: try again later, then it is validated.
+        _busy(client.post("/users", data="[]", content_type="application/json"))
+        # Other routes are not gated.
+        assert client.get("/currencies").status_code == 200
+    assert client.post("/users", data=form).status_code == 201
+
+
 def test_requests_needing_a_hash_are_refused_while_every_slot_is_taken(app, api: Api) -> None:
     regular, stranger = api.register(), api.register()
     # Only `regular` is known to the process's credential caches.

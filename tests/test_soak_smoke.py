@@ -42,7 +42,7 @@ def test_short_soak_writes_its_buckets_and_verdicts(tmp_path: Path) -> None:
     for row in buckets:
         assert row["sent_per_s"] > 0
         assert row["settled_per_s"] >= 0
-        for kind in ("rss_mib", "pss_mib", "uss_mib", "processes"):
+        for kind in ("rss_mib", "pss_mib", "uss_mib", "anon_mib", "processes"):
             assert set(row[kind]) == {"web", "worker", "postgres"}, kind
         assert all(value > 0 for value in row["rss_mib"].values())
         assert row["oldest_pending_s"] >= 0
@@ -62,10 +62,11 @@ def test_short_soak_writes_its_buckets_and_verdicts(tmp_path: Path) -> None:
     assert verdicts["warmup_buckets"] == 1
     assert verdicts["first_buckets"] == [2]
     assert verdicts["last_buckets"] == [4]
-    for key in ("rss_web_mib", "rss_worker_mib", "uss_postgres_mib", "p99_ms"):
+    for key in ("rss_web_mib", "rss_worker_mib", "anon_postgres_mib", "p99_ms"):
         assert verdicts[key]["judged"] is True, key
         assert isinstance(verdicts[key]["flat"], bool), key
-    assert verdicts["rss_postgres_mib"]["judged"] is False
+    for key in ("rss_postgres_mib", "uss_postgres_mib"):
+        assert verdicts[key]["judged"] is False, key
     assert verdicts["flat"] in {True, False}
     assert "verdicts:" in run.stdout
 

@@ -23,6 +23,7 @@ from web import (
 from web.access_log import install_request_log
 from web.context import EXTENSION
 from web.openapi import install_docs
+from web.overload import RegistrationGate
 from web.problems import install_error_handlers
 
 # Request bodies larger than this are refused with 413 before they are read.
@@ -82,4 +83,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_docs(app)
     install_error_handlers(app)
     install_request_log(app)
+    app.wsgi_app = RegistrationGate(app.wsgi_app)  # type: ignore[method-assign]
     return app

@@ -9,18 +9,26 @@ its currency while one does.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from flask import current_app
 
 from common import backlog
 from common.db import Db, request_statements
+from common.logs import accept_request_id
+from common.passwords import hashing_free
 from common.settings import Settings
 from web.context import current_settings
-from web.problems import ApiError
+from web.metrics import REQUEST_DURATION
+from web.problems import HASHING_BUSY, HASHING_RETRY_AFTER_S, ApiError, problem_body
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 REFRESH_S = 1.0
 # What a refused client is told to wait: a backlog takes seconds to clear.
@@ -114,3 +122,35 @@ def lagging_accounts(db: Db, account_ids: list[int], user_id: int) -> dict[int, 
         return {}
     currencies = backlog.account_currencies(db, account_ids, user_id)
     return {id_: code for id_, code in currencies.items() if code in lagging}
+
+
+class RegistrationGate:
+    """WSGI middleware: `POST /users` is refused before Flask while every hashing slot
+    of the process is taken. A flood of registrations then costs the process gunicorn's
+    parsing and this check per request, not a Flask request (context, hooks, routing,
+    form parsing, a log line), and the CPU stays with signed-in clients (docs/decisions/
+    0044). Refusals are counted in the request metric, not logged one by one."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+        body = json.dumps(problem_body("service_unavailable", HASHING_BUSY)).encode()
+        self.headers = [
+            ("Content-Type", "application/problem+json"),
+            ("Content-Length", str(len(body))),
+            ("Retry-After", str(HASHING_RETRY_AFTER_S)),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        self.body = [body]
+        self.refused = REQUEST_DURATION.labels("POST", "/users", "503")
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if (
+            environ["REQUEST_METHOD"] == "POST"
+            and environ.get("PATH_INFO", "") in ("/users", "/users/")
+            and not hashing_free()
+        ):
+            request_id = accept_request_id(environ.get("HTTP_X_REQUEST_ID"))
+            start_response("503 SERVICE UNAVAILABLE", [*self.headers, ("X-Request-ID", request_id)])
+            self.refused.observe(0.0)
+            return self.body
+        return self.app(environ, start_response)

@@ -97,6 +97,11 @@ def problem_body(code: str, detail: str) -> dict[str, object]:
     }
 
 
+# Every hashing slot taken (also answered before Flask: web.overload.RegistrationGate).
+HASHING_BUSY = "too many password checks at once; try again in a moment"
+HASHING_RETRY_AFTER_S = 1
+
+
 def problem(code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
     body = problem_body(code, detail)
     response = Response(
@@ -147,9 +152,7 @@ def install_error_handlers(app: Flask) -> None:
         # Every hashing slot of this process is taken (docs/decisions/0038): a slot
         # frees in a fraction of a second, and waiting for one would hold a thread.
         return problem(
-            "service_unavailable",
-            "too many password checks at once; try again in a moment",
-            {"Retry-After": "1"},
+            "service_unavailable", HASHING_BUSY, {"Retry-After": str(HASHING_RETRY_AFTER_S)}
         )
 
     @app.errorhandler(Exception)
