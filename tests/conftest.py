@@ -40,7 +40,8 @@ from tests import properties  # noqa: F401 - registers hypothesis' quick profile
 
 RUN_ID = f"{time.strftime('%Y%m%d%H%M%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 TEST_DATABASE = f"remit_test_{RUN_ID}"
-UNIT_TESTS = Path(__file__).resolve().parent / "unit"
+ROOT = Path(__file__).resolve().parent.parent
+UNIT_TESTS = ROOT / "tests" / "unit"
 SUPERUSER_PASSWORD = "superuser-test-password"
 CLAIM_KEY = "remit:test-run"
 CLAIM = f"{socket.gethostname()}:{os.getpid()}:{RUN_ID}"
@@ -159,6 +160,42 @@ def integration_settings() -> Settings:
 def pytest_collectstart(collector: pytest.Collector) -> None:
     if isinstance(collector, pytest.Module) and UNIT_TESTS not in collector.path.resolve().parents:
         integration_settings()
+
+
+# Under pytest-xdist (./run.sh test), the tests of one group run in one process, one
+# after another: a suite's throwaway servers are started once, and the tools' smoke runs
+# and the multi-host suite (its namespaces) never overlap.
+XDIST_GROUPS = {
+    "tests/chaos/": "chaos",
+    "tests/multihost/": "multihost",
+    "tests/test_bench_smoke.py": "tools",
+    "tests/test_soak_smoke.py": "tools",
+}
+
+
+# What the fault suites write about their run, printed at the end of it (the tests may
+# have run in a pytest-xdist worker: the files are how their numbers get here).
+SUMMARIES = {
+    "chaos summary": ROOT / ".run" / "chaos-summary.txt",
+    "multi-host summary": ROOT / ".run" / "multihost-summary.txt",
+}
+_STARTED = time.time()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for title, path in SUMMARIES.items():
+        if path.exists() and path.stat().st_mtime >= _STARTED:
+            terminalreporter.section(title)
+            for line in path.read_text().splitlines()[1:]:
+                terminalreporter.write_line(line)
+            terminalreporter.write_line(f"(also in {path.relative_to(ROOT)})")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for prefix, group in XDIST_GROUPS.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

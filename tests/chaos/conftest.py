@@ -6,8 +6,8 @@ cluster from the installed PostgreSQL binaries and a redis-server on free loopba
 ports, which it may flush, kill and restart. Without PostgreSQL binaries the whole
 suite is skipped, saying so.
 
-Each test writes its numbers with `chaos_summary.add(...)`; they are printed in the
-terminal summary (no -s needed) and written to .run/chaos-summary.txt.
+Each test writes its numbers with `chaos_summary.add(...)` to .run/chaos-summary.txt,
+which tests/conftest.py prints in the terminal summary (no -s needed).
 """
 
 from __future__ import annotations
@@ -58,16 +58,6 @@ def _format(title: str, numbers: dict[str, Any]) -> str:
 @pytest.fixture(scope="session")
 def chaos_summary() -> ChaosSummary:
     return ChaosSummary()
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _sections:
-        return
-    terminalreporter.section("chaos summary")
-    for title, numbers in _sections:
-        for line in _format(title, numbers).splitlines():
-            terminalreporter.write_line(line)
-    terminalreporter.write_line(f"(also in {SUMMARY_FILE.relative_to(ROOT)})")
 
 
 @pytest.fixture(scope="session")
