@@ -191,6 +191,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"(also in {path.relative_to(ROOT)})")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for prefix, group in XDIST_GROUPS.items():

@@ -55,9 +55,14 @@ def test_requeue_settles_a_failed_transfer(api: Api, capsys: Any) -> None:
                 ),
                 {"id": body["id"]},
             )
-    code, out = _run(capsys, "requeue", str(body["id"]), "2")
+            # Alice's deposit, settled: not failed, left alone.
+            settled = session.scalar(
+                text("SELECT id FROM transfers WHERE to_account_id = :id AND status = 'settled'"),
+                {"id": alice.accounts["USD"]},
+            )
+    code, out = _run(capsys, "requeue", str(body["id"]), str(settled))
     assert code == 0
-    assert out == {"requeued": [body["id"]], "not_failed": [2]}
+    assert out == {"requeued": [body["id"]], "not_failed": [settled]}
     assert api.wait_final(alice, body["id"])["status"] == "settled"
 
 
