@@ -35,7 +35,8 @@ class Bench:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        self.folder = ROOT / ".run" / "bench" / self.stamp
+        # The pid too: two runs may start within the same second (the test suite's smoke runs).
+        self.folder = ROOT / ".run" / "bench" / f"{self.stamp}-{os.getpid()}"
         self.logs = self.folder / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pg = Postgres(self.folder / "pg", stack.PG_SETTINGS)

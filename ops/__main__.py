@@ -70,16 +70,17 @@ def up() -> None:
 def test(args: tuple[str, ...]) -> None:
     """Run the test suite: pytest ARGS (each run creates and drops its own database).
 
-    With no test path among ARGS (the whole suite), the tests run in parallel processes
-    (pytest-xdist, one per core, at most four; each has its own database and Redis DB)
-    and mypy checks the types of common, web and worker meanwhile; either failing fails
-    the run.
+    With no test path among ARGS (the whole suite), the test files are shared out among
+    parallel processes (pytest-xdist, one per core, at most four; each with a database,
+    a Redis DB and a Celery worker of its own; a file's tests stay in one process, in
+    order) and mypy checks the types of common, web and worker meanwhile; either failing
+    fails the run.
     """
     from ops import supervisor
 
     whole = not any(os.path.exists(arg) for arg in args)
     types = _start_type_check() if whole else None
-    parallel = ["-n", str(test_processes()), "--dist", "loadgroup"] if whole else []
+    parallel = ["-n", str(test_processes()), "--dist", "loadfile"] if whole else []
     with supervisor.throwaway_servers(**DEFAULTS):
         status, _ = supervisor.run_child([sys.executable, "-m", "pytest", *parallel, *args])
     if status == 5:

@@ -162,41 +162,21 @@ def pytest_collectstart(collector: pytest.Collector) -> None:
         integration_settings()
 
 
-# Under pytest-xdist (./run.sh test), the tests of one group run in one process, one
-# after another: a suite's throwaway servers are started once, and the tools' smoke runs
-# and the multi-host suite (its namespaces) never overlap.
-XDIST_GROUPS = {
-    "tests/chaos/": "chaos",
-    "tests/multihost/": "multihost",
-    "tests/test_bench_smoke.py": "tools",
-    "tests/test_soak_smoke.py": "tools",
-}
-
-
 # What the fault suites write about their run, printed at the end of it (the tests may
 # have run in a pytest-xdist worker: the files are how their numbers get here).
-SUMMARIES = {
-    "chaos summary": ROOT / ".run" / "chaos-summary.txt",
-    "multi-host summary": ROOT / ".run" / "multihost-summary.txt",
-}
+SUMMARIES = {"chaos summary": "chaos-summary*.txt", "multi-host summary": "multihost-summary.txt"}
 _STARTED = time.time()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for title, path in SUMMARIES.items():
-        if path.exists() and path.stat().st_mtime >= _STARTED:
+    for title, pattern in SUMMARIES.items():
+        for path in sorted((ROOT / ".run").glob(pattern)):
+            if path.stat().st_mtime < _STARTED:
+                continue
             terminalreporter.section(title)
             for line in path.read_text().splitlines()[1:]:
                 terminalreporter.write_line(line)
             terminalreporter.write_line(f"(also in {path.relative_to(ROOT)})")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks into the node ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        for prefix, group in XDIST_GROUPS.items():
-            if item.nodeid.startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
