@@ -10,8 +10,7 @@ goes stale, so its lifetime (AUTH_CACHE_TTL, an hour) only bounds memory.
 Each hash holds one of the process's hashing slots (HASH_CONCURRENCY): when every slot
 is taken, a request needing a hash is refused (`HashingBusy`, answered 503) rather than
 queued, so a flood of registrations cannot take the CPUs from signed-in clients
-(docs/decisions/0038). The hashes run on threads of their own at a lower CPU priority
-(HASH_NICE): the cores they take are those the requests leave idle (0043).
+(docs/decisions/0038).
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ import hashlib
 import hmac
 import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
-from typing import TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -45,9 +42,6 @@ class HashingBusy(Exception):
 
 
 _slots: threading.BoundedSemaphore | None = None
-_threads: ThreadPoolExecutor | None = None
-_threads_pid = 0
-T = TypeVar("T")
 
 
 def hashing_slots() -> threading.BoundedSemaphore:
@@ -82,39 +76,6 @@ def _hashing_slot() -> Iterator[None]:
         slots.release()
 
 
-def _lower_priority(nice: int) -> None:
-    # Linux keeps a nice value per thread: this thread alone yields to the others.
-    # Raising it needs no privilege; where it fails, hashing still works, unprioritised.
-    with suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-
-
-def _hashing_threads() -> ThreadPoolExecutor:
-    """The process's hashing threads, one per slot (so a hash never waits for one)."""
-    global _threads, _threads_pid  # noqa: PLW0603 - one pool per process, rebuilt after fork
-    if _threads is None or _threads_pid != os.getpid():
-        with _hasher_lock:
-            if _threads is None or _threads_pid != os.getpid():
-                settings = get_settings()
-                _threads = ThreadPoolExecutor(
-                    settings.hash_bound,
-                    "hashing",
-                    initializer=_lower_priority,
-                    initargs=(settings.hash_nice,),
-                )
-                _threads_pid = os.getpid()
-    return _threads
-
-
-def _hashed(work: Callable[..., T], *args: str) -> T:
-    """`work(*args)` in a hashing slot, on a low-priority hashing thread."""
-    with _hashing_slot():
-        if not get_settings().hash_nice:
-            return work(*args)
-        return _hashing_threads().submit(work, *args).result()
-
-
 def make_hasher(settings: Settings) -> PasswordHasher:
     return PasswordHasher(
         time_cost=settings.argon2_time_cost,
@@ -143,7 +104,8 @@ def _dummy() -> str:
 
 
 def hash_password(password: str) -> str:
-    return _hashed(hasher().hash, password)
+    with _hashing_slot():
+        return hasher().hash(password)
 
 
 def needs_rehash(stored_hash: str) -> bool:
@@ -162,12 +124,14 @@ def _verify(stored_hash: str, password: str) -> bool:
 
 
 def _verify_slow(stored_hash: str, password: str) -> bool:
-    return _hashed(_verify, stored_hash, password)
+    with _hashing_slot():
+        return _verify(stored_hash, password)
 
 
 def burn_verification(password: str) -> None:
     """Spend a verification's time for a user that does not exist."""
-    _hashed(_verify, _dummy(), password)
+    with _hashing_slot():
+        _verify(_dummy(), password)
 
 
 def fingerprint(*parts: str) -> bytes:

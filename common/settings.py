@@ -151,22 +151,18 @@ class Settings(BaseSettings):
     # Overload (docs/decisions/0038): a currency whose settlement lags this far behind
     # takes no new work; registrations per client address per window; argon2 hashes at
     # once per process (0: the process's share of the cores, at most a quarter of
-    # WEB_THREADS, at least 1), and how much lower their threads' CPU priority is (0:
-    # hashes run on the request's thread at its priority).
+    # WEB_THREADS, at least 1).
     max_pending_age_s: float = _env("MAX_PENDING_AGE", 60.0)
     max_pending: int = _env("MAX_PENDING", 1_000_000)
     registrations_per_address: int = _env("REGISTRATIONS_PER_ADDRESS", 20)
     registration_window_s: int = _env("REGISTRATION_WINDOW", 600)
     hash_concurrency: int = _env("HASH_CONCURRENCY", 0)
-    hash_nice: int = _env("HASH_NICE", 10, le=19)
 
     # Where gunicorn's workers share their Prometheus metrics (web.gunicorn_conf).
     prometheus_multiproc_dir: str | None = _env("PROMETHEUS_MULTIPROC_DIR")
 
     # Integer settings that may be 0 (the rest must be at least 1).
-    _MAY_BE_ZERO: ClassVar[frozenset[str]] = frozenset(
-        {"db_max_overflow", "hash_concurrency", "hash_nice"}
-    )
+    _MAY_BE_ZERO: ClassVar[frozenset[str]] = frozenset({"db_max_overflow", "hash_concurrency"})
 
     @property
     def hash_bound(self) -> int:
@@ -259,7 +255,6 @@ class Settings(BaseSettings):
         "registrations_per_address",
         "registration_window_s",
         "hash_concurrency",
-        "hash_nice",
         mode="before",
     )
     @classmethod

@@ -740,7 +740,7 @@ class MoneyMachine(RuleBasedStateMachine):
 
 
 SETTINGS = settings(
-    examples(15),
+    examples(10),
     stateful_step_count=25,
     # No shrinking: a step costs tens of milliseconds on the real stack, and shrinking a
     # failure took minutes; the failing sequence (at most 25 steps) is printed as found.

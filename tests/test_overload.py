@@ -5,9 +5,7 @@ every hashing slot of the process is taken, while signed-in clients are still se
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -308,23 +306,6 @@ def test_hash_bound_default_is_the_process_share_of_the_cores(settings, monkeypa
     # At most a quarter of the threads, whatever the cores.
     assert bound(web_concurrency=1, web_threads=8) == 2
     assert bound(hash_concurrency=7) == 7
-
-
-def test_hashes_run_on_threads_of_their_own_at_a_lower_cpu_priority(settings) -> None:
-    seen: dict[str, int] = {}
-
-    def probe(word: str) -> str:
-        seen["thread"] = threading.get_native_id()
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, seen["thread"])
-        return word
-
-    assert settings.hash_nice == 10
-    assert passwords._hashed(probe, "hashed") == "hashed"
-    here = threading.get_native_id()
-    assert seen["thread"] != here
-    assert seen["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, here) + settings.hash_nice)
-    # The slot is given back: hashing goes on.
-    assert passwords.hashing_free()
 
 
 def test_registrations_are_refused_before_flask_while_every_slot_is_taken(client) -> None:
