@@ -179,24 +179,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"(also in {path.relative_to(ROOT)})")
 
 
-# ./run.sh test hands the files out to pytest-xdist processes in collection order
-# (loadfile): the longest first, so that the short ones fill in around them and the run
-# does not end waiting on one long file.
-LONGEST_FIRST = (
-    "tests/chaos/test_chaos.py",
-    "tests/test_model.py",
-    "tests/test_bench_smoke.py",
-    "tests/multihost/test_multihost.py",
-    "tests/test_soak_smoke.py",
-    "tests/chaos/test_edges.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {path: place for place, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.partition("::")[0], len(rank)))
-
-
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return integration_settings()
