@@ -70,19 +70,15 @@ def up() -> None:
 def test(args: tuple[str, ...]) -> None:
     """Run the test suite: pytest ARGS (each run creates and drops its own database).
 
-    With no test path among ARGS (the whole suite), the test files are shared out among
-    parallel processes (pytest-xdist, one per core, at most four; each with a database,
-    a Redis DB and a Celery worker of its own; a file's tests stay in one process, in
-    order) and mypy checks the types of common, web and worker meanwhile; either failing
-    fails the run.
+    With no test path among ARGS (the whole suite), mypy checks the types of common,
+    web and worker meanwhile, on the CPU the suite leaves idle while it waits on its
+    servers; either failing fails the run.
     """
     from ops import supervisor
 
-    whole = not any(os.path.exists(arg) for arg in args)
-    types = _start_type_check() if whole else None
-    parallel = ["-n", str(test_processes()), "--dist", "loadfile"] if whole else []
+    types = None if any(os.path.exists(arg) for arg in args) else _start_type_check()
     with supervisor.throwaway_servers(**DEFAULTS):
-        status, _ = supervisor.run_child([sys.executable, "-m", "pytest", *parallel, *args])
+        status, _ = supervisor.run_child([sys.executable, "-m", "pytest", *args])
     if status == 5:
         say("pytest collected no tests: that is a failure")
     if types is not None:
@@ -91,12 +87,6 @@ def test(args: tuple[str, ...]) -> None:
         if types.returncode and not status:
             status = 1
     raise SystemExit(status)
-
-
-def test_processes() -> int:
-    # The suite waits on servers more than it computes: a process per core, and no more
-    # than four, each a database, a Redis DB and a Celery worker of its own.
-    return max(2, min(4, os.cpu_count() or 2))
 
 
 def _start_type_check() -> subprocess.Popen[str]:
