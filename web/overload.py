@@ -128,8 +128,8 @@ class RegistrationGate:
     """WSGI middleware: `POST /users` is refused before Flask while every hashing slot
     of the process is taken. A flood of registrations then costs the process gunicorn's
     parsing and this check per request, not a Flask request (context, hooks, routing,
-    form parsing, a log line), and the CPU stays with signed-in clients (docs/decisions/
-    0044). Refusals are counted in the request metric, not logged one by one."""
+    form parsing, a log line): see docs/decisions/0044. Refusals are counted in the
+    request metric, not logged one by one."""
 
     def __init__(self, app: WSGIApplication) -> None:
         self.app = app
