@@ -162,21 +162,22 @@ def pytest_collectstart(collector: pytest.Collector) -> None:
         integration_settings()
 
 
-# What the fault suites write about their run, printed at the end of it (the tests may
-# have run in a pytest-xdist worker: the files are how their numbers get here).
-SUMMARIES = {"chaos summary": "chaos-summary*.txt", "multi-host summary": "multihost-summary.txt"}
+# What the fault suites wrote about this run, printed at its end (no -s needed).
+SUMMARIES = {
+    "chaos summary": ROOT / ".run" / "chaos-summary.txt",
+    "multi-host summary": ROOT / ".run" / "multihost-summary.txt",
+}
 _STARTED = time.time()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for title, pattern in SUMMARIES.items():
-        for path in sorted((ROOT / ".run").glob(pattern)):
-            if path.stat().st_mtime < _STARTED:
-                continue
-            terminalreporter.section(title)
-            for line in path.read_text().splitlines()[1:]:
-                terminalreporter.write_line(line)
-            terminalreporter.write_line(f"(also in {path.relative_to(ROOT)})")
+    for title, path in SUMMARIES.items():
+        if not path.exists() or path.stat().st_mtime < _STARTED:
+            continue
+        terminalreporter.section(title)
+        for line in path.read_text().splitlines()[1:]:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"(also in {path.relative_to(ROOT)})")
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,13 @@ cluster from the installed PostgreSQL binaries and a redis-server on free loopba
 ports, which it may flush, kill and restart. Without PostgreSQL binaries the whole
 suite is skipped, saying so.
 
-Each test writes its numbers with `chaos_summary.add(...)` to .run/chaos-summary*.txt,
+Each test writes its numbers with `chaos_summary.add(...)` to .run/chaos-summary.txt,
 which tests/conftest.py prints in the terminal summary (no -s needed).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,9 +31,7 @@ from tests.chaos.harness import (
     throwaway_servers,
 )
 
-# One file per pytest-xdist worker: its two files may run in two processes at once.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-SUMMARY_FILE = ROOT / ".run" / (f"chaos-summary-{_WORKER}.txt" if _WORKER else "chaos-summary.txt")
+SUMMARY_FILE = ROOT / ".run" / "chaos-summary.txt"
 _sections: list[tuple[str, dict[str, Any]]] = []
 # Node ids of failed chaos tests: their process logs are kept.
 _failed: list[str] = []
