@@ -106,6 +106,13 @@ def table(results: dict[str, Any]) -> str:
         ("h", f"deliveries/s, backlog of {_num(_get(backlog, 'deliveries', 'delivered'))}",
          _num(backlog.get("delivered_per_s")), f"{h.get('webhooks', '-')} webhooks"),
     ]  # fmt: skip
+    for name, run in (phases.get("j", {}).get("summary") or {}).items():
+        alone, flood = run["quiet_p50_p99_ms"], run["flood_p50_p99_ms"]
+        rows.append((
+            "j", f"signed-in GET p50/p99 ms, 48 registering, {name.replace('_', ' ')}",
+            _ms(dict(zip(("p50", "p99"), flood, strict=True)), "p50", "p99"),
+            _target(flood[1], flood[1] < 100, f"alone {_num(alone[1], 1)}; p99 target < 100 ms"),
+        ))  # fmt: skip
 
     header = ("", "measure", "value", "ratio / target")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]

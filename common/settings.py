@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     registrations_per_address: int = _env("REGISTRATIONS_PER_ADDRESS", 20)
     registration_window_s: int = _env("REGISTRATION_WINDOW", 600)
     hash_concurrency: int = _env("HASH_CONCURRENCY", 0)
+    # Seconds a connection whose registration was refused for load is not read again
+    # (web.gunicorn_worker), at most the Retry-After it was given; 0: not paused.
+    refused_connection_pause_s: float = _env("REFUSED_CONNECTION_PAUSE", 1.0)
 
     # Where gunicorn's workers share their Prometheus metrics (web.gunicorn_conf).
     prometheus_multiproc_dir: str | None = _env("PROMETHEUS_MULTIPROC_DIR")
@@ -289,6 +292,7 @@ class Settings(BaseSettings):
         "webhook_lease_s",
         "webhook_sweep_interval_s",
         "max_pending_age_s",
+        "refused_connection_pause_s",
         mode="before",
     )
     @classmethod

@@ -5,10 +5,13 @@ every hashing slot of the process is taken, while signed-in clients are still se
 from __future__ import annotations
 
 import contextlib
+import http.client
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import redis
@@ -19,6 +22,7 @@ from common.db import script_session
 from common.doorbells import ring
 from common.users import forget_logins
 from tests.conftest import SUPERUSER, Api, Member, assert_problem, basic_auth, settlement_held
+from tests.servers import environment, free_port, gunicorn_command, serving
 from web import overload, throttle
 from web.context import EXTENSION as SETTINGS
 
@@ -230,8 +234,10 @@ def few_registrations(app, settings, redis_client, monkeypatch) -> Iterator[str]
     monkeypatch.setitem(app.extensions, SETTINGS, limited)
     address = f"198.51.100.{secrets.randbelow(250) + 1}"
     redis_client.delete(throttle.REGISTRATIONS_PREFIX + address)
+    throttle.forget_registrations()
     yield address
     redis_client.delete(throttle.REGISTRATIONS_PREFIX + address)
+    throttle.forget_registrations()
 
 
 def _register(app: Any, address: str, username: str | None = None) -> Any:
@@ -259,6 +265,109 @@ def test_registrations_are_limited_per_address(app, few_registrations: str) -> N
         redis.Redis.from_url(app.extensions[SETTINGS].redis_url).delete(
             throttle.REGISTRATIONS_PREFIX + other
         )
+
+
+def test_an_address_over_its_limit_is_refused_before_flask(
+    app, few_registrations: str, redis_client
+) -> None:
+    for _ in range(3):
+        assert _register(app, few_registrations).status_code == 201
+    first = _register(app, few_registrations)
+    assert_problem(first, 429, "too_many_requests")
+    key = throttle.REGISTRATIONS_PREFIX + few_registrations
+    counted = int(redis_client.get(key))
+    client = app.test_client()
+    for path in ("/users", "/users/"):
+        # Before Flask: a form Flask would call invalid gets the 429, and nothing is counted.
+        again = client.post(
+            path,
+            data="[]",
+            content_type="application/json",
+            headers={"X-Request-ID": "gate-test-2"},
+            environ_base={"REMOTE_ADDR": few_registrations},
+        )
+        assert_problem(again, 429, "too_many_requests")
+        assert again.get_json()["detail"] == first.get_json()["detail"]
+        assert 1 <= int(again.headers["Retry-After"]) <= int(first.headers["Retry-After"])
+        assert again.headers["X-Request-ID"] == "gate-test-2"
+        assert again.headers["X-Content-Type-Options"] == "nosniff"
+        assert int(again.headers["Content-Length"]) == len(again.data)
+    assert int(redis_client.get(key)) == counted
+    # Other addresses, and other routes of this one, are not concerned.
+    same_address = {"REMOTE_ADDR": few_registrations}
+    assert client.get("/currencies", environ_base=same_address).status_code == 200
+    other = f"203.0.113.{secrets.randbelow(250) + 1}"
+    try:
+        assert _register(app, other).status_code == 201
+    finally:
+        redis_client.delete(throttle.REGISTRATIONS_PREFIX + other)
+
+
+PAUSE_S = 2.0
+
+
+@pytest.fixture
+def one_registration_per_address(redis_client) -> Iterator[int]:
+    """gunicorn (one process) allowing one registration per address, and pausing a
+    refused registration's connection for PAUSE_S; its port."""
+    port = free_port()
+    key = throttle.REGISTRATIONS_PREFIX + "127.0.0.1"
+    redis_client.delete(key)
+    env = environment(
+        PORT=str(port),
+        PROMETHEUS_MULTIPROC_DIR=None,
+        REGISTRATIONS_PER_ADDRESS="1",
+        REFUSED_CONNECTION_PAUSE=str(PAUSE_S),
+    )
+    try:
+        with serving(gunicorn_command(port, workers=1), env, port, "/currencies"):
+            yield port
+    finally:
+        redis_client.delete(key)
+
+
+def _timed(connection: http.client.HTTPConnection, method: str, path: str) -> tuple[int, float]:
+    """Sends a request (a new registration for POST); its status and how long its answer took."""
+    started = time.monotonic()
+    if method == "POST":
+        form = {"username": "paused_" + secrets.token_hex(5), "password": "long enough"}
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        connection.request(method, path, body=urlencode(form), headers=headers)
+    else:
+        connection.request(method, path)
+    response = connection.getresponse()
+    response.read()
+    return response.status, time.monotonic() - started
+
+
+def test_a_refused_registrations_connection_is_read_again_only_after_a_pause(
+    one_registration_per_address: int,
+) -> None:
+    port = one_registration_per_address
+    flooder = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    other = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        assert _timed(flooder, "POST", "/users")[0] == 201
+        # Refused by the route (counted in Redis): answered at once, then paused.
+        status, took = _timed(flooder, "POST", "/users")
+        assert status == 429
+        assert took < PAUSE_S
+        with ThreadPoolExecutor(1) as pool:
+            again = pool.submit(_timed, flooder, "POST", "/users")
+            time.sleep(0.2)
+            # Meanwhile other connections are served: no thread waits for the pause.
+            assert _timed(other, "GET", "/currencies")[0] == 200
+            served_other_at = time.monotonic()
+            status, took = again.result()
+        # Sent at once, read after the pause: refused before Flask this time.
+        assert status == 429
+        assert took >= PAUSE_S - 0.5
+        assert served_other_at < time.monotonic() - 0.5
+        # The connection is kept alive for what the client sends next.
+        assert _timed(flooder, "GET", "/currencies")[0] == 200
+    finally:
+        flooder.close()
+        other.close()
 
 
 def test_the_registration_limit_fails_open_without_redis(

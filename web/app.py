@@ -83,5 +83,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_docs(app)
     install_error_handlers(app)
     install_request_log(app)
-    app.wsgi_app = RegistrationGate(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = RegistrationGate(app.wsgi_app, settings)  # type: ignore[method-assign]
     return app

@@ -36,7 +36,8 @@ bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
 # Threads let one process overlap requests that wait on PostgreSQL or Redis, and hold
 # long polls (?wait=) without blocking the rest.
-worker_class = "gthread"
+# gthread, pausing the connections of registrations refused for load (web.gunicorn_worker).
+worker_class = "web.gunicorn_worker.PausingThreadWorker"
 threads = _settings.web_threads
 # One pooled connection per thread, so a burst never opens new backends
 # (docs/decisions/0013-web-pool-size-equals-threads.md). An explicit DB_POOL_SIZE wins.

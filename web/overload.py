@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from flask import current_app
@@ -23,9 +24,18 @@ from common.db import Db, request_statements
 from common.logs import accept_request_id
 from common.passwords import hashing_free
 from common.settings import Settings
+from web import throttle
 from web.context import current_settings
+from web.gunicorn_worker import pause_connection
 from web.metrics import REQUEST_DURATION
-from web.problems import HASHING_BUSY, HASHING_RETRY_AFTER_S, ApiError, problem_body
+from web.problems import (
+    HASHING_BUSY,
+    HASHING_RETRY_AFTER_S,
+    PROBLEMS,
+    REGISTRATIONS_LIMITED,
+    ApiError,
+    problem_body,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -124,33 +134,66 @@ def lagging_accounts(db: Db, account_ids: list[int], user_id: int) -> dict[int, 
     return {id_: code for id_, code in currencies.items() if code in lagging}
 
 
-class RegistrationGate:
-    """WSGI middleware: `POST /users` is refused before Flask while every hashing slot
-    of the process is taken. A flood of registrations then costs the process gunicorn's
-    parsing and this check per request, not a Flask request (context, hooks, routing,
-    form parsing, a log line): see docs/decisions/0044. Refusals are counted in the
-    request metric, not logged one by one."""
+def pause_refused(settings: Settings, retry_after_s: int) -> None:
+    """A registration refused for load: its connection is not read again for a moment
+    (web.gunicorn_worker), never longer than the Retry-After it was given. A script
+    that sends again at once then waits without holding a thread (docs/decisions/0046)."""
+    pause_connection(min(settings.refused_connection_pause_s, retry_after_s))
 
-    def __init__(self, app: WSGIApplication) -> None:
+
+class RegistrationGate:
+    """WSGI middleware: `POST /users` is refused before Flask from an address this
+    process already found over its registration limit (429), and while every hashing
+    slot of the process is taken (503). A flood of registrations then costs the process
+    gunicorn's parsing and these checks per request, not a Flask request (context,
+    hooks, routing, form parsing, a Redis round trip, a log line): see
+    docs/decisions/0044 and 0046. Refusals are counted in the request metric, not
+    logged one by one."""
+
+    def __init__(self, app: WSGIApplication, settings: Settings) -> None:
         self.app = app
-        body = json.dumps(problem_body("service_unavailable", HASHING_BUSY)).encode()
+        self.settings = settings
+        self.busy = _Refusal("service_unavailable", HASHING_BUSY)
+        self.limited = _Refusal("too_many_requests", REGISTRATIONS_LIMITED)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] != "POST" or environ.get("PATH_INFO", "") not in (
+            "/users",
+            "/users/",
+        ):
+            return self.app(environ, start_response)
+        wait = throttle.registration_refused(environ.get("REMOTE_ADDR") or "unknown")
+        if wait is not None:
+            pause_refused(self.settings, wait)
+            return self.limited(environ, start_response, wait)
+        if not hashing_free():
+            pause_refused(self.settings, HASHING_RETRY_AFTER_S)
+            return self.busy(environ, start_response, HASHING_RETRY_AFTER_S)
+        return self.app(environ, start_response)
+
+
+class _Refusal:
+    """One problem answer of the gate, its body built once."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        body = json.dumps(problem_body(code, detail)).encode()
+        status = PROBLEMS[code][0]
+        self.status = f"{status} {HTTPStatus(status).phrase.upper()}"
         self.headers = [
             ("Content-Type", "application/problem+json"),
             ("Content-Length", str(len(body))),
-            ("Retry-After", str(HASHING_RETRY_AFTER_S)),
             ("X-Content-Type-Options", "nosniff"),
         ]
         self.body = [body]
-        self.refused = REQUEST_DURATION.labels("POST", "/users", "503")
+        self.metric = REQUEST_DURATION.labels("POST", "/users", str(status))
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if (
-            environ["REQUEST_METHOD"] == "POST"
-            and environ.get("PATH_INFO", "") in ("/users", "/users/")
-            and not hashing_free()
-        ):
-            request_id = accept_request_id(environ.get("HTTP_X_REQUEST_ID"))
-            start_response("503 SERVICE UNAVAILABLE", [*self.headers, ("X-Request-ID", request_id)])
-            self.refused.observe(0.0)
-            return self.body
-        return self.app(environ, start_response)
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse, retry_after_s: int
+    ) -> Iterable[bytes]:
+        request_id = accept_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        start_response(
+            self.status,
+            [*self.headers, ("Retry-After", str(retry_after_s)), ("X-Request-ID", request_id)],
+        )
+        self.metric.observe(0.0)
+        return self.body

@@ -100,6 +100,9 @@ def problem_body(code: str, detail: str) -> dict[str, object]:
 # Every hashing slot taken (also answered before Flask: web.overload.RegistrationGate).
 HASHING_BUSY = "too many password checks at once; try again in a moment"
 HASHING_RETRY_AFTER_S = 1
+# An address over its registration limit (REGISTRATIONS_PER_ADDRESS; web.users and
+# web.overload.RegistrationGate).
+REGISTRATIONS_LIMITED = "too many registrations from this address; try again later"
 
 
 def problem(code: str, detail: str, headers: dict[str, str] | None = None) -> Response:

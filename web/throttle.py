@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import threading
+import time
 
 import redis
+from cachetools import TLRUCache
 
 from common.live_cache import LiveCache
 from common.pubsub import Subscription, subscribe
@@ -126,6 +130,16 @@ def record_failure(username: str | None, address: str) -> None:
 REGISTRATIONS_PREFIX = "remit:registrations:"
 
 
+# Addresses this process found over their limit, with when their window ends
+# (monotonic): until then they are refused from memory, before Flask
+# (web.overload.RegistrationGate), not with a Redis round trip each. Counting those
+# attempts would change nothing: the window is not extended.
+_over_limit: TLRUCache[str, float] = TLRUCache(
+    maxsize=100_000, ttu=lambda _address, until, _now: until
+)
+_over_limit_lock = threading.Lock()
+
+
 def registration_retry_after(address: str) -> int | None:
     """Count a registration from `address`; seconds until another is allowed, or None."""
     settings = current_settings()
@@ -141,7 +155,26 @@ def registration_retry_after(address: str) -> int | None:
         return None
     if int(count) <= settings.registrations_per_address:
         return None
-    return max(int(ttl), 1)
+    wait = max(int(ttl), 1)
+    with _over_limit_lock:
+        _over_limit[address] = time.monotonic() + wait
+    return wait
+
+
+def registration_refused(address: str) -> int | None:
+    """Seconds until `address` may register again, when this process already found it
+    over its limit; None when it did not (the route then counts and decides)."""
+    with _over_limit_lock:
+        until = _over_limit.get(address)
+    if until is None:
+        return None
+    return max(math.ceil(until - time.monotonic()), 1)
+
+
+def forget_registrations() -> None:
+    """Forget which addresses were found over their limit (tests)."""
+    with _over_limit_lock:
+        _over_limit.clear()
 
 
 def ping() -> bool:
