@@ -156,6 +156,11 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     # The bound refuses; without it nothing is refused.
     assert "503" not in j["before_unbounded"]["flood_statuses"]
     assert j["after_default"]["flood_statuses"].get("503", 0) > 0
+    # With every default, one address's flood is refused by its limit.
+    limited = j["per_address_limit"]
+    assert set(limited["quiet"]["statuses"]) == set(limited["under_flood"]["statuses"]) == {"200"}
+    assert set(limited["flood_statuses"]) <= {"201", "429"}, limited
+    assert limited["flood_statuses"].get("429", 0) > 0
 
     chart = result_path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

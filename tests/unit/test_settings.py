@@ -106,6 +106,8 @@ def test_seconds_settings_refuse_what_is_not_a_duration(monkeypatch, value: str)
         ("REGISTRATION_WINDOW", "60", "registration_window_s", 60),
         ("HASH_CONCURRENCY", "0", "hash_concurrency", 0),
         ("HASH_CONCURRENCY", "3", "hash_concurrency", 3),
+        ("REFUSED_CONNECTION_PAUSE", "0", "refused_connection_pause_s", 0.0),
+        ("REFUSED_CONNECTION_PAUSE", "0.25", "refused_connection_pause_s", 0.25),
         ("PROMETHEUS_MULTIPROC_DIR", "/run/m", "prometheus_multiproc_dir", "/run/m"),
         ("SETTLE_BATCH_SIZE", " 50 ", "settle_batch_size", 50),
         ("SWEEP_INTERVAL", "0", "sweep_interval_s", 0.0),
