@@ -70,13 +70,17 @@ def up() -> None:
 def test(args: tuple[str, ...]) -> None:
     """Run the test suite: pytest ARGS (each run creates and drops its own database).
 
-    With no test path among ARGS (the whole suite), mypy checks the types of common,
-    web and worker meanwhile, on the CPU the suite leaves idle while it waits on its
-    servers; either failing fails the run.
+    With no test path among ARGS (the whole suite), the tests run in parallel processes
+    (pytest-xdist: tests/conftest.py keeps the fault suites and the tools' smoke runs
+    in one of them, docs/decisions/0047), and mypy checks the types of common, web and
+    worker meanwhile; either failing fails the run.
     """
     from ops import supervisor
 
-    types = None if any(os.path.exists(arg) for arg in args) else _start_type_check()
+    whole_suite = not any(os.path.exists(arg) for arg in args)
+    types = _start_type_check() if whole_suite else None
+    if whole_suite and not any(arg.startswith(("-n", "--numprocesses", "-p")) for arg in args):
+        args = (*_PARALLEL, *args)
     with supervisor.throwaway_servers(**DEFAULTS):
         status, _ = supervisor.run_child([sys.executable, "-m", "pytest", *args])
     if status == 5:
@@ -87,6 +91,11 @@ def test(args: tuple[str, ...]) -> None:
         if types.returncode and not status:
             status = 1
     raise SystemExit(status)
+
+
+# Two processes, or one per core up to four; the scopes in the order collected, so the
+# heavy one (first, tests/chaos) starts at once.
+_PARALLEL = ("-n", str(min(4, max(2, os.cpu_count() or 1))), "--no-loadscope-reorder")
 
 
 def _start_type_check() -> subprocess.Popen[str]:

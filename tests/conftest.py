@@ -32,6 +32,7 @@ import redis
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from xdist.scheduler import LoadScopeScheduling
 
 from common.db import dispose_engine, script_session
 from common.migrate import migrate
@@ -160,6 +161,29 @@ def integration_settings() -> Settings:
 def pytest_collectstart(collector: pytest.Collector) -> None:
     if isinstance(collector, pytest.Module) and UNIT_TESTS not in collector.path.resolve().parents:
         integration_settings()
+
+
+# Tests that start servers of their own and load both cores: under xdist (ops runs the
+# whole suite so, docs/decisions/0047) one process runs them one after another, first,
+# while the others share out the remaining files.
+HEAVY = (
+    "tests/chaos/",
+    "tests/multihost/",
+    "tests/test_bench_smoke.py",
+    "tests/test_soak_smoke.py",
+)
+
+
+class HeavyInOneProcess(LoadScopeScheduling):
+    """xdist's scheduling by file, with the heavy files one scope."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        return "heavy" if path.startswith(HEAVY) else path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> HeavyInOneProcess:
+    return HeavyInOneProcess(config, log)
 
 
 # What the fault suites wrote about this run, printed at its end (no -s needed).
