@@ -8,9 +8,10 @@ goes to everybody else (docs/decisions/0046).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
@@ -31,9 +32,9 @@ class PausingThreadWorker(ThreadWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # (resume at, connection), oldest first: every pause of a process is the same
-        # length, so the deque stays in order.
-        self._paused: deque[tuple[float, Any]] = deque()
+        # A heap of (resume at, arrival, connection): the earliest resume first.
+        self._paused: list[tuple[float, int, Any]] = []
+        self._arrivals = itertools.count()
 
     def handle(self, conn: Any) -> Any:
         _request.pause_s = 0.0
@@ -51,7 +52,7 @@ class PausingThreadWorker(ThreadWorker):
         if resume_at is None or not kept_alive or not self.alive:
             super().finish_request(conn, fs)
             return
-        self._paused.append((resume_at, conn))
+        heapq.heappush(self._paused, (resume_at, next(self._arrivals), conn))
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         if self._paused:
@@ -59,7 +60,7 @@ class PausingThreadWorker(ThreadWorker):
         super().wait_for_and_dispatch_events(timeout)
         now = time.monotonic()
         while self._paused and (self._paused[0][0] <= now or not self.alive):
-            _, conn = self._paused.popleft()
+            _, _, conn = heapq.heappop(self._paused)
             super().finish_request(conn, _KEPT_ALIVE)
 
 
