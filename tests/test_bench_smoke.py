@@ -148,14 +148,12 @@ def test_quick_bench_runs_every_phase(tmp_path: Path) -> None:
     assert set(h["receiver_statuses"]) == {"204"}
 
     j = phases["j"]
-    for variant in ("before_unbounded", "after_default"):
-        run = j[variant]
-        assert set(run["quiet"]["statuses"]) == set(run["under_flood"]["statuses"]) == {"200"}
-        assert set(run["flood_statuses"]) <= {"201", "503"}, run
-        assert run["flood_statuses"].get("201", 0) > 0
-    # The bound refuses; without it nothing is refused.
-    assert "503" not in j["before_unbounded"]["flood_statuses"]
-    assert j["after_default"]["flood_statuses"].get("503", 0) > 0
+    bounded = j["after_default"]
+    assert set(bounded["quiet"]["statuses"]) == set(bounded["under_flood"]["statuses"]) == {"200"}
+    assert set(bounded["flood_statuses"]) <= {"201", "503"}, bounded
+    # Some registrations get a hashing slot, the rest are refused.
+    assert bounded["flood_statuses"].get("201", 0) > 0
+    assert bounded["flood_statuses"].get("503", 0) > 0
     # With every default, one address's flood is refused by its limit.
     limited = j["per_address_limit"]
     assert set(limited["quiet"]["statuses"]) == set(limited["under_flood"]["statuses"]) == {"200"}
