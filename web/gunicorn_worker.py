@@ -47,12 +47,14 @@ class PausingThreadWorker(ThreadWorker):
 
     def finish_request(self, conn: Any, fs: Future[Any]) -> None:
         resume_at = getattr(conn, "remit_resume_at", None)
-        conn.remit_resume_at = None
-        kept_alive = not fs.cancelled() and fs.exception() is None and fs.result() is True
-        if resume_at is None or not kept_alive or not self.alive:
-            super().finish_request(conn, fs)
-            return
-        heapq.heappush(self._paused, (resume_at, next(self._arrivals), conn))
+        # Every request passes here: only a paused one looks at its future.
+        if resume_at is not None:
+            conn.remit_resume_at = None
+            kept_alive = not fs.cancelled() and fs.exception() is None and fs.result() is True
+            if kept_alive and self.alive:
+                heapq.heappush(self._paused, (resume_at, next(self._arrivals), conn))
+                return
+        super().finish_request(conn, fs)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         if self._paused:
