@@ -60,6 +60,9 @@ class Subscriber:
         self._redis_url = redis_url
         self._channels = dict(channels)
         self._lock = threading.Lock()
+        # PubSub.close is not thread-safe, and stop() closes from another thread while
+        # the listener closes on its way out.
+        self._close_lock = threading.Lock()
         self._subscribed = threading.Event()
         self._stopping = threading.Event()
         self._pubsub: redis.client.PubSub | None = None
@@ -70,7 +73,7 @@ class Subscriber:
         self._stopping.set()
         pubsub = self._pubsub
         if pubsub is not None:
-            pubsub.close()
+            self._close(pubsub)
 
     def ensure_running(self) -> None:
         with self._lock:
@@ -123,8 +126,12 @@ class Subscriber:
                 elif kind == "message" and channel in self._channels:
                     self._handle(self._channels[channel].on_message, message["data"])
         finally:
-            pubsub.close()
+            self._close(pubsub)
             client.close()
+
+    def _close(self, pubsub: redis.client.PubSub) -> None:
+        with self._close_lock:
+            pubsub.close()
 
     def _set_live(self, live: bool) -> None:
         if not live:
