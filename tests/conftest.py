@@ -398,6 +398,44 @@ def settlement_held(currency: str) -> Iterator[None]:
             holder.commit()
 
 
+def settlement_state() -> list[str]:
+    """What settlement is doing right now, for a test that waited in vain: the doorbell
+    marks and queues in Redis, the advisory locks and lock waits in PostgreSQL, and the
+    transfers still due."""
+    settings = integration_settings()
+    lines: list[str] = []
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    try:
+        for key in sorted(client.keys("remit:doorbell*") + client.keys("remit:settling:*")):
+            lines.append(f"redis {key.decode()} ttl={client.ttl(key)}")
+        lines.append(f"redis celery queue={client.llen('celery')} unacked={client.hlen('unacked')}")
+    except redis.RedisError as error:
+        lines.append(f"redis: {error!r}")
+    finally:
+        client.close()
+    with script_session() as session, session.begin():
+        rows = session.execute(
+            text(
+                "SELECT a.pid, l.locktype, l.granted, a.application_name, a.state,"
+                " a.wait_event_type, a.wait_event, now() - a.xact_start AS xact_age,"
+                " left(a.query, 100) AS query"
+                " FROM pg_stat_activity a LEFT JOIN pg_locks l"
+                "  ON l.pid = a.pid AND (l.locktype = 'advisory' OR NOT l.granted)"
+                " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
+                " AND (l.pid IS NOT NULL OR a.state LIKE 'idle in%')"
+            )
+        )
+        lines += [f"pg {dict(row._mapping)}" for row in rows]
+        due = session.execute(
+            text(
+                "SELECT id, kind, currency, attempts, next_attempt_at, created_at"
+                " FROM transfers WHERE status = 'pending' ORDER BY id LIMIT 20"
+            )
+        )
+        lines += [f"pending {tuple(row)}" for row in due]
+    return lines
+
+
 def sweep_until(predicate: Callable[[], object], timeout: float = 30) -> None:
     """Run beat's sweep (as beat would, every ~second) until predicate() holds."""
     from worker.tasks import sweep  # noqa: PLC0415 - the worker's code only where used
@@ -476,7 +514,13 @@ class Api:
         deadline = time.monotonic() + timeout
         while True:
             transfer = self.get_transfer(member, transfer_id)
-            if transfer["status"] != "pending" or time.monotonic() > deadline:
+            if transfer["status"] != "pending":
+                return transfer
+            if time.monotonic() > deadline:
+                # Shown with the test's failure: what held the transfer up.
+                print(f"transfer {transfer_id} still pending after {timeout} s:")
+                for line in settlement_state():
+                    print("  " + line)
                 return transfer
             time.sleep(0.05)
 
