@@ -385,8 +385,11 @@ def read_all_pages(client, path: str, auth: dict[str, str]) -> tuple[list[dict],
 @contextlib.contextmanager
 def settlement_held(currency: str) -> Iterator[None]:
     """Nothing of `currency` settles inside the block: the test holds its settlement lock
-    (doorbells find it taken and leave the work to the lock's next holder)."""
-    from common.ledger import SETTLEMENT_LOCK_CLASS  # noqa: PLC0415 - no import at collection
+    (doorbells find it taken and leave the work to the holder). On leaving, the test does
+    what a settler holding the lock does before it lets go: it looks again, here by
+    ringing, so that nothing is left for a later test's doorbell to find."""
+    from common.doorbells import ring  # noqa: PLC0415 - no import at collection
+    from common.ledger import SETTLEMENT_LOCK_CLASS  # noqa: PLC0415
 
     params = {"cls": SETTLEMENT_LOCK_CLASS, "currency": currency}
     with script_session() as holder:
@@ -396,6 +399,7 @@ def settlement_held(currency: str) -> Iterator[None]:
         finally:
             holder.execute(text("SELECT pg_advisory_unlock(:cls, hashtext(:currency))"), params)
             holder.commit()
+            ring(currency)
 
 
 def settlement_state() -> list[str]:
