@@ -405,7 +405,7 @@ def settlement_held(currency: str) -> Iterator[None]:
 def settlement_state() -> list[str]:
     """What settlement is doing right now, for a test that waited in vain: the doorbell
     marks and queues in Redis, the advisory locks and lock waits in PostgreSQL, and the
-    transfers still due."""
+    transfers still pending."""
     settings = integration_settings()
     lines: list[str] = []
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
