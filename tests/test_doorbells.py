@@ -10,7 +10,7 @@ import pytest
 
 from common import broker
 from common.doorbells import Doorbells, marks
-from tests.conftest import Api
+from tests.conftest import SUPERUSER, Api, settlement_held
 from worker.app import app as worker_app
 
 
@@ -117,6 +117,20 @@ def test_a_settler_that_fails_is_no_longer_busy(redis_client) -> None:
     marks.clear("JPY")
     marks.not_busy("JPY")
     assert not marks.leave_unless_covered("JPY")
+
+
+def test_whoever_holds_the_lock_looks_again_before_letting_go(api: Api) -> None:
+    """A settler whose next try finds the lock taken leaves at once, and leaves "busy"
+    set: the holder is busy too, and rings meanwhile are covered by its last look. A
+    holder that never looked again (the tests' settlement_held did not) stranded them:
+    the next test's deposit waited for beat's sweep."""
+    alice, bob = api.funded("10.00"), api.register()
+    with settlement_held("USD"):
+        marks.clear("USD")  # "busy", as that settler left it
+        stranded = api.transfer(alice, alice.accounts["USD"], bob.accounts["USD"], "1.00")
+    deposit = api.deposit(bob.accounts["USD"], "1.00")
+    assert api.wait_final(alice, stranded.get_json()["id"])["status"] == "settled"
+    assert api.wait_final(SUPERUSER, deposit["id"])["status"] == "settled"
 
 
 @pytest.mark.parametrize("app", [broker.producer, lambda: worker_app], ids=["producer", "worker"])
