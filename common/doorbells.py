@@ -47,6 +47,9 @@ class DoorbellMarks:
     always running, and a publish per doorbell is a large share of the API's CPU.
     "Busy" expires on its own, so a settler that died leaves it for seconds at most; if
     Redis loses a mark, beat's sweep rings for the transfer a few seconds later.
+    All of this assumes that whoever holds the lock is a settler, which takes the marks
+    before it leaves: a settler that finds the lock taken after a batch leaves "busy"
+    set for the holder.
 
     Nor does the API publish while a doorbell it published is still queued: the API
     says "queued" *before* publishing, and a doorbell unsays it when it starts, after
