@@ -112,7 +112,6 @@ def test_200_concurrent_transfers_settle_as_if_applied_in_id_order(api: Api, app
     accepted = [body for _, body in results]
     assert len({t["id"] for t in accepted}) == 200
 
-    ring("USD")
     final = [api.wait_final(SUPERUSER, t["id"]) for t in accepted]
     assert all(t["status"] in ("settled", "rejected") for t in final)
 

@@ -44,7 +44,6 @@ def _submit_with_poisoned_middle(
             assert response.status_code == 202
             ids.append(response.get_json()["id"])
         poison(ids[2])
-    ring(currency)
     return alice, bob, ids
 
 

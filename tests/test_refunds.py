@@ -246,8 +246,8 @@ def test_the_rules_apply_in_order(api: Api) -> None:
         fields = {"amount": "1.001"}
         assert_problem(refund(api.client, bob, pending, fields), 409, "transfer_not_settled")
         assert_problem(refund(api.client, alice, pending, fields), 404, "transfer_not_found")
-    # What was left pending under the held lock is settled now, as beat's sweep would.
-    sweep_until(lambda: api.get_transfer(alice, pending)["status"] != "pending", 20)
+    # What was left pending under the held lock settles once it is let go.
+    assert api.wait_final(alice, pending)["status"] != "pending"
 
 
 @pytest.mark.parametrize(

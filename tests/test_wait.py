@@ -10,33 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from common import announcements, pubsub
-from common.db import script_session
-from common.doorbells import ring
-from common.ledger import SETTLEMENT_LOCK_CLASS
-from tests.conftest import Api
+from tests.conftest import Api, settlement_held
 from web import long_poll
 from web.long_poll import grace_slots, long_poll_slots
-
-
-def _hold_settlement_lock(currency: str):
-    session = script_session()
-    session.execute(
-        text("SELECT pg_advisory_lock(:c, hashtext(:cur))"),
-        {"c": SETTLEMENT_LOCK_CLASS, "cur": currency},
-    )
-
-    def release() -> None:
-        session.execute(
-            text("SELECT pg_advisory_unlock(:c, hashtext(:cur))"),
-            {"c": SETTLEMENT_LOCK_CLASS, "cur": currency},
-        )
-        session.commit()
-        session.close()
-
-    return release
 
 
 def _wait_in_thread(
@@ -76,14 +54,10 @@ def _answered_at_once_with_retry(api: Api, member: Any, transfer_id: int) -> Any
 
 def test_wait_is_woken_by_the_settlement_not_by_its_timeout(api: Api, app: Any) -> None:
     alice, bob = api.funded("10.00", "EUR"), api.register()
-    release = _hold_settlement_lock("EUR")
-    try:
+    with settlement_held("EUR"):
         body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()
         waiter, result = _wait_in_thread(app, alice, body["id"], 20, held_s=1.0)
-    finally:
-        release()
     released_at = time.monotonic()
-    ring("EUR")
     waiter.join(timeout=15)
     assert not waiter.is_alive()
     assert result["body"]["status"] == "settled"
@@ -93,17 +67,13 @@ def test_wait_is_woken_by_the_settlement_not_by_its_timeout(api: Api, app: Any) 
 
 def test_wait_times_out_with_the_pending_transfer(api: Api) -> None:
     alice, bob = api.funded("10.00", "CNY"), api.register()
-    release = _hold_settlement_lock("CNY")
-    try:
+    with settlement_held("CNY"):
         body = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00").get_json()
         started = time.monotonic()
         response = api.client.get(
             f"/users/{alice.id}/transfers/{body['id']}?wait=1.5", headers=alice.auth
         )
         elapsed = time.monotonic() - started
-    finally:
-        release()
-    ring("CNY")
     assert response.status_code == 200
     assert response.get_json()["status"] == "pending"
     assert 1.4 <= elapsed < 5
@@ -145,14 +115,10 @@ def test_a_long_poll_without_a_slot_answers_at_once(
     slots = threading.BoundedSemaphore(1)
     _set_slots(app, monkeypatch, slots, threading.BoundedSemaphore(0))
     alice, bob = api.funded("10.00", "EUR"), api.register()
-    release = _hold_settlement_lock("EUR")
-    try:
+    with settlement_held("EUR"):
         body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()
         waiter, result = _wait_in_thread(app, alice, body["id"], 20)
         _answered_at_once_with_retry(api, alice, body["id"])
-    finally:
-        release()
-    ring("EUR")
     waiter.join(timeout=15)
     assert result["body"]["status"] == "settled"
     # The held poll gave its slot back; a final transfer is answered with no Retry-After.
@@ -170,16 +136,12 @@ def test_a_long_poll_without_a_slot_waits_a_moment_on_a_grace_slot(
     # Long enough for a settlement on a slow machine; the moment is 0.25 s in service.
     monkeypatch.setattr(long_poll, "UNHELD_GRACE_S", 20.0)
     alice, bob = api.funded("10.00", "EUR"), api.register()
-    release = _hold_settlement_lock("EUR")
-    try:
+    with settlement_held("EUR"):
         body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], "1.00").get_json()
         held, _ = _wait_in_thread(app, alice, body["id"], 30)
         graced, graced_result = _wait_in_thread(app, alice, body["id"], 30)
         # Slot and grace slot both taken: the third answers at once.
         _answered_at_once_with_retry(api, alice, body["id"])
-    finally:
-        release()
-    ring("EUR")
     for thread in (held, graced):
         thread.join(timeout=15)
         assert not thread.is_alive()
@@ -206,13 +168,9 @@ def test_a_woken_wait_answers_exactly_what_a_read_says(
     # The woken request answers from the settlement's announcement, not from a read:
     # the answer must be the very transfer a read gives, to the microsecond.
     alice, bob = api.funded("10.00", "EUR"), api.register()
-    release = _hold_settlement_lock("EUR")
-    try:
+    with settlement_held("EUR"):
         body = api.transfer(alice, alice.accounts["EUR"], bob.accounts["EUR"], amount).get_json()
         waiter, result = _wait_in_thread(app, alice, body["id"], 20)
-    finally:
-        release()
-    ring("EUR")
     waiter.join(timeout=15)
     assert not waiter.is_alive()
     assert result["elapsed"] < 10
@@ -243,8 +201,7 @@ def test_an_announcement_without_a_verified_outcome_makes_the_wait_read_again(
     api: Api, app: Any, announce: Callable[[int], None]
 ) -> None:
     alice, bob = api.funded("10.00", "CNY"), api.register()
-    release = _hold_settlement_lock("CNY")
-    try:
+    with settlement_held("CNY"):
         body = api.transfer(alice, alice.accounts["CNY"], bob.accounts["CNY"], "1.00").get_json()
         waiter, result = _wait_in_thread(app, alice, body["id"], 20)
         announce(body["id"])
@@ -254,9 +211,6 @@ def test_an_announcement_without_a_verified_outcome_makes_the_wait_read_again(
         assert result["body"]["status"] == "pending"
         assert result["body"]["settled_at"] is None
         assert result["elapsed"] < 5
-    finally:
-        release()
-    ring("CNY")
     assert api.wait_final(alice, body["id"])["status"] == "settled"
 
 
